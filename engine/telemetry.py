@@ -1,0 +1,260 @@
+"""OTel instrumentation of runs and node attempts: spans, lifecycle events, metrics.
+
+Names follow TELEMETRY.md (documented in docs/telemetry.md). `setup()` is the one
+place that reads the standard OTEL_* variables and wires the SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry._logs import Logger, LoggerProvider, NoOpLoggerProvider, SeverityNumber
+from opentelemetry.context import Context
+from opentelemetry.metrics import MeterProvider, NoOpMeterProvider
+from opentelemetry.trace import Link, NoOpTracerProvider, Span, SpanKind, TracerProvider
+
+from engine.events import WorkflowEvent
+
+logger = logging.getLogger(__name__)
+
+SCOPE = "flowscope.engine"
+
+# Attribute names (TELEMETRY.md). Semantic-convention names where one exists.
+GEN_AI_OPERATION = "gen_ai.operation.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_PROVIDER = "gen_ai.provider.name"
+GEN_AI_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_TOKEN_TYPE = "gen_ai.token.type"
+GEN_AI_TOOL_NAME = "gen_ai.tool.name"
+ERROR_TYPE = "error.type"
+ENDUSER_ID = "enduser.id"
+WORKFLOW_NAME = "workflow.name"
+WORKFLOW_ID = "workflow.id"
+WORKFLOW_VERSION = "workflow.version"
+EXECUTION_ID = "workflow.execution.id"
+TRIGGER_TYPE = "workflow.trigger.type"
+NODE_COUNT = "workflow.node.count"
+NODES_COMPLETED = "workflow.node.completed_count"
+NODES_FAILED = "workflow.node.failed_count"
+NODES_SKIPPED = "workflow.node.skipped_count"
+WORKFLOW_RESULT = "workflow.result"
+RESUMED_FROM = "workflow.resumed_from.execution.id"
+PARENT_EXECUTION_ID = "workflow.parent.execution.id"
+NODE_ID = "workflow.node.id"
+NODE_TYPE = "workflow.node.type"
+NODE_LABEL = "workflow.node.label"
+NODE_ATTEMPT = "workflow.node.attempt"
+NODE_RESULT = "workflow.node.result"
+NODE_INPUT = "workflow.node.input"
+NODE_OUTPUT = "workflow.node.output"
+TIME_TO_FIRST_TOKEN = "workflow.llm.time_to_first_token"
+EVENT_SEQ = "workflow.event.seq"
+
+
+@dataclass(frozen=True)
+class TelemetryOptions:
+    capture_io: bool = False
+    max_io_chars: int = 1024
+
+
+class Telemetry:
+    """Holds the tracer, event logger and instruments the scheduler reports through.
+
+    Providers default to the global ones, so `setup()` (or any other SDK
+    wiring the host application did) is picked up.
+    """
+
+    def __init__(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        logger_provider: LoggerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        options: TelemetryOptions | None = None,
+    ) -> None:
+        from opentelemetry import _logs, metrics
+
+        self.options = options or TelemetryOptions()
+        tp = tracer_provider or trace.get_tracer_provider()
+        lp = logger_provider or _logs.get_logger_provider()
+        mp = meter_provider or metrics.get_meter_provider()
+        self.tracer = tp.get_tracer(SCOPE)
+        self.events: Logger = lp.get_logger(SCOPE)
+        meter = mp.get_meter(SCOPE)
+        self.run_duration = meter.create_histogram(
+            "workflow.run.duration", unit="s", description="Duration of workflow runs"
+        )
+        self.run_active = meter.create_up_down_counter(
+            "workflow.run.active", unit="{run}", description="Workflow runs in progress"
+        )
+        self.node_duration = meter.create_histogram(
+            "workflow.node.duration", unit="s", description="Duration of node attempts"
+        )
+        self.node_retries = meter.create_counter(
+            "workflow.node.retries", unit="{retry}", description="Node attempts scheduled for retry"
+        )
+        self.node_queue_wait = meter.create_histogram(
+            "workflow.node.queue_wait", unit="s", description="Time a ready node waited for a slot"
+        )
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}", description="Tokens used per LLM operation"
+        )
+        self.llm_duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s", description="Duration of LLM operations"
+        )
+
+    @classmethod
+    def disabled(cls) -> Telemetry:
+        return cls(NoOpTracerProvider(), NoOpLoggerProvider(), NoOpMeterProvider())
+
+    def start_span(
+        self,
+        name: str,
+        *,
+        parent: Context | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        links: list[Link] | None = None,
+        start_time_ns: int | None = None,
+    ) -> Span:
+        return self.tracer.start_span(
+            name, context=parent, kind=kind, attributes=attributes, links=links, start_time=start_time_ns
+        )
+
+    def emit(self, event: WorkflowEvent, context: Context) -> None:
+        attributes: dict[str, Any] = {
+            EXECUTION_ID: event.execution_id,
+            EVENT_SEQ: event.seq,
+            WORKFLOW_ID: event.workflow_id,
+            WORKFLOW_NAME: event.workflow_name,
+        }
+        if event.node_id:
+            attributes[NODE_ID] = event.node_id
+            attributes[NODE_TYPE] = event.node_type
+        failed = event.type.value.endswith(".failed")
+        self.events.emit(
+            timestamp=event.ts_ns,
+            context=context,
+            severity_number=SeverityNumber.ERROR if failed else SeverityNumber.INFO,
+            severity_text="ERROR" if failed else "INFO",
+            # The event payload travels as JSON text in the body: OTLP attributes
+            # are flat, and every collector stores a string body unchanged.
+            body=json.dumps(event.data, default=str, separators=(",", ":")) if event.data else "{}",
+            attributes=attributes,
+            event_name=event.type.value,
+        )
+
+
+_DEFAULT_SCHEDULE_DELAY_MILLIS = 100
+_DEFAULT_SERVICE_NAME = "flowscope-engine"
+
+
+def setup(
+    *,
+    service_name: str | None = None,
+    protocol: str | None = None,
+    endpoint: str | None = None,
+    schedule_delay_millis: int | None = None,
+    console: bool = False,
+    instrument_asyncio: bool | None = None,
+    options: TelemetryOptions | None = None,
+) -> Telemetry:
+    """Wire tracer, logger and meter providers with OTLP exporters and install them globally.
+
+    Precedence: explicit argument, then the standard OTEL_* variable, then the
+    default. The batch delay defaults to 100 ms so live views see events
+    quickly. `console=True` prints telemetry instead of exporting it.
+    """
+    from opentelemetry import _logs, metrics
+    from opentelemetry.sdk._logs import LoggerProvider as SdkLoggerProvider
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, ConsoleLogRecordExporter
+    from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    env = os.environ
+    # The SDK counts what its full queues drop (otel.sdk.processor.*.processed
+    # with error.type=queue_full) only when this is on; a silent drop is worse.
+    env.setdefault("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    protocol = protocol or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    delay = schedule_delay_millis or int(env.get("OTEL_BSP_SCHEDULE_DELAY", _DEFAULT_SCHEDULE_DELAY_MILLIS))
+    log_delay = schedule_delay_millis or int(env.get("OTEL_BLRP_SCHEDULE_DELAY", delay))
+    if instrument_asyncio is None:
+        instrument_asyncio = env.get("FLOWSCOPE_INSTRUMENT_ASYNCIO", "").lower() in {"1", "true", "yes"}
+    attrs = {"service.name": service_name} if service_name else {}
+    resource = Resource.create(attrs)
+    if "service.name" not in attrs and resource.attributes.get("service.name", "").startswith("unknown_service"):
+        resource = resource.merge(Resource.create({"service.name": _DEFAULT_SERVICE_NAME}))
+
+    if console:
+        span_exporter: Any = ConsoleSpanExporter()
+        log_exporter: Any = ConsoleLogRecordExporter()
+        metric_exporter: Any = ConsoleMetricExporter()
+    else:
+        span_exporter, log_exporter, metric_exporter = _otlp_exporters(protocol, endpoint)
+
+    meter_provider = SdkMeterProvider(
+        resource=resource,
+        metric_readers=[PeriodicExportingMetricReader(metric_exporter)],
+    )
+    tracer_provider = SdkTracerProvider(resource=resource)
+    tracer_provider.add_span_processor(
+        BatchSpanProcessor(span_exporter, schedule_delay_millis=delay, meter_provider=meter_provider)
+    )
+    logger_provider = SdkLoggerProvider(resource=resource)
+    logger_provider.add_log_record_processor(
+        BatchLogRecordProcessor(log_exporter, schedule_delay_millis=log_delay, meter_provider=meter_provider)
+    )
+    trace.set_tracer_provider(tracer_provider)
+    _logs.set_logger_provider(logger_provider)
+    metrics.set_meter_provider(meter_provider)
+    if instrument_asyncio:
+        from opentelemetry.instrumentation.asyncio import AsyncioInstrumentor
+
+        AsyncioInstrumentor().instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    return Telemetry(tracer_provider, logger_provider, meter_provider, options)
+
+
+def shutdown() -> None:
+    """Flush and stop the global providers installed by `setup()`."""
+    from opentelemetry import _logs, metrics
+
+    for provider in (trace.get_tracer_provider(), _logs.get_logger_provider(), metrics.get_meter_provider()):
+        stop = getattr(provider, "shutdown", None)
+        if stop is not None:
+            stop()
+
+
+def _otlp_exporters(protocol: str, endpoint: str | None) -> tuple[Any, Any, Any]:
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        insecure = None if endpoint is None else endpoint.startswith("http://")
+        return (
+            OTLPSpanExporter(endpoint=endpoint, insecure=insecure),
+            OTLPLogExporter(endpoint=endpoint, insecure=insecure),
+            OTLPMetricExporter(endpoint=endpoint, insecure=insecure),
+        )
+    if protocol in {"http/protobuf", "http"}:
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpLogExporter
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+            OTLPMetricExporter as HttpMetricExporter,
+        )
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+
+        base = endpoint.rstrip("/") if endpoint else None
+        return (
+            HttpSpanExporter(endpoint=f"{base}/v1/traces" if base else None),
+            HttpLogExporter(endpoint=f"{base}/v1/logs" if base else None),
+            HttpMetricExporter(endpoint=f"{base}/v1/metrics" if base else None),
+        )
+    raise ValueError(f"unsupported OTLP protocol {protocol!r}: use 'grpc' or 'http/protobuf'")
