@@ -105,7 +105,10 @@ def structural_problems(workflow: Workflow) -> list[str]:
 def find_cycle(workflow: Workflow) -> list[str]:
     """One cycle as a closed path of node ids, or [] when the graph is acyclic."""
     known = {n.id for n in workflow.nodes}
-    deps = {n.id: [d for d in n.depends_on if d != n.id and d in known] for n in workflow.nodes}
+    deps: dict[str, list[str]] = {}
+    for n in workflow.nodes:
+        # With duplicate ids (reported separately) the first definition counts.
+        deps.setdefault(n.id, [d for d in n.depends_on if d != n.id and d in known])
     done: set[str] = set()
     # Iterative DFS: a 10,000-deep chain must not hit the interpreter's recursion limit.
     for root in deps:
@@ -192,7 +195,7 @@ class WorkflowBuilder:
         )
         return self
 
-    def code(self, node_id: str, fn: Callable[..., Any], **kwargs: Any) -> WorkflowBuilder:
+    def code(self, node_id: str, fn: Callable[..., Any] | str, **kwargs: Any) -> WorkflowBuilder:
         return self.node(node_id, "code", fn=fn, **kwargs)
 
     def tool(self, node_id: str, tool: str, **kwargs: Any) -> WorkflowBuilder:

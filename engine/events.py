@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from engine.types import EventCallback
@@ -15,7 +15,7 @@ from engine.types import EventCallback
 logger = logging.getLogger(__name__)
 
 
-class EventType(str, Enum):
+class EventType(StrEnum):
     WORKFLOW_STARTED = "workflow.started"
     WORKFLOW_COMPLETED = "workflow.completed"
     WORKFLOW_FAILED = "workflow.failed"
@@ -91,7 +91,9 @@ class EventBus:
             queue.put_nowait(event)
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, maxsize: int = _DEFAULT_SUBSCRIBER_QUEUE) -> AsyncIterator[AsyncIterator[WorkflowEvent]]:
+    async def subscribe(
+        self, maxsize: int = _DEFAULT_SUBSCRIBER_QUEUE
+    ) -> AsyncIterator[AsyncIterator[WorkflowEvent]]:
         queue: asyncio.Queue[WorkflowEvent | None] = asyncio.Queue(maxsize)
         self._queues.append(queue)
 

@@ -37,10 +37,38 @@ class LlmProvider(Protocol):
     def stream(self, request: LlmRequest) -> AsyncIterator[LlmChunk]: ...
 
 
-_WORDS = (
-    "the workflow ran each node in order and the results agree with the plan so the answer is "
-    "ready tools returned data quickly while retries handled one flaky dependency cleanly"
-).split()
+_WORDS = [
+    "the",
+    "workflow",
+    "ran",
+    "each",
+    "node",
+    "in",
+    "order",
+    "and",
+    "the",
+    "results",
+    "agree",
+    "with",
+    "the",
+    "plan",
+    "so",
+    "the",
+    "answer",
+    "is",
+    "ready",
+    "tools",
+    "returned",
+    "data",
+    "quickly",
+    "while",
+    "retries",
+    "handled",
+    "one",
+    "flaky",
+    "dependency",
+    "cleanly",
+]
 
 
 class LocalProvider:

@@ -182,7 +182,9 @@ class LlmExecutor:
         found = []
         if not isinstance(node.config.get("model"), str):
             found.append(f"node {node.id!r}: config needs 'model'")
-        if not isinstance(node.config.get("prompt"), str) and not isinstance(node.config.get("messages"), list):
+        if not isinstance(node.config.get("prompt"), str) and not isinstance(
+            node.config.get("messages"), list
+        ):
             found.append(f"node {node.id!r}: config needs 'prompt' or 'messages'")
         provider = node.config.get("provider", "local")
         if provider not in registry.providers:
@@ -222,8 +224,11 @@ class LlmExecutor:
                 input_tokens = chunk.input_tokens
                 output_tokens = chunk.output_tokens or 0
         ctx.record_llm_usage(LlmUsage(request.model, provider.name, input_tokens, output_tokens, first))
-        return {"text": "".join(parts), "model": request.model, "usage": {
-            "inputTokens": input_tokens, "outputTokens": output_tokens}}
+        return {
+            "text": "".join(parts),
+            "model": request.model,
+            "usage": {"inputTokens": input_tokens, "outputTokens": output_tokens},
+        }
 
 
 class ConditionExecutor:
@@ -267,7 +272,9 @@ class ConditionExecutor:
         choice = str(choice).lower() if isinstance(choice, bool) else str(choice)
         if choice not in config["branches"]:
             if config.get("default") is None:
-                raise NodeError(f"condition chose {choice!r}, which is not a branch ({', '.join(config['branches'])})")
+                raise NodeError(
+                    f"condition chose {choice!r}, which is not a branch ({', '.join(config['branches'])})"
+                )
             choice = config["default"]
         return {"branch": choice}
 
@@ -280,7 +287,9 @@ class WaitExecutor:
         has_signal = "signal" in node.config
         if has_delay == has_signal:
             return [f"node {node.id!r}: config needs exactly one of 'delay_s' or 'signal'"]
-        if has_delay and not (isinstance(node.config["delay_s"], int | float) and node.config["delay_s"] >= 0):
+        if has_delay and not (
+            isinstance(node.config["delay_s"], int | float) and node.config["delay_s"] >= 0
+        ):
             return [f"node {node.id!r}: delay_s must be a number >= 0"]
         return []
 
@@ -381,4 +390,3 @@ def default_registry() -> NodeRegistry:
     if _DEFAULT is None:
         _DEFAULT = NodeRegistry()
     return _DEFAULT
-

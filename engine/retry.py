@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class Backoff(str, Enum):
+class Backoff(StrEnum):
     FIXED = "fixed"
     LINEAR = "linear"
     EXPONENTIAL = "exponential"
@@ -76,7 +76,14 @@ class RetryPolicy:
             return raw
         if not isinstance(raw, dict):
             raise ValueError(f"retry must be a mapping, got {type(raw).__name__}")
-        unknown = set(raw) - {"max_attempts", "backoff", "initial_delay_s", "max_delay_s", "jitter", "retry_on"}
+        unknown = set(raw) - {
+            "max_attempts",
+            "backoff",
+            "initial_delay_s",
+            "max_delay_s",
+            "jitter",
+            "retry_on",
+        }
         if unknown:
             raise ValueError(f"unknown retry keys: {', '.join(sorted(unknown))}")
         return cls(

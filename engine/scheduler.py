@@ -9,8 +9,8 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any
+from enum import StrEnum
+from typing import Any, cast
 
 import httpx
 from opentelemetry import context as otel_context
@@ -31,7 +31,7 @@ from engine.template import TemplateError
 from engine.tools import ToolInputError
 
 
-class Result(str, Enum):
+class Result(StrEnum):
     """Outcome of a run or an attempt, as the CI/CD semantic conventions name them."""
 
     SUCCESS = "success"
@@ -42,7 +42,7 @@ class Result(str, Enum):
     SKIP = "skip"
 
 
-class NodeState(str, Enum):
+class NodeState(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     WAITING = "waiting"
@@ -87,7 +87,9 @@ class ExecutionResult:
     @property
     def output(self) -> Any:
         """Outputs of the workflow's sink nodes (the only one's output when there is one)."""
-        sinks = [n.id for n in self.workflow.nodes if not self.workflow.dependents(n.id) and n.id in self.outputs]
+        sinks = [
+            n.id for n in self.workflow.nodes if not self.workflow.dependents(n.id) and n.id in self.outputs
+        ]
         if len(sinks) == 1:
             return self.outputs[sinks[0]]
         return {s: self.outputs[s] for s in sinks}
@@ -119,7 +121,9 @@ class _Options:
 class Execution:
     """One run of a workflow. Created by `Engine.start`; driven by `run()`."""
 
-    def __init__(self, engine: Engine, workflow: Workflow, workflow_input: Any, execution_id: str, options: _Options):
+    def __init__(
+        self, engine: Engine, workflow: Workflow, workflow_input: Any, execution_id: str, options: _Options
+    ):
         self.engine = engine
         self.workflow = workflow
         self.workflow_input = workflow_input
@@ -330,7 +334,8 @@ class Execution:
         self._emit(EventType.WORKFLOW_STARTED, data=start_data)
         self.started.set()
 
-        outcome, error = Result.ERROR, "internal error"
+        outcome: Result = Result.ERROR
+        error: str | None = "internal error"
         try:
             outcome, error = await self._drive(started)
         finally:
@@ -376,7 +381,8 @@ class Execution:
                 if cancel_waiter in done:
                     outcome, error = Result.CANCELLATION, self._cancel_reason
                     break
-                for task in done:
+                for finished in done:
+                    task = cast("asyncio.Task[_Attempt]", finished)
                     node_id = tasks.pop(task)
                     attempt = task.result()
                     if attempt.result is Result.SUCCESS:
@@ -397,7 +403,9 @@ class Execution:
         await self._cancel_all(tasks)
         return outcome, error
 
-    def _launch(self, ready: list[str], remaining: dict[str, int], tasks: dict[asyncio.Task[_Attempt], str]) -> None:
+    def _launch(
+        self, ready: list[str], remaining: dict[str, int], tasks: dict[asyncio.Task[_Attempt], str]
+    ) -> None:
         # Skips and reuses resolve synchronously and may make more nodes ready.
         queue = list(ready)
         while queue:
@@ -473,7 +481,9 @@ class Execution:
                 attempt, span = await self._attempt(node, attempt_no, executor)
             if attempt.result is Result.SUCCESS or attempt.error is None:
                 return attempt
-            if attempt.result is Result.CANCELLATION or not node.retry.should_retry(attempt.error, attempt_no):
+            if attempt.result is Result.CANCELLATION or not node.retry.should_retry(
+                attempt.error, attempt_no
+            ):
                 return attempt
             if isinstance(attempt.error, _ERROR_TYPES):
                 return attempt
@@ -514,7 +524,9 @@ class Execution:
         secret_keys = frozenset(node.config.get("secret_keys", ()))
         input_preview = None
         if options.capture_io:
-            input_preview = preview(inputs or self.workflow_input, options.max_io_chars, secret_keys=secret_keys)
+            input_preview = preview(
+                inputs or self.workflow_input, options.max_io_chars, secret_keys=secret_keys
+            )
             attrs[t.NODE_INPUT] = input_preview
         span = self._tel.start_span(
             executor.span_name(node), parent=self._run_context, kind=executor.kind, attributes=attrs
@@ -539,10 +551,11 @@ class Execution:
         except asyncio.CancelledError as exc:
             attempt = _Attempt(Result.CANCELLATION, error=exc)
         except TimeoutError as exc:
-            result = Result.TIMEOUT if timeout.expired() else Result.FAILURE
             if timeout.expired():
-                exc = NodeTimeout(f"node {node.id!r} timed out after {node.timeout_s:g}s")
-            attempt = _Attempt(result, error=exc)
+                expired = NodeTimeout(f"node {node.id!r} timed out after {node.timeout_s:g}s")
+                attempt = _Attempt(Result.TIMEOUT, error=expired)
+            else:
+                attempt = _Attempt(Result.FAILURE, error=exc)
         except _ERROR_TYPES as exc:
             attempt = _Attempt(Result.ERROR, error=exc)
         except Exception as exc:
@@ -555,11 +568,17 @@ class Execution:
             raise asyncio.CancelledError
         return attempt, span
 
-    def _end_attempt(self, ctx: NodeContext, attempt: _Attempt, duration_s: float, secret_keys: frozenset[str]) -> None:
+    def _end_attempt(
+        self, ctx: NodeContext, attempt: _Attempt, duration_s: float, secret_keys: frozenset[str]
+    ) -> None:
         node, span = ctx.node, ctx.span
         duration_ms = round(duration_s * 1000, 3)
         self.durations_ms[node.id] = duration_ms
-        data: dict[str, Any] = {"durationMs": duration_ms, "attempt": ctx.attempt, "result": attempt.result.value}
+        data: dict[str, Any] = {
+            "durationMs": duration_ms,
+            "attempt": ctx.attempt,
+            "result": attempt.result.value,
+        }
         span.set_attribute(t.NODE_RESULT, attempt.result.value)
         usage = ctx.llm_usage
         if usage is not None:
@@ -593,7 +612,11 @@ class Execution:
         span.end()
         self._tel.node_duration.record(
             duration_s,
-            {t.WORKFLOW_NAME: self.workflow.name, t.NODE_TYPE: node.type, t.NODE_RESULT: attempt.result.value},
+            {
+                t.WORKFLOW_NAME: self.workflow.name,
+                t.NODE_TYPE: node.type,
+                t.NODE_RESULT: attempt.result.value,
+            },
         )
         self._emit(event, node=node, span=span, data=data)
         self._progress()
@@ -613,7 +636,9 @@ class Execution:
         self._tel.token_usage.record(usage.output_tokens, {**base, t.GEN_AI_TOKEN_TYPE: "output"})
         self._tel.llm_duration.record(duration_s, base)
 
-    def _finish(self, outcome: Result, error: str | None, duration_s: float, metric_attrs: dict[str, str]) -> None:
+    def _finish(
+        self, outcome: Result, error: str | None, duration_s: float, metric_attrs: dict[str, str]
+    ) -> None:
         span = self._span
         counts = {s: 0 for s in NodeState}
         for state in self.states.values():
@@ -659,7 +684,8 @@ class NodeTimeout(TimeoutError):
 class ChildWorkflowFailed(RuntimeError):
     def __init__(self, result: ExecutionResult) -> None:
         self.result = result
-        super().__init__(f"subworkflow {result.workflow.id!r} ({result.execution_id}) {result.result.value}: {result.error}")
+        outcome = f"{result.result.value}: {result.error}"
+        super().__init__(f"subworkflow {result.workflow.id!r} ({result.execution_id}) {outcome}")
 
 
 def _hex_ids(span_context: SpanContext) -> tuple[str, str]:

@@ -7,7 +7,7 @@ import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,7 +60,13 @@ class ToolRegistry:
     def __init__(self) -> None:
         self._tools: dict[str, Tool] = {}
 
-    def register(self, fn: F | None = None, *, name: str | None = None) -> Any:
+    @overload
+    def register(self, fn: F, *, name: str | None = None) -> F: ...
+
+    @overload
+    def register(self, fn: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+
+    def register(self, fn: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
         """Register `fn` as a tool; usable bare (`@tools.register`) or with a name."""
 
         def add(target: F) -> F:
