@@ -58,6 +58,7 @@ _DONE_STATES = frozenset({NodeState.SUCCESS, NodeState.FAILED, NodeState.SKIPPED
 _ERROR_TYPES: tuple[type[BaseException], ...] = (TemplateError, ToolInputError, NonRetryableError)
 _MAX_PENDING_SIGNALS = 1_000
 _DEFAULT_CONCURRENCY = 64
+_DEFAULT_PROGRESS_INTERVAL_S = 0.1
 
 
 class ExecutionFailed(RuntimeError):
@@ -134,6 +135,9 @@ class Execution:
         self._tel = engine.telemetry
         self._seq = 0
         self.states: dict[str, NodeState] = dict.fromkeys(workflow.node_ids, NodeState.PENDING)
+        # Kept incrementally: recounting every state per event is O(n²) on wide workflows.
+        self._counts: dict[NodeState, int] = dict.fromkeys(NodeState, 0)
+        self._counts[NodeState.PENDING] = len(self.states)
         self.outputs: dict[str, Any] = {}
         self.attempts: dict[str, int] = dict.fromkeys(workflow.node_ids, 0)
         self.durations_ms: dict[str, float] = {}
@@ -174,6 +178,11 @@ class Execution:
             future.set_result(payload)
 
     _finished = False
+    _observed = True
+    _exporting = True
+    _event_attributes: dict[str, Any] = {}  # noqa: RUF012 - replaced per instance before use
+    _last_progress = 0.0
+    _progress_timer: asyncio.TimerHandle | None = None
     _cancel_reason = "cancelled by request"
 
     # -- hooks for node executors ----------------------------------------------------------
@@ -187,7 +196,7 @@ class Execution:
         )
 
     def node_waiting(self, ctx: NodeContext, waiting_for: str) -> None:
-        self.states[ctx.node.id] = NodeState.WAITING
+        self._set_state(ctx.node.id, NodeState.WAITING)
         self._emit(EventType.NODE_WAITING, node=ctx.node, span=ctx.span, data={"waitingFor": waiting_for})
         self._progress()
 
@@ -196,7 +205,7 @@ class Execution:
         if not future.done():
             self.node_waiting(ctx, f"signal {name}")
         payload = await future
-        self.states[ctx.node.id] = NodeState.RUNNING
+        self._set_state(ctx.node.id, NodeState.RUNNING)
         return payload
 
     async def run_child(self, ctx: NodeContext, workflow: Workflow, child_input: Any) -> Any:
@@ -237,34 +246,63 @@ class Execution:
         *,
         node: Node | None = None,
         span: Span | None = None,
+        context: Context | None = None,
         data: dict[str, Any] | None = None,
     ) -> None:
         self._seq += 1
+        if not self._observed:
+            return
+        ts_ns = time.time_ns()
+        payload = data or {}
         target = span or self._span
-        ids = self._ids if span is None else _hex_ids(span.get_span_context())
-        event = WorkflowEvent(
-            type=kind,
-            seq=self._seq,
-            ts_ns=time.time_ns(),
-            execution_id=self.execution_id,
-            workflow_id=self.workflow.id,
-            workflow_name=self.workflow.name,
-            trace_id=ids[0],
-            span_id=ids[1],
-            node_id=node.id if node else "",
-            node_type=node.type if node else "",
-            data=data or {},
-        )
         # An ended span no longer records, yet its id still anchors the event.
-        if target.get_span_context().is_valid:
-            self._tel.emit(event, trace.set_span_in_context(target))
+        if self._exporting:
+            otel_ctx = context or (self._run_context if span is None else trace.set_span_in_context(span))
+            self._tel.emit(kind.value, self._seq, ts_ns, self._event_attributes, node, payload, otel_ctx)
         if self.engine.events.active:
-            self.engine.events.publish(event)
+            ids = self._ids if span is None else _hex_ids(target.get_span_context())
+            self.engine.events.publish(
+                WorkflowEvent(
+                    type=kind,
+                    seq=self._seq,
+                    ts_ns=ts_ns,
+                    execution_id=self.execution_id,
+                    workflow_id=self.workflow.id,
+                    workflow_name=self.workflow.name,
+                    trace_id=ids[0],
+                    span_id=ids[1],
+                    node_id=node.id if node else "",
+                    node_type=node.type if node else "",
+                    data=payload,
+                )
+            )
+
+    def _set_state(self, node_id: str, state: NodeState) -> None:
+        self._counts[self.states[node_id]] -= 1
+        self._counts[state] += 1
+        self.states[node_id] = state
 
     def _progress(self) -> None:
-        counts = dict.fromkeys(NodeState, 0)
-        for state in self.states.values():
-            counts[state] += 1
+        """Coalesced: at most one progress event per interval, the latest state always sent.
+
+        Progress follows every state change, but one event per change doubled
+        the telemetry cost per step; a deferred flush keeps it current.
+        """
+        if not self._observed:
+            return
+        now = time.perf_counter()
+        wait = self._last_progress + self.engine.progress_interval_s - now
+        if wait <= 0:
+            self._flush_progress()
+        elif self._progress_timer is None:
+            self._progress_timer = asyncio.get_running_loop().call_later(wait, self._flush_progress)
+
+    def _flush_progress(self) -> None:
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
+        self._last_progress = time.perf_counter()
+        counts = self._counts
         total = len(self.states)
         done = sum(counts[s] for s in _DONE_STATES)
         self._emit(
@@ -314,6 +352,14 @@ class Execution:
             start_time_ns=started_ns,
         )
         self._ids = _hex_ids(self._span.get_span_context())
+        # With telemetry off and no in-process watcher, events are numbered but not built.
+        self._exporting = self._ids[0] != "0" * 32
+        self._observed = self._exporting or self.engine.events.active
+        self._event_attributes = {
+            t.EXECUTION_ID: self.execution_id,
+            t.WORKFLOW_ID: wf.id,
+            t.WORKFLOW_NAME: wf.name,
+        }
         self._run_context = trace.set_span_in_context(self._span, self.options.parent)
         metric_attrs = {t.WORKFLOW_NAME: wf.name}
         self._tel.run_active.add(1, metric_attrs)
@@ -417,7 +463,7 @@ class Execution:
                 continue
             reason = self._skip_reason(node)
             if reason is not None:
-                self.states[node_id] = NodeState.SKIPPED
+                self._set_state(node_id, NodeState.SKIPPED)
                 self._emit(EventType.NODE_SKIPPED, node=node, data={"reason": reason})
                 self._progress()
                 queue.extend(self._completed(node_id, remaining))
@@ -442,7 +488,7 @@ class Execution:
     def _reuse(self, node: Node) -> None:
         output = self.options.reused[node.id]
         self.outputs[node.id] = output
-        self.states[node.id] = NodeState.SUCCESS
+        self._set_state(node.id, NodeState.SUCCESS)
         self._apply_branch(node, output)
         source = self.options.resumed_from.execution_id if self.options.resumed_from else ""
         self._emit(
@@ -488,7 +534,7 @@ class Execution:
             if isinstance(attempt.error, _ERROR_TYPES):
                 return attempt
             delay = node.retry.delay_s(attempt_no, self.engine.rng)
-            self.states[node.id] = NodeState.RETRYING
+            self._set_state(node.id, NodeState.RETRYING)
             self._tel.node_retries.add(1, metric_attrs)
             self._emit(
                 EventType.NODE_RETRYING,
@@ -534,11 +580,11 @@ class Execution:
         span_ctx = trace.set_span_in_context(span, self._run_context)
         ctx = NodeContext(node, attempt_no, inputs, self.workflow_input, span, span_ctx, self)
         self.attempts[node.id] = attempt_no
-        self.states[node.id] = NodeState.RUNNING
+        self._set_state(node.id, NodeState.RUNNING)
         started_data: dict[str, Any] = {"attempt": attempt_no, "nodeLabel": node.display_label}
         if input_preview is not None:
             started_data["input"] = input_preview
-        self._emit(EventType.NODE_STARTED, node=node, span=span, data=started_data)
+        self._emit(EventType.NODE_STARTED, node=node, span=span, context=span_ctx, data=started_data)
         self._progress()
 
         started = time.perf_counter()
@@ -590,7 +636,7 @@ class Execution:
         options = self._tel.options
         if attempt.result is Result.SUCCESS:
             self.outputs[node.id] = attempt.output
-            self.states[node.id] = NodeState.SUCCESS
+            self._set_state(node.id, NodeState.SUCCESS)
             self._apply_branch(node, attempt.output)
             if options.capture_io:
                 data["output"] = preview(attempt.output, options.max_io_chars, secret_keys=secret_keys)
@@ -605,8 +651,8 @@ class Execution:
             if error is not None and not isinstance(error, asyncio.CancelledError):
                 span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, message[:512]))
-            self.states[node.id] = (
-                NodeState.CANCELLED if attempt.result is Result.CANCELLATION else NodeState.FAILED
+            self._set_state(
+                node.id, NodeState.CANCELLED if attempt.result is Result.CANCELLATION else NodeState.FAILED
             )
             event = EventType.NODE_FAILED
         span.end()
@@ -618,7 +664,7 @@ class Execution:
                 t.NODE_RESULT: attempt.result.value,
             },
         )
-        self._emit(event, node=node, span=span, data=data)
+        self._emit(event, node=node, span=span, context=ctx.otel_context, data=data)
         self._progress()
 
     def _record_llm(self, span: Span, usage: Any, duration_s: float) -> None:
@@ -640,9 +686,9 @@ class Execution:
         self, outcome: Result, error: str | None, duration_s: float, metric_attrs: dict[str, str]
     ) -> None:
         span = self._span
-        counts = {s: 0 for s in NodeState}
-        for state in self.states.values():
-            counts[state] += 1
+        if self._progress_timer is not None:
+            self._flush_progress()
+        counts = self._counts
         span.set_attribute(t.WORKFLOW_RESULT, outcome.value)
         span.set_attribute(t.NODES_COMPLETED, counts[NodeState.SUCCESS])
         span.set_attribute(t.NODES_FAILED, counts[NodeState.FAILED])
@@ -754,6 +800,7 @@ class Engine:
         concurrency: int | None = None,
         http_client: httpx.AsyncClient | None = None,
         rng: random.Random | None = None,
+        progress_interval_s: float | None = None,
     ) -> None:
         self.telemetry = telemetry or Telemetry()
         self.registry = registry or NodeRegistry()
@@ -761,6 +808,9 @@ class Engine:
         self._owns_client = http_client is None
         self._http_client = http_client
         self.rng = rng or random.Random()
+        self.progress_interval_s = (
+            _DEFAULT_PROGRESS_INTERVAL_S if progress_interval_s is None else progress_interval_s
+        )
         self.events = EventBus()
         self._tasks: set[asyncio.Task[ExecutionResult]] = set()
         self._executions: dict[str, Execution] = {}

@@ -18,7 +18,7 @@ from opentelemetry.context import Context
 from opentelemetry.metrics import MeterProvider, NoOpMeterProvider
 from opentelemetry.trace import Link, NoOpTracerProvider, Span, SpanKind, TracerProvider
 
-from engine.events import WorkflowEvent
+from engine.dag import Node
 
 logger = logging.getLogger(__name__)
 
@@ -126,27 +126,32 @@ class Telemetry:
             name, context=parent, kind=kind, attributes=attributes, links=links, start_time=start_time_ns
         )
 
-    def emit(self, event: WorkflowEvent, context: Context) -> None:
-        attributes: dict[str, Any] = {
-            EXECUTION_ID: event.execution_id,
-            EVENT_SEQ: event.seq,
-            WORKFLOW_ID: event.workflow_id,
-            WORKFLOW_NAME: event.workflow_name,
-        }
-        if event.node_id:
-            attributes[NODE_ID] = event.node_id
-            attributes[NODE_TYPE] = event.node_type
-        failed = event.type.value.endswith(".failed")
+    def emit(
+        self,
+        event_name: str,
+        seq: int,
+        ts_ns: int,
+        base_attributes: dict[str, Any],
+        node: Node | None,
+        data: dict[str, Any],
+        context: Context,
+    ) -> None:
+        """One lifecycle event as an OTel log record with EventName, in `context`'s span."""
+        attributes = {**base_attributes, EVENT_SEQ: seq}
+        if node is not None:
+            attributes[NODE_ID] = node.id
+            attributes[NODE_TYPE] = node.type
+        failed = event_name.endswith(".failed")
         self.events.emit(
-            timestamp=event.ts_ns,
+            timestamp=ts_ns,
             context=context,
             severity_number=SeverityNumber.ERROR if failed else SeverityNumber.INFO,
             severity_text="ERROR" if failed else "INFO",
             # The event payload travels as JSON text in the body: OTLP attributes
             # are flat, and every collector stores a string body unchanged.
-            body=json.dumps(event.data, default=str, separators=(",", ":")) if event.data else "{}",
+            body=json.dumps(data, default=str, separators=(",", ":")) if data else "{}",
             attributes=attributes,
-            event_name=event.type.value,
+            event_name=event_name,
         )
 
 

@@ -335,7 +335,7 @@ async def test_pause_holds_new_nodes_until_resume(engine: Engine, captured: Capt
         return 1
 
     def watch(event: Any) -> None:
-        if event.type is EventType.EXECUTION_PROGRESS and event.data["completedNodes"] == 1:
+        if event.type is EventType.NODE_COMPLETED and event.node_id == "a":
             a_done.set()
 
     engine.events.add_callback(watch)
@@ -345,7 +345,7 @@ async def test_pause_holds_new_nodes_until_resume(engine: Engine, captured: Capt
     handle.pause("maintenance window")
     gate.set()
     await a_done.wait()
-    # "a" finished while paused; the scheduler has run its completion, "b" is held.
+    # "a" finished while paused; give the scheduler time to (wrongly) start "b".
     await asyncio.sleep(0.01)
     assert handle.execution.states["a"] is NodeState.SUCCESS
     assert handle.execution.states["b"] is NodeState.PENDING
@@ -455,3 +455,26 @@ async def test_remote_trigger_joins_caller_trace(engine: Engine, captured: Captu
     assert run.kind is SpanKind.SERVER
     assert format(run.context.trace_id, "032x") == caller_trace
     assert run.parent is not None and format(run.parent.span_id, "016x") == "00f067aa0ba902b7"
+
+
+async def test_progress_is_coalesced_but_ends_current(captured: Captured) -> None:
+    engine = Engine(captured.telemetry, progress_interval_s=60.0)
+    wf = (
+        WorkflowBuilder("chain")
+        .code("a", one)
+        .code("b", one, depends_on=["a"])
+        .code("c", one, depends_on=["b"])
+    )
+    result = await engine.run(wf.build())
+    progress = [
+        captured.event_data(r)
+        for r in captured.events(result.execution_id)
+        if r.log_record.event_name == "execution.progress"
+    ]
+    # First change is sent at once; the rest are folded into one flush before the end.
+    assert len(progress) == 2
+    assert progress[-1]["completedNodes"] == 3 and progress[-1]["progress"] == 1.0
+    types = [str(r.log_record.event_name) for r in captured.events(result.execution_id)]
+    assert types[-2:] == ["execution.progress", "workflow.completed"]
+    assert_seq_contiguous(captured, result.execution_id)
+    await engine.aclose()

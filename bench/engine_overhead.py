@@ -1,0 +1,136 @@
+"""Engine overhead: node steps/s for wide and deep workflows, telemetry off vs on.
+
+Run: .venv/bin/python bench/engine_overhead.py [--nodes 1000] [--repeat 3]
+Full telemetry goes through the real SDK (batch processors) into exporters
+that discard, so the figure is the engine's and the SDK's cost, not a network's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from engine import Engine, NodeContext, Telemetry, Workflow, WorkflowBuilder
+
+
+class NullSpanExporter(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+class NullLogExporter(LogRecordExporter):
+    def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
+        return LogRecordExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+
+async def step(ctx: NodeContext) -> int:
+    return 1
+
+
+def wide(n: int) -> Workflow:
+    builder = WorkflowBuilder("wide").code("root", step)
+    for i in range(n - 2):
+        builder.code(f"n{i}", step, depends_on=["root"])
+    builder.code("sink", step, depends_on=[f"n{i}" for i in range(n - 2)])
+    return builder.build()
+
+
+def deep(n: int) -> Workflow:
+    builder = WorkflowBuilder("deep").code("n0", step)
+    for i in range(1, n):
+        builder.code(f"n{i}", step, depends_on=[f"n{i - 1}"])
+    return builder.build()
+
+
+def sdk_telemetry() -> tuple[Telemetry, TracerProvider, LoggerProvider]:
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(BatchSpanProcessor(NullSpanExporter(), max_queue_size=1 << 20))
+    logger_provider = LoggerProvider()
+    logger_provider.add_log_record_processor(
+        BatchLogRecordProcessor(NullLogExporter(), max_queue_size=1 << 20)
+    )
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    return Telemetry(tracer_provider, logger_provider, meter_provider), tracer_provider, logger_provider
+
+
+async def steps_per_s(telemetry: Telemetry, workflow: Workflow, repeat: int) -> float:
+    engine = Engine(telemetry, concurrency=len(workflow.nodes))
+    rates = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = await engine.run(workflow)
+        elapsed = time.perf_counter() - started
+        assert result.result.value == "success", result.error
+        rates.append(len(workflow.nodes) / elapsed)
+    await engine.aclose()
+    return statistics.median(rates)
+
+
+def bare_sdk_cost_s(count: int) -> float:
+    """One SDK span plus one SDK log record (an event), the floor any instrumentation pays."""
+    _, tracer_provider, logger_provider = sdk_telemetry()
+    tracer = tracer_provider.get_tracer("bench")
+    logger = logger_provider.get_logger("bench")
+    started = time.perf_counter()
+    for i in range(count):
+        span = tracer.start_span("step", attributes={"workflow.node.id": "n", "workflow.node.attempt": 1})
+        logger.emit(
+            event_name="node.completed",
+            attributes={"workflow.execution.id": "e", "workflow.event.seq": i},
+            body="{}",
+            context=trace.set_span_in_context(span),
+        )
+        span.end()
+    elapsed = time.perf_counter() - started
+    tracer_provider.shutdown()
+    logger_provider.shutdown()
+    return elapsed / count
+
+
+async def main(nodes: int, repeat: int) -> dict[str, Any]:
+    results: dict[str, Any] = {"nodes": nodes}
+    for shape, build in (("wide", wide), ("deep", deep)):
+        workflow = build(nodes)
+        off = await steps_per_s(Telemetry.disabled(), workflow, repeat)
+        telemetry, tracer_provider, logger_provider = sdk_telemetry()
+        on = await steps_per_s(telemetry, workflow, repeat)
+        tracer_provider.shutdown()
+        logger_provider.shutdown()
+        results[shape] = {
+            "steps_per_s_telemetry_off": round(off),
+            "steps_per_s_telemetry_on": round(on),
+            "telemetry_cost_us_per_step": round((1 / on - 1 / off) * 1e6, 1),
+        }
+    bare = bare_sdk_cost_s(nodes * repeat)
+    results["bare_sdk_span_plus_event_us"] = round(bare * 1e6, 1)
+    for shape in ("wide", "deep"):
+        cost = results[shape]["telemetry_cost_us_per_step"] / 1e6
+        results[shape]["telemetry_cost_vs_bare_sdk"] = round(cost / bare, 2)
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(main(args.nodes, args.repeat)), indent=2))
