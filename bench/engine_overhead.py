@@ -65,9 +65,7 @@ def sdk_telemetry() -> tuple[Telemetry, TracerProvider, LoggerProvider]:
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(BatchSpanProcessor(NullSpanExporter(), max_queue_size=1 << 20))
     logger_provider = LoggerProvider()
-    logger_provider.add_log_record_processor(
-        BatchLogRecordProcessor(NullLogExporter(), max_queue_size=1 << 20)
-    )
+    logger_provider.add_log_record_processor(BatchLogRecordProcessor(NullLogExporter(), max_queue_size=1 << 20))
     meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
     return Telemetry(tracer_provider, logger_provider, meter_provider), tracer_provider, logger_provider
 

@@ -91,9 +91,7 @@ class EventBus:
             queue.put_nowait(event)
 
     @contextlib.asynccontextmanager
-    async def subscribe(
-        self, maxsize: int = _DEFAULT_SUBSCRIBER_QUEUE
-    ) -> AsyncIterator[AsyncIterator[WorkflowEvent]]:
+    async def subscribe(self, maxsize: int = _DEFAULT_SUBSCRIBER_QUEUE) -> AsyncIterator[AsyncIterator[WorkflowEvent]]:
         queue: asyncio.Queue[WorkflowEvent | None] = asyncio.Queue(maxsize)
         self._queues.append(queue)
 

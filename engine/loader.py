@@ -25,9 +25,7 @@ def load_workflow(path: str | Path) -> Workflow:
     try:
         raw = json.loads(text) if source.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise WorkflowValidationError(
-            str(path), [f"{path} is not valid {source.suffix[1:] or 'YAML'}: {exc}"]
-        ) from exc
+        raise WorkflowValidationError(str(path), [f"{path} is not valid {source.suffix[1:] or 'YAML'}: {exc}"]) from exc
     return workflow_from_dict(raw, origin=str(path))
 
 
@@ -76,9 +74,7 @@ def _node(item: Any, index: int) -> tuple[Node | None, list[str]]:
         return None, [f"{where} needs a string 'id'"]
     unknown = set(item) - _NODE_KEYS
     if unknown:
-        problems.append(
-            f"node {node_id!r}: unknown keys {', '.join(sorted(unknown))} (put settings under 'config')"
-        )
+        problems.append(f"node {node_id!r}: unknown keys {', '.join(sorted(unknown))} (put settings under 'config')")
     node_type = item.get("type")
     if not isinstance(node_type, str):
         problems.append(f"node {node_id!r}: needs a string 'type'")

@@ -182,15 +182,12 @@ class LlmExecutor:
         found = []
         if not isinstance(node.config.get("model"), str):
             found.append(f"node {node.id!r}: config needs 'model'")
-        if not isinstance(node.config.get("prompt"), str) and not isinstance(
-            node.config.get("messages"), list
-        ):
+        if not isinstance(node.config.get("prompt"), str) and not isinstance(node.config.get("messages"), list):
             found.append(f"node {node.id!r}: config needs 'prompt' or 'messages'")
         provider = node.config.get("provider", "local")
         if provider not in registry.providers:
             found.append(
-                f"node {node.id!r}: unknown LLM provider {provider!r} "
-                f"(known: {', '.join(sorted(registry.providers))})"
+                f"node {node.id!r}: unknown LLM provider {provider!r} (known: {', '.join(sorted(registry.providers))})"
             )
         return found
 
@@ -248,9 +245,7 @@ class ConditionExecutor:
                 continue
             for target in targets:
                 if target not in dependents:
-                    found.append(
-                        f"node {node.id!r}: branch {name!r} target {target!r} is not a dependent of it"
-                    )
+                    found.append(f"node {node.id!r}: branch {name!r} target {target!r} is not a dependent of it")
         if "fn" in node.config:
             found.extend(_callable_problem(node, "fn"))
         elif "value" not in node.config:
@@ -272,9 +267,7 @@ class ConditionExecutor:
         choice = str(choice).lower() if isinstance(choice, bool) else str(choice)
         if choice not in config["branches"]:
             if config.get("default") is None:
-                raise NodeError(
-                    f"condition chose {choice!r}, which is not a branch ({', '.join(config['branches'])})"
-                )
+                raise NodeError(f"condition chose {choice!r}, which is not a branch ({', '.join(config['branches'])})")
             choice = config["default"]
         return {"branch": choice}
 
@@ -287,9 +280,7 @@ class WaitExecutor:
         has_signal = "signal" in node.config
         if has_delay == has_signal:
             return [f"node {node.id!r}: config needs exactly one of 'delay_s' or 'signal'"]
-        if has_delay and not (
-            isinstance(node.config["delay_s"], int | float) and node.config["delay_s"] >= 0
-        ):
+        if has_delay and not (isinstance(node.config["delay_s"], int | float) and node.config["delay_s"] >= 0):
             return [f"node {node.id!r}: delay_s must be a number >= 0"]
         return []
 
@@ -356,8 +347,7 @@ class NodeRegistry:
             executor = self.executors.get(node.type)
             if executor is None:
                 found.append(
-                    f"node {node.id!r}: unknown node type {node.type!r} "
-                    f"(known: {', '.join(sorted(self.executors))})"
+                    f"node {node.id!r}: unknown node type {node.type!r} (known: {', '.join(sorted(self.executors))})"
                 )
                 continue
             found.extend(executor.problems(node, workflow, self))

@@ -7,9 +7,7 @@ import re
 from typing import Any
 
 REDACTED = "[REDACTED]"
-_SECRET_KEY = re.compile(
-    r"(pass(word)?|secret|token|api[-_]?key|authorization|credential|private[-_]?key)", re.I
-)
+_SECRET_KEY = re.compile(r"(pass(word)?|secret|token|api[-_]?key|authorization|credential|private[-_]?key)", re.I)
 
 
 class Secret(str):

@@ -88,9 +88,7 @@ class ExecutionResult:
     @property
     def output(self) -> Any:
         """Outputs of the workflow's sink nodes (the only one's output when there is one)."""
-        sinks = [
-            n.id for n in self.workflow.nodes if not self.workflow.dependents(n.id) and n.id in self.outputs
-        ]
+        sinks = [n.id for n in self.workflow.nodes if not self.workflow.dependents(n.id) and n.id in self.outputs]
         if len(sinks) == 1:
             return self.outputs[sinks[0]]
         return {s: self.outputs[s] for s in sinks}
@@ -122,9 +120,7 @@ class _Options:
 class Execution:
     """One run of a workflow. Created by `Engine.start`; driven by `run()`."""
 
-    def __init__(
-        self, engine: Engine, workflow: Workflow, workflow_input: Any, execution_id: str, options: _Options
-    ):
+    def __init__(self, engine: Engine, workflow: Workflow, workflow_input: Any, execution_id: str, options: _Options):
         self.engine = engine
         self.workflow = workflow
         self.workflow_input = workflow_input
@@ -449,9 +445,7 @@ class Execution:
         await self._cancel_all(tasks)
         return outcome, error
 
-    def _launch(
-        self, ready: list[str], remaining: dict[str, int], tasks: dict[asyncio.Task[_Attempt], str]
-    ) -> None:
+    def _launch(self, ready: list[str], remaining: dict[str, int], tasks: dict[asyncio.Task[_Attempt], str]) -> None:
         # Skips and reuses resolve synchronously and may make more nodes ready.
         queue = list(ready)
         while queue:
@@ -527,9 +521,7 @@ class Execution:
                 attempt, span = await self._attempt(node, attempt_no, executor)
             if attempt.result is Result.SUCCESS or attempt.error is None:
                 return attempt
-            if attempt.result is Result.CANCELLATION or not node.retry.should_retry(
-                attempt.error, attempt_no
-            ):
+            if attempt.result is Result.CANCELLATION or not node.retry.should_retry(attempt.error, attempt_no):
                 return attempt
             if isinstance(attempt.error, _ERROR_TYPES):
                 return attempt
@@ -570,9 +562,7 @@ class Execution:
         secret_keys = frozenset(node.config.get("secret_keys", ()))
         input_preview = None
         if options.capture_io:
-            input_preview = preview(
-                inputs or self.workflow_input, options.max_io_chars, secret_keys=secret_keys
-            )
+            input_preview = preview(inputs or self.workflow_input, options.max_io_chars, secret_keys=secret_keys)
             attrs[t.NODE_INPUT] = input_preview
         span = self._tel.start_span(
             executor.span_name(node), parent=self._run_context, kind=executor.kind, attributes=attrs
@@ -614,9 +604,7 @@ class Execution:
             raise asyncio.CancelledError
         return attempt, span
 
-    def _end_attempt(
-        self, ctx: NodeContext, attempt: _Attempt, duration_s: float, secret_keys: frozenset[str]
-    ) -> None:
+    def _end_attempt(self, ctx: NodeContext, attempt: _Attempt, duration_s: float, secret_keys: frozenset[str]) -> None:
         node, span = ctx.node, ctx.span
         duration_ms = round(duration_s * 1000, 3)
         self.durations_ms[node.id] = duration_ms
@@ -651,9 +639,7 @@ class Execution:
             if error is not None and not isinstance(error, asyncio.CancelledError):
                 span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, message[:512]))
-            self._set_state(
-                node.id, NodeState.CANCELLED if attempt.result is Result.CANCELLATION else NodeState.FAILED
-            )
+            self._set_state(node.id, NodeState.CANCELLED if attempt.result is Result.CANCELLATION else NodeState.FAILED)
             event = EventType.NODE_FAILED
         span.end()
         self._tel.node_duration.record(
@@ -682,9 +668,7 @@ class Execution:
         self._tel.token_usage.record(usage.output_tokens, {**base, t.GEN_AI_TOKEN_TYPE: "output"})
         self._tel.llm_duration.record(duration_s, base)
 
-    def _finish(
-        self, outcome: Result, error: str | None, duration_s: float, metric_attrs: dict[str, str]
-    ) -> None:
+    def _finish(self, outcome: Result, error: str | None, duration_s: float, metric_attrs: dict[str, str]) -> None:
         span = self._span
         if self._progress_timer is not None:
             self._flush_progress()
@@ -808,9 +792,7 @@ class Engine:
         self._owns_client = http_client is None
         self._http_client = http_client
         self.rng = rng or random.Random()
-        self.progress_interval_s = (
-            _DEFAULT_PROGRESS_INTERVAL_S if progress_interval_s is None else progress_interval_s
-        )
+        self.progress_interval_s = _DEFAULT_PROGRESS_INTERVAL_S if progress_interval_s is None else progress_interval_s
         self.events = EventBus()
         self._tasks: set[asyncio.Task[ExecutionResult]] = set()
         self._executions: dict[str, Execution] = {}

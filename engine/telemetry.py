@@ -195,9 +195,7 @@ def setup(
         instrument_asyncio = env.get("FLOWSCOPE_INSTRUMENT_ASYNCIO", "").lower() in {"1", "true", "yes"}
     attrs = {"service.name": service_name} if service_name else {}
     resource = Resource.create(attrs)
-    if "service.name" not in attrs and str(resource.attributes.get("service.name", "")).startswith(
-        "unknown_service"
-    ):
+    if "service.name" not in attrs and str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource.create({"service.name": _DEFAULT_SERVICE_NAME}))
 
     if console:

@@ -37,8 +37,7 @@ class Tool:
                 if expected is float and isinstance(value, int) and not isinstance(value, bool):
                     continue
                 problems.append(
-                    f"tool {self.name!r}: argument {key!r} must be {expected.__name__}, "
-                    f"got {type(value).__name__}"
+                    f"tool {self.name!r}: argument {key!r} must be {expected.__name__}, got {type(value).__name__}"
                 )
         return problems
 

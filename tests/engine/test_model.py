@@ -93,9 +93,7 @@ def test_bad_file_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(WorkflowValidationError, match="cannot read"):
         load_workflow(tmp_path / "missing.yaml")
     odd = tmp_path / "odd.json"
-    odd.write_text(
-        json.dumps({"id": "o", "nodes": [{"id": "a", "type": "code", "colour": "red", "retry": 3}]})
-    )
+    odd.write_text(json.dumps({"id": "o", "nodes": [{"id": "a", "type": "code", "colour": "red", "retry": 3}]}))
     with pytest.raises(WorkflowValidationError) as info:
         load_workflow(odd)
     assert "node 'a': unknown keys colour (put settings under 'config')" in info.value.problems

@@ -65,11 +65,7 @@ async def test_openai_compatible_provider_streams_and_reports_usage(captured: Ca
     async with serve_asgi(app) as base:
         provider = OpenAICompatibleProvider(base + "/v1", api_key=Secret("sk-test"), name="openai")
         engine = Engine(captured.telemetry, NodeRegistry(providers={"openai": provider}))
-        wf = (
-            WorkflowBuilder("chat")
-            .llm("ask", "gpt-x", "Say hi to {{ input.name }}", provider="openai")
-            .build()
-        )
+        wf = WorkflowBuilder("chat").llm("ask", "gpt-x", "Say hi to {{ input.name }}", provider="openai").build()
         result = await engine.run(wf, {"name": "Ana"})
         await engine.aclose()
     assert result.result is Result.SUCCESS, result.error

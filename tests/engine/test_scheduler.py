@@ -99,9 +99,7 @@ async def test_parallel_branches_span_tree_and_data_flow(engine: Engine, capture
     assert_seq_contiguous(captured, result.execution_id)
 
 
-async def test_retry_emits_one_span_per_attempt_and_retrying_events(
-    engine: Engine, captured: Captured
-) -> None:
+async def test_retry_emits_one_span_per_attempt_and_retrying_events(engine: Engine, captured: Captured) -> None:
     flaky = Flaky(failures=2)
     wf = (
         WorkflowBuilder("etl")
@@ -248,9 +246,7 @@ async def test_cancellation_reaches_every_running_node(engine: Engine, captured:
             seen_cancel.append(ctx.node.id)
             raise
 
-    wf = (
-        WorkflowBuilder("c").code("a", hang).code("b", hang).code("after", one, depends_on=["a", "b"]).build()
-    )
+    wf = WorkflowBuilder("c").code("a", hang).code("b", hang).code("after", one, depends_on=["a", "b"]).build()
     handle = engine.start(wf)
     await entered.wait()
     handle.cancel("user pressed stop")
@@ -408,19 +404,12 @@ async def test_capture_io_truncates_and_redacts(engine: Engine, captured: Captur
     assert "sk-live-123" not in output
     assert "[REDACTED]" in output
     assert len(output) <= 200 and output.endswith("[truncated]")
-    completed = [
-        r for r in captured.events(result.execution_id) if r.log_record.event_name == "node.completed"
-    ]
+    completed = [r for r in captured.events(result.execution_id) if r.log_record.event_name == "node.completed"]
     assert "sk-live-123" not in str(completed[0].log_record.body)
 
 
 async def test_metrics_points_have_bounded_labels(engine: Engine, captured: Captured) -> None:
-    wf = (
-        WorkflowBuilder("m")
-        .code("a", one)
-        .llm("chat", "tiny-1", "hello {{ nodes.a }}", depends_on=["a"])
-        .build()
-    )
+    wf = WorkflowBuilder("m").code("a", one).llm("chat", "tiny-1", "hello {{ nodes.a }}", depends_on=["a"]).build()
     await engine.run(wf)
     await engine.run(wf)
     runs = captured.metric_points("workflow.run.duration")
@@ -459,12 +448,7 @@ async def test_remote_trigger_joins_caller_trace(engine: Engine, captured: Captu
 
 async def test_progress_is_coalesced_but_ends_current(captured: Captured) -> None:
     engine = Engine(captured.telemetry, progress_interval_s=60.0)
-    wf = (
-        WorkflowBuilder("chain")
-        .code("a", one)
-        .code("b", one, depends_on=["a"])
-        .code("c", one, depends_on=["b"])
-    )
+    wf = WorkflowBuilder("chain").code("a", one).code("b", one, depends_on=["a"]).code("c", one, depends_on=["b"])
     result = await engine.run(wf.build())
     progress = [
         captured.event_data(r)

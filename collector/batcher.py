@@ -1,0 +1,254 @@
+"""Bounded queue → batcher → writer: the collector's path from accepted request to ClickHouse.
+
+The queue is bounded in rows and counts rows until they are written, so its
+bound is the collector's memory bound. When it is full, `consume` raises
+`Backpressure` and receivers answer "retry later"; nothing accepted is
+dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Any, Protocol
+
+from collector.convert import CONVERTERS, Columns, Converted
+from collector.telemetry import SelfMetrics
+from collector.types import Signal, StreamSubscriber, Unsubscribe
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_MAX_QUEUE_ROWS = 200_000
+_DEFAULT_MAX_BATCH_ROWS = 20_000
+_DEFAULT_FLUSH_INTERVAL_S = 1.0
+_RETRY_INITIAL_S = 0.1
+_RETRY_MAX_S = 5.0
+# A batch ClickHouse keeps refusing for reasons other than reachability is
+# poison (a bug, not an outage): after this many attempts it is dropped and counted.
+_MAX_POISON_ATTEMPTS = 8
+
+
+class Backpressure(Exception):
+    """The collector cannot take more now; the client should retry after `retry_after_s`."""
+
+    def __init__(self, reason: str, retry_after_s: float = 1.0) -> None:
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        super().__init__(reason)
+
+
+class Writer(Protocol):
+    def insert(self, columns: Columns) -> None: ...
+
+    def is_transient(self, error: Exception) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class Pipeline:
+    def __init__(
+        self,
+        writer: Writer,
+        metrics: SelfMetrics | None = None,
+        *,
+        max_queue_rows: int | None = None,
+        max_batch_rows: int | None = None,
+        flush_interval_s: float | None = None,
+    ) -> None:
+        self._writer = writer
+        self.metrics = metrics or SelfMetrics()
+        self.max_queue_rows = max_queue_rows or _DEFAULT_MAX_QUEUE_ROWS
+        self.max_batch_rows = max_batch_rows or _DEFAULT_MAX_BATCH_ROWS
+        self.flush_interval_s = _DEFAULT_FLUSH_INTERVAL_S if flush_interval_s is None else flush_interval_s
+        self._cond = threading.Condition()
+        self._incoming: list[Columns] = []
+        self._queued_rows = 0
+        self._subscribers: list[StreamSubscriber] = []
+        self._closing = False
+        self._store_ok = True
+        self._last_error: str | None = None
+        self._flush_requested = False
+        self.metrics.queue_capacity.set(self.max_queue_rows)
+        self._thread = threading.Thread(target=self._run, name="flowscope-writer", daemon=True)
+        self._thread.start()
+
+    # -- intake ------------------------------------------------------------------------------
+
+    def consume(self, signal: Signal, request: Any) -> Converted:
+        """Convert and queue one OTLP request; raises Backpressure when it cannot be taken now."""
+        converted = CONVERTERS[signal](request)
+        self.metrics.received.labels(signal.value).inc(converted.accepted + converted.rejected)
+        if converted.rejected:
+            self.metrics.rejected.labels(signal.value, "invalid").inc(converted.rejected)
+        rows = converted.rows
+        with self._cond:
+            if self._closing:
+                self.metrics.refused.labels(signal.value, "shutting_down").inc()
+                raise Backpressure("collector is shutting down", retry_after_s=2.0)
+            if self._queued_rows + rows > self.max_queue_rows and self._queued_rows > 0:
+                reason = "storage unavailable" if not self._store_ok else "queue full"
+                self.metrics.refused.labels(signal.value, reason.replace(" ", "_")).inc()
+                raise Backpressure(f"{reason}: {self._queued_rows} rows waiting (bound {self.max_queue_rows})")
+            self._incoming.extend(converted.tables)
+            self._queued_rows += rows
+            self.metrics.queue_rows.set(self._queued_rows)
+            self.metrics.accepted.labels(signal.value).inc(converted.accepted)
+            # Fan-out under the lock keeps subscribers in acceptance order.
+            for subscriber in self._subscribers:
+                try:
+                    subscriber(signal, request)
+                except Exception:
+                    self.metrics.subscriber_errors.inc()
+                    logger.exception("stream subscriber %r failed", subscriber)
+            if self._queued_rows >= self.max_batch_rows:
+                self._cond.notify()
+        return converted
+
+    def subscribe(self, subscriber: StreamSubscriber) -> Unsubscribe:
+        with self._cond:
+            self._subscribers.append(subscriber)
+
+        def unsubscribe() -> None:
+            with self._cond:
+                if subscriber in self._subscribers:
+                    self._subscribers.remove(subscriber)
+
+        return unsubscribe
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def store_ok(self) -> bool:
+        return self._store_ok
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Write everything queued now; True when the queue emptied within the timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._flush_requested = True
+            self._cond.notify()
+            while self._queued_rows > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.05))
+        return True
+
+    def close(self, timeout_s: float = 30.0) -> int:
+        """Stop intake, drain what was accepted, stop the writer. Returns rows left unwritten."""
+        with self._cond:
+            if self._closing and not self._thread.is_alive():
+                return self._queued_rows
+            self._closing = True
+            self._drain_deadline = time.monotonic() + timeout_s
+            self._cond.notify_all()
+        self._thread.join(timeout_s + 1.0)
+        self._writer.close()
+        left = self._queued_rows
+        if left:
+            logger.error("collector stopped with %d accepted rows unwritten (storage unavailable)", left)
+        return left
+
+    _drain_deadline = float("inf")
+
+    # -- the writer thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        pending: dict[str, Columns] = {}
+        next_flush = time.monotonic() + self.flush_interval_s
+        while True:
+            with self._cond:
+                while not self._incoming and not self._closing and not self._flush_requested:
+                    timeout = next_flush - time.monotonic()
+                    if timeout <= 0 or (pending and self._queued_rows >= self.max_batch_rows):
+                        break
+                    self._cond.wait(timeout)
+                for columns in self._incoming:
+                    merged = pending.get(columns.table)
+                    if merged is None:
+                        pending[columns.table] = Columns(columns.table, columns.names, [list(c) for c in columns.data])
+                    else:
+                        merged.extend(columns)
+                self._incoming.clear()
+                closing = self._closing
+                forced = self._flush_requested
+                self._flush_requested = False
+            now = time.monotonic()
+            full = any(c.rows >= self.max_batch_rows for c in pending.values())
+            if pending and (full or forced or closing or now >= next_flush):
+                self._write_all(pending, closing)
+                next_flush = time.monotonic() + self.flush_interval_s
+            elif now >= next_flush:
+                next_flush = now + self.flush_interval_s
+            if closing and (not pending or time.monotonic() >= self._drain_deadline):
+                return
+
+    def _write_all(self, pending: dict[str, Columns], closing: bool) -> None:
+        for table in list(pending):
+            chunks = pending[table].split(self.max_batch_rows)
+            for index, chunk in enumerate(chunks):
+                if not self._write_with_retry(chunk, closing):
+                    # This chunk and the ones after it stay pending for the next round.
+                    rest = Columns(table, chunk.names)
+                    for part in chunks[index:]:
+                        rest.extend(part)
+                    pending[table] = rest
+                    return
+                with self._cond:
+                    self._queued_rows -= chunk.rows
+                    self.metrics.queue_rows.set(self._queued_rows)
+                    self._cond.notify_all()
+            del pending[table]
+
+    def _write_with_retry(self, chunk: Columns, closing: bool) -> bool:
+        """True when the chunk is done with (written, or dropped as poison and counted)."""
+        delay = _RETRY_INITIAL_S
+        poison_attempts = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                self._writer.insert(chunk)
+            except Exception as exc:
+                self.metrics.insert_errors.labels(chunk.table).inc()
+                self._last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if self._writer.is_transient(exc):
+                    if self._store_ok:
+                        logger.warning("ClickHouse unavailable, retrying: %s", self._last_error)
+                    self._store_ok = False
+                else:
+                    poison_attempts += 1
+                    logger.exception("ClickHouse refused %d rows for %s", chunk.rows, chunk.table)
+                    if poison_attempts >= _MAX_POISON_ATTEMPTS:
+                        self.metrics.dropped.labels(chunk.table).inc(chunk.rows)
+                        return True
+                if self._closing and time.monotonic() >= self._drain_deadline:
+                    return False
+                # Jittered, bounded, and cut short by shutdown so a drain can retry at once.
+                with self._cond:
+                    self._cond.wait(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, _RETRY_MAX_S)
+                if not closing and self._incoming_rows_waiting():
+                    # Give the loop a chance to merge new data; the batch stays pending.
+                    return False
+                continue
+            self.metrics.insert_seconds.labels(chunk.table).observe(time.perf_counter() - started)
+            self.metrics.written.labels(chunk.table).inc(chunk.rows)
+            if not self._store_ok:
+                logger.warning("ClickHouse available again")
+            self._store_ok = True
+            self._last_error = None
+            return True
+
+    def _incoming_rows_waiting(self) -> bool:
+        with self._cond:
+            return bool(self._incoming)

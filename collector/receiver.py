@@ -1,0 +1,269 @@
+"""OTLP receivers: gRPC (trace, metrics, logs services) and HTTP (/v1/traces|metrics|logs).
+
+Both hand parsed requests to one consumer and map its outcome onto the codes
+OTLP clients act on: permanent errors (bad data) → INVALID_ARGUMENT / 400,
+never retried; transient ones (queue full, storage down) → UNAVAILABLE / 503
+with a retry hint, retried by every OTLP exporter.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import zlib
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import DecodeError, Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest, ExportLogsServiceResponse
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from collector import otlp_json
+from collector.batcher import Backpressure
+from collector.convert import Converted
+from collector.types import Signal
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    signal: Signal
+    request: type[Message]
+    response: type[Message]
+    grpc_service: str
+    rejected_field: str
+
+
+SPECS = {
+    Signal.TRACES: SignalSpec(
+        Signal.TRACES,
+        ExportTraceServiceRequest,
+        ExportTraceServiceResponse,
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+        "rejected_spans",
+    ),
+    Signal.METRICS: SignalSpec(
+        Signal.METRICS,
+        ExportMetricsServiceRequest,
+        ExportMetricsServiceResponse,
+        "opentelemetry.proto.collector.metrics.v1.MetricsService",
+        "rejected_data_points",
+    ),
+    Signal.LOGS: SignalSpec(
+        Signal.LOGS,
+        ExportLogsServiceRequest,
+        ExportLogsServiceResponse,
+        "opentelemetry.proto.collector.logs.v1.LogsService",
+        "rejected_log_records",
+    ),
+}
+
+Consume = Callable[[Signal, Any], Converted]
+
+
+class RejectedError(ValueError):
+    """Nothing in the request could be accepted."""
+
+
+def build_response(spec: SignalSpec, converted: Converted) -> Message:
+    if converted.rejected and not converted.accepted:
+        raise RejectedError("; ".join(converted.reasons) or "every item was invalid")
+    response = spec.response()
+    if converted.rejected:
+        partial = response.partial_success
+        setattr(partial, spec.rejected_field, converted.rejected)
+        partial.error_message = "; ".join(converted.reasons)
+    return response
+
+
+# -- gRPC ---------------------------------------------------------------------------------------
+
+
+class GrpcReceiver:
+    """An OTLP/gRPC server; requests are parsed here so malformed bytes get INVALID_ARGUMENT."""
+
+    def __init__(
+        self,
+        consume: Consume,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 4317,
+        max_message_bytes: int | None = None,
+        max_workers: int = 8,
+        counters: Callable[[Signal, str], None] | None = None,
+    ) -> None:
+        self._consume = consume
+        self._count_refusal = counters or (lambda signal, reason: None)
+        limit = max_message_bytes or _DEFAULT_MAX_MESSAGE_BYTES
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="otlp-grpc"),
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        for spec in SPECS.values():
+            handler = grpc.unary_unary_rpc_method_handler(
+                self._handler(spec),
+                request_deserializer=None,
+                response_serializer=lambda message: message.SerializeToString(),
+            )
+            self._server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(spec.grpc_service, {"Export": handler}),)
+            )
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind OTLP/gRPC on {host}:{port}")
+        self.host = host
+
+    def _handler(self, spec: SignalSpec) -> Callable[[bytes, grpc.ServicerContext], Message]:
+        def export(raw: bytes, context: grpc.ServicerContext) -> Message:
+            try:
+                request = spec.request.FromString(raw)
+            except DecodeError as exc:
+                self._count_refusal(spec.signal, "malformed")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed OTLP protobuf: {exc}")
+            try:
+                return build_response(spec, self._consume(spec.signal, request))
+            except Backpressure as bp:
+                context.set_trailing_metadata((("google.rpc.retryinfo-bin", _retry_info(bp.retry_after_s)),))
+                context.abort(grpc.StatusCode.UNAVAILABLE, bp.reason)
+            except RejectedError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable: abort raises")
+
+        return export
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self._server.stop(grace_s).wait(grace_s + 1.0)
+
+
+def _retry_info(seconds: float) -> bytes:
+    whole = int(seconds)
+    delay = Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+    return bytes(error_details_pb2.RetryInfo(retry_delay=delay).SerializeToString())
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+_PROTOBUF = "application/x-protobuf"
+_JSON = "application/json"
+
+
+def http_routes(
+    consume: Consume,
+    *,
+    max_message_bytes: int | None = None,
+    count_refusal: Callable[[Signal, str], None] | None = None,
+) -> list[Route]:
+    """Starlette routes for OTLP/HTTP; mount them in any app (the collector's or the bridge's)."""
+    limit = max_message_bytes or _DEFAULT_MAX_MESSAGE_BYTES
+    refuse = count_refusal or (lambda signal, reason: None)
+
+    def endpoint(spec: SignalSpec) -> Callable[[Request], Any]:
+        async def export(request: Request) -> Response:
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type not in (_PROTOBUF, _JSON):
+                refuse(spec.signal, "unsupported_media_type")
+                return _status(415, f"unsupported content type {content_type!r}: use {_PROTOBUF} or {_JSON}", _JSON)
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > limit:
+                refuse(spec.signal, "too_large")
+                return _status(413, f"request of {declared} bytes exceeds the {limit}-byte limit", content_type)
+            body = await _read_body(request, limit)
+            if body is None:
+                refuse(spec.signal, "too_large")
+                return _status(413, f"request exceeds the {limit}-byte limit", content_type)
+            try:
+                body = _decompress(body, request.headers.get("content-encoding", "").lower(), limit)
+                message = (
+                    spec.request.FromString(body) if content_type == _PROTOBUF else otlp_json.parse(body, spec.request)
+                )
+            except (DecodeError, otlp_json.InvalidJson, _BadEncoding) as exc:
+                refuse(spec.signal, "malformed")
+                return _status(400, f"malformed OTLP request: {exc}", content_type)
+            try:
+                converted = await run_in_threadpool(consume, spec.signal, message)
+                response = build_response(spec, converted)
+            except Backpressure as bp:
+                code = 503
+                return _status(
+                    code, bp.reason, content_type, headers={"Retry-After": str(max(1, round(bp.retry_after_s)))}
+                )
+            except RejectedError as exc:
+                return _status(400, str(exc), content_type)
+            return _encode(response, content_type, 200)
+
+        return export
+
+    return [
+        Route(f"/v1/{signal.value}", endpoint(spec), methods=["POST"], name=f"otlp_{signal.value}")
+        for signal, spec in SPECS.items()
+    ]
+
+
+class _BadEncoding(ValueError):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise _BadEncoding(f"unsupported content-encoding {encoding!r}")
+    try:
+        # Bounded inflate: a small bomb must not allocate gigabytes.
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        out = inflater.decompress(body, limit + 1)
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise _BadEncoding(f"decompressed request exceeds the {limit}-byte limit")
+        return out
+    except (zlib.error, gzip.BadGzipFile, EOFError) as exc:
+        raise _BadEncoding(f"bad {encoding} body: {exc}") from exc
+
+
+def _encode(message: Message, content_type: str, status_code: int, headers: dict[str, str] | None = None) -> Response:
+    if content_type == _JSON:
+        return Response(otlp_json.dump(message), status_code, headers=headers, media_type=_JSON)
+    return Response(message.SerializeToString(), status_code, headers=headers, media_type=_PROTOBUF)
+
+
+def _status(code: int, message: str, content_type: str, headers: dict[str, str] | None = None) -> Response:
+    rpc_code = {
+        400: code_pb2.INVALID_ARGUMENT,
+        413: code_pb2.INVALID_ARGUMENT,
+        415: code_pb2.INVALID_ARGUMENT,
+        429: code_pb2.RESOURCE_EXHAUSTED,
+        503: code_pb2.UNAVAILABLE,
+    }.get(code, code_pb2.UNKNOWN)
+    return _encode(status_pb2.Status(code=rpc_code, message=message), content_type, code, headers)

@@ -1,0 +1,165 @@
+"""The collector as one object: store, schema, pipeline, OTLP receivers, health and metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from collector.batcher import Pipeline
+from collector.receiver import GrpcReceiver, http_routes
+from collector.schema import SchemaOptions
+from collector.serving import serve_asgi
+from collector.store import Dsn, connect, migrate
+from collector.telemetry import SelfMetrics
+from collector.types import Signal, StreamSubscriber, Unsubscribe
+from collector.writer import ClickHouseWriter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    dsn: str | None = None
+    schema: SchemaOptions = field(default_factory=SchemaOptions)
+    host: str = "127.0.0.1"
+    grpc_port: int = 4317
+    http_port: int = 4318
+    max_queue_rows: int | None = None
+    max_batch_rows: int | None = None
+    flush_interval_s: float | None = None
+    max_message_bytes: int | None = None
+    create_schema: bool = True
+
+
+class Collector:
+    """Receives OTLP and writes ClickHouse. `start()` then `close()`; or `running()`."""
+
+    def __init__(self, config: CollectorConfig) -> None:
+        self.config = config
+        self.dsn = Dsn.parse(config.dsn)
+        database = self.dsn.database or config.schema.database
+        self.schema = SchemaOptions(
+            database=database,
+            traces_ttl_days=config.schema.traces_ttl_days,
+            logs_ttl_days=config.schema.logs_ttl_days,
+            metrics_ttl_days=config.schema.metrics_ttl_days,
+            workflow_ttl_days=config.schema.workflow_ttl_days,
+        )
+        self.metrics = SelfMetrics()
+        self._admin: Client | None = None
+        self.pipeline: Pipeline | None = None
+        self._grpc: GrpcReceiver | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+
+    @property
+    def database(self) -> str:
+        return self.schema.database
+
+    def client(self) -> Client:
+        """A new ClickHouse client for this store (queries run on their own client)."""
+        return connect(self.dsn)
+
+    def start(self) -> None:
+        """Open the store, create the schema, start the writer and the gRPC receiver."""
+        self._admin = connect(self.dsn)
+        if self.config.create_schema:
+            migrate(self._admin, self.schema)
+        self.pipeline = Pipeline(
+            ClickHouseWriter(self.dsn, self.database),
+            self.metrics,
+            max_queue_rows=self.config.max_queue_rows,
+            max_batch_rows=self.config.max_batch_rows,
+            flush_interval_s=self.config.flush_interval_s,
+        )
+        self._grpc = GrpcReceiver(
+            self.pipeline.consume,
+            host=self.config.host,
+            port=self.config.grpc_port,
+            max_message_bytes=self.config.max_message_bytes,
+            counters=self._count_refusal,
+        )
+        self._grpc.start()
+        self.grpc_port = self._grpc.port
+
+    def subscribe(self, subscriber: StreamSubscriber) -> Unsubscribe:
+        if self.pipeline is None:
+            raise RuntimeError("Expected a started collector, but got one not started")
+        return self.pipeline.subscribe(subscriber)
+
+    def _count_refusal(self, signal: Signal, reason: str) -> None:
+        self.metrics.refused.labels(signal.value, reason).inc()
+
+    def routes(self) -> list[Route]:
+        """OTLP/HTTP plus /metrics, /healthz, /readyz — mountable into another app."""
+        if self.pipeline is None:
+            raise RuntimeError("Expected a started collector, but got one not started")
+        return [
+            *http_routes(
+                self.pipeline.consume,
+                max_message_bytes=self.config.max_message_bytes,
+                count_refusal=self._count_refusal,
+            ),
+            Route("/metrics", self._metrics_endpoint),
+            Route("/healthz", self._healthz),
+            Route("/readyz", self._readyz),
+        ]
+
+    def http_app(self) -> Starlette:
+        return Starlette(routes=self.routes())
+
+    async def _metrics_endpoint(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def _healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    def readiness(self) -> dict[str, Any]:
+        pipeline = self.pipeline
+        if pipeline is None:
+            return {"ready": False, "reason": "not started"}
+        nearly_full = pipeline.queued_rows >= 0.9 * pipeline.max_queue_rows
+        ready = pipeline.store_ok and not nearly_full
+        return {
+            "ready": ready,
+            "storage": "ok" if pipeline.store_ok else f"unavailable: {pipeline.last_error}",
+            "queuedRows": pipeline.queued_rows,
+            "queueCapacityRows": pipeline.max_queue_rows,
+        }
+
+    async def _readyz(self, request: Request) -> Response:
+        state = self.readiness()
+        return JSONResponse(state, status_code=200 if state["ready"] else 503)
+
+    def close(self, drain_timeout_s: float = 30.0) -> int:
+        """Stop receiving, drain accepted data into ClickHouse; idempotent. Returns rows left unwritten."""
+        if self._grpc is not None:
+            self._grpc.stop()
+            self._grpc = None
+        left = 0
+        if self.pipeline is not None:
+            left = self.pipeline.close(drain_timeout_s)
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+        return left
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Collector]:
+        """Start everything including the OTLP/HTTP listener; drain on exit."""
+        self.start()
+        try:
+            async with serve_asgi(self.http_app(), self.config.host, self.config.http_port) as port:
+                self.http_port = port
+                yield self
+        finally:
+            self.close()

@@ -1,0 +1,107 @@
+"""ClickHouse access through clickhouse-connect: embedded chdb or a server, one code path."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from collector.schema import MIGRATIONS, SchemaOptions, bootstrap_statements
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = Path(".flowscope") / "data"
+
+
+class StoreError(RuntimeError):
+    """ClickHouse could not be reached or refused the request."""
+
+
+class StoreLocked(StoreError):
+    """Another process holds the embedded data directory."""
+
+
+@dataclass(frozen=True)
+class Dsn:
+    raw: str
+    embedded: bool
+    path: str
+    database: str | None
+
+    @classmethod
+    def parse(cls, dsn: str | None) -> Dsn:
+        if not dsn:
+            dsn = f"chdb://{DEFAULT_DATA_DIR.resolve()}"
+        parsed = urlparse(dsn)
+        if parsed.scheme == "chdb":
+            path = (parsed.netloc + parsed.path) if parsed.netloc else parsed.path
+            if not path:
+                raise ValueError(f"chdb DSN needs a data directory path: {dsn!r}")
+            absolute = str(Path(path).expanduser().resolve())
+            return cls(f"chdb://{absolute}", True, absolute, None)
+        if parsed.scheme in {"http", "https", "clickhouse", "clickhouses"}:
+            if not parsed.hostname:
+                raise ValueError(f"DSN needs a host: {dsn!r}")
+            database = parsed.path.strip("/") or None
+            return cls(dsn, False, "", database)
+        raise ValueError(
+            f"unsupported DSN scheme {parsed.scheme!r}: use chdb:///path or http(s)://user:pw@host:8123/db"
+        )
+
+
+_OPEN_LOCK = threading.Lock()
+
+
+def connect(dsn: Dsn, **settings: Any) -> Client:
+    """A new client. Several clients on one chdb path from several threads are fine."""
+    try:
+        with _OPEN_LOCK:
+            if dsn.embedded:
+                Path(dsn.path).mkdir(parents=True, exist_ok=True)
+            return clickhouse_connect.get_client(dsn=dsn.raw, settings=settings or None)
+    except Exception as exc:
+        text = str(exc)
+        if "Cannot lock file" in text:
+            raise StoreLocked(
+                f"the data directory {dsn.path} is in use by another flowscope process; "
+                "stop it, or use its SQL endpoint (`flowscope sql`) instead"
+            ) from exc
+        where = dsn.path if dsn.embedded else _redacted(dsn.raw)
+        raise StoreError(f"cannot open ClickHouse at {where}: {text.splitlines()[0] if text else exc!r}") from exc
+
+
+def _redacted(dsn: str) -> str:
+    parsed = urlparse(dsn)
+    if parsed.password:
+        return dsn.replace(f":{parsed.password}@", ":***@")
+    return dsn
+
+
+def migrate(client: Client, options: SchemaOptions) -> list[int]:
+    """Create or upgrade the schema; idempotent. Returns the versions applied now."""
+    for statement in bootstrap_statements(options):
+        client.command(statement)
+    table = f"{options.database}.flowscope_schema_migrations"
+    done = {int(row[0]) for row in client.query(f"SELECT Version FROM {table} FINAL").result_rows}
+    applied = []
+    for migration in MIGRATIONS:
+        if migration.version in done:
+            continue
+        for statement in migration.statements(options):
+            client.command(statement)
+        client.insert(table, [[migration.version, migration.description]], column_names=["Version", "Description"])
+        applied.append(migration.version)
+        logger.info("applied schema migration %d: %s", migration.version, migration.description)
+    return applied
+
+
+def schema_version(client: Client, options: SchemaOptions) -> int:
+    table = f"{options.database}.flowscope_schema_migrations"
+    result = client.query(f"SELECT max(Version) FROM {table} FINAL")
+    return int(result.result_rows[0][0] or 0)

@@ -1,0 +1,53 @@
+"""The collector's own metrics, exposed at /metrics in Prometheus text format."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class SelfMetrics:
+    """One registry per collector, so several collectors (tests, embedded stack) never mix counts."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "flowscope_collector_received_items",
+            "Items (spans, log records, data points) received",
+            ["signal"],
+            registry=r,
+        )
+        self.accepted = Counter(
+            "flowscope_collector_accepted_items", "Items accepted for storage", ["signal"], registry=r
+        )
+        self.rejected = Counter(
+            "flowscope_collector_rejected_items", "Items refused as invalid", ["signal", "reason"], registry=r
+        )
+        self.refused = Counter(
+            "flowscope_collector_refused_requests",
+            "Requests pushed back (queue full, store down); the client retries them",
+            ["signal", "reason"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "flowscope_collector_dropped_rows", "Rows lost after acceptance (never expected)", ["table"], registry=r
+        )
+        self.written = Counter("flowscope_collector_written_rows", "Rows written to ClickHouse", ["table"], registry=r)
+        self.insert_errors = Counter(
+            "flowscope_collector_insert_errors", "Failed ClickHouse inserts (retried)", ["table"], registry=r
+        )
+        self.insert_seconds = Histogram(
+            "flowscope_collector_insert_seconds",
+            "ClickHouse insert latency",
+            ["table"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.queue_rows = Gauge("flowscope_collector_queue_rows", "Rows waiting to be written", registry=r)
+        self.queue_capacity = Gauge("flowscope_collector_queue_capacity_rows", "Queue bound in rows", registry=r)
+        self.subscriber_errors = Counter(
+            "flowscope_collector_subscriber_errors", "Stream subscribers that raised", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

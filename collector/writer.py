@@ -1,0 +1,57 @@
+"""Inserts column batches into ClickHouse; one client owned by the writer thread."""
+
+from __future__ import annotations
+
+import logging
+
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import OperationalError
+
+from collector.convert import Columns
+from collector.store import Dsn, StoreError, connect
+
+logger = logging.getLogger(__name__)
+
+# ClickHouse error codes that mean "try again" rather than "this data is wrong":
+# timeouts, too many parts/queries, memory, network, readonly replicas, shutdown.
+TRANSIENT_CODES = frozenset({159, 164, 202, 203, 209, 210, 241, 242, 252, 319, 394, 425, 999, 1000})
+
+
+class ClickHouseWriter:
+    def __init__(self, dsn: Dsn, database: str) -> None:
+        self._dsn = dsn
+        self._database = database
+        self._client: Client | None = None
+
+    def insert(self, columns: Columns) -> None:
+        if self._client is None:
+            self._client = connect(self._dsn)
+        try:
+            self._client.insert(
+                f"{self._database}.{columns.table}",
+                columns.data,
+                column_names=list(columns.names),
+                column_oriented=True,
+            )
+        except Exception:
+            # A broken HTTP session is not reused; the next attempt reconnects.
+            if not self._dsn.embedded:
+                self._reset()
+            raise
+
+    def is_transient(self, error: Exception) -> bool:
+        if isinstance(error, OperationalError | StoreError | ConnectionError | TimeoutError | OSError):
+            return True
+        code = getattr(error, "code", None)
+        return code in TRANSIENT_CODES
+
+    def _reset(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                logger.debug("closing a broken ClickHouse client failed", exc_info=True)
+
+    def close(self) -> None:
+        self._reset()
