@@ -11,12 +11,12 @@ from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from collector.service import Collector
 from engine import Telemetry, TelemetryOptions
@@ -46,6 +46,9 @@ class OtlpProviders:
 
 def otlp_providers(collector: Collector, protocol: str, service: str = "svc-test") -> OtlpProviders:
     resource = Resource.create({"service.name": service, "deployment.environment.name": "test"})
+    spans: SpanExporter
+    logs: LogRecordExporter
+    metrics: MetricExporter
     if protocol == "grpc":
         endpoint = f"http://127.0.0.1:{collector.grpc_port}"
         spans = GrpcSpanExporter(endpoint=endpoint, insecure=True)
