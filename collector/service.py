@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from collector.batcher import Pipeline
+from collector.batcher import Pipeline, Writer
 from collector.receiver import GrpcReceiver, http_routes
 from collector.schema import SchemaOptions
 from collector.serving import serve_asgi
@@ -43,8 +43,9 @@ class CollectorConfig:
 class Collector:
     """Receives OTLP and writes ClickHouse. `start()` then `close()`; or `running()`."""
 
-    def __init__(self, config: CollectorConfig) -> None:
+    def __init__(self, config: CollectorConfig, writer_factory: Callable[[Dsn, str], Writer] | None = None) -> None:
         self.config = config
+        self._writer_factory = writer_factory or ClickHouseWriter
         self.dsn = Dsn.parse(config.dsn)
         database = self.dsn.database or config.schema.database
         self.schema = SchemaOptions(
@@ -75,7 +76,7 @@ class Collector:
         if self.config.create_schema:
             migrate(self._admin, self.schema)
         self.pipeline = Pipeline(
-            ClickHouseWriter(self.dsn, self.database),
+            self._writer_factory(self.dsn, self.database),
             self.metrics,
             max_queue_rows=self.config.max_queue_rows,
             max_batch_rows=self.config.max_batch_rows,

@@ -1,0 +1,120 @@
+"""Storage unavailable: back-pressure, then full recovery with nothing accepted lost or doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+
+import httpx
+import pytest
+from clickhouse_connect.driver.exceptions import OperationalError
+
+from collector.convert import Columns
+from collector.schema import SchemaOptions
+from collector.service import Collector, CollectorConfig
+from collector.store import Dsn, StoreError
+from collector.writer import ClickHouseWriter
+from tests.collector.test_end_to_end import query
+from tests.collector.test_receivers import json_spans, span
+
+
+class OutageWriter(ClickHouseWriter):
+    """The real writer, behind a switch standing for the network path to ClickHouse."""
+
+    def __init__(self, dsn: Dsn, database: str) -> None:
+        super().__init__(dsn, database)
+        self.down = threading.Event()
+        self.failures = 0
+
+    def insert(self, columns: Columns) -> None:
+        if self.down.is_set():
+            self.failures += 1
+            raise OperationalError("Connection refused (simulated network outage)")
+        super().insert(columns)
+
+
+def request_body(batch: int) -> bytes:
+    spans = [span(spanId=os.urandom(8).hex(), name=f"op-{batch}-{i}") for i in range(10)]
+    return json.dumps(json_spans(*spans)).encode()
+
+
+async def test_outage_pushes_back_then_recovers_without_loss(chdb_dsn: str, database: str) -> None:
+    writers: list[OutageWriter] = []
+
+    def factory(dsn: Dsn, db: str) -> OutageWriter:
+        writers.append(OutageWriter(dsn, db))
+        writers[-1].down.set()
+        return writers[-1]
+
+    config = CollectorConfig(
+        dsn=chdb_dsn, schema=SchemaOptions(database=database), grpc_port=0, http_port=0,
+        max_queue_rows=100, flush_interval_s=0.02,
+    )  # fmt: skip
+    async with Collector(config, factory).running() as collector:
+        base = f"http://127.0.0.1:{collector.http_port}"
+        accepted = 0
+        refused: httpx.Response | None = None
+        async with httpx.AsyncClient(base_url=base) as client:
+            for batch in range(30):
+                response = await client.post(
+                    "/v1/traces", content=request_body(batch), headers={"content-type": "application/json"}
+                )
+                if response.status_code == 200:
+                    accepted += 10
+                else:
+                    refused = response
+                    break
+            assert refused is not None, "the queue bound must push back"
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert "storage unavailable" in refused.json()["message"]
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["storage"].startswith("unavailable: OperationalError")
+            assert accepted == 100
+
+            writers[0].down.clear()
+            assert collector.pipeline is not None
+            assert await asyncio.to_thread(collector.pipeline.flush, 30.0)
+            assert (await client.get("/readyz")).status_code == 200
+            after = await client.post(
+                "/v1/traces", content=request_body(99), headers={"content-type": "application/json"}
+            )
+            assert after.status_code == 200
+            assert await asyncio.to_thread(collector.pipeline.flush, 30.0)
+            metrics = (await client.get("/metrics")).text
+    assert writers[0].failures > 0
+    rows = query(collector, "SELECT count(), uniqExact(SpanId) FROM {db}.otel_traces")
+    assert rows == [(accepted + 10, accepted + 10)]
+    assert 'flowscope_collector_refused_requests_total{reason="storage_unavailable",signal="traces"} 1.0' in metrics
+    dropped = [line for line in metrics.splitlines() if line.startswith("flowscope_collector_dropped_rows_total{")]
+    assert dropped == []
+
+
+async def test_clean_shutdown_drains_everything_accepted(chdb_dsn: str, database: str) -> None:
+    # A long flush interval: only the shutdown drain can write these rows.
+    config = CollectorConfig(
+        dsn=chdb_dsn, schema=SchemaOptions(database=database), grpc_port=0, http_port=0, flush_interval_s=3600
+    )
+    async with Collector(config).running() as collector:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{collector.http_port}") as client:
+            for batch in range(5):
+                response = await client.post(
+                    "/v1/traces", content=request_body(batch), headers={"content-type": "application/json"}
+                )
+                assert response.status_code == 200
+        assert query(collector, "SELECT count() FROM {db}.otel_traces") == [(0,)]
+    assert query(collector, "SELECT count() FROM {db}.otel_traces") == [(50,)]
+
+
+def test_unreachable_server_dsn_is_a_clear_error(database: str) -> None:
+    collector = Collector(CollectorConfig(dsn="http://default:pw@127.0.0.1:9/otel", grpc_port=0, http_port=0))
+    with pytest.raises(StoreError, match=r"cannot open ClickHouse at http://default:\*\*\*@127.0.0.1:9/otel"):
+        collector.start()
+
+
+def test_bad_dsn_scheme_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unsupported DSN scheme 'mysql'"):
+        Collector(CollectorConfig(dsn="mysql://x"))
