@@ -1,0 +1,485 @@
+"""History queries over the workflow tables: parameterised SQL only.
+
+The bridge's REST API and live replay, and the CLI, read through this layer.
+Read-only SQL for users is enforced by ClickHouse settings, not by parsing.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+_DEFAULT_PAGE = 50
+_MAX_PAGE = 500
+_MAX_EVENTS = 10_000
+SORTS = {
+    "-startTime": "StartTime DESC, ExecutionId DESC",
+    "startTime": "StartTime ASC, ExecutionId ASC",
+}
+STATUSES = frozenset({"running", "success", "failure", "error", "timeout", "cancellation"})
+
+
+class HistoryError(ValueError):
+    """A bad request to the history layer (unknown sort, bad cursor, bad bucket…)."""
+
+
+class SqlError(ValueError):
+    """ClickHouse refused a user query; the message says why."""
+
+
+@dataclass(frozen=True)
+class ExecutionQuery:
+    workflow_id: str | None = None
+    status: str | None = None
+    user_id: str | None = None
+    trigger: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    sort: str = "-startTime"
+    limit: int = _DEFAULT_PAGE
+    cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class SqlLimits:
+    max_rows: int = 10_000
+    max_bytes: int = 64 * 1024 * 1024
+    timeout_s: float = 10.0
+
+
+_EXECUTION_COLUMNS = (
+    "ExecutionId, WorkflowId, WorkflowName, WorkflowVersion, Status, TriggerType, UserId, StartTime, EndTime,"
+    " DurationMs, TotalNodes, CompletedNodes, FailedNodes, SkippedNodes, Error, TraceId, SpanId, ServiceName,"
+    " ResumedFrom, ParentExecutionId"
+)
+
+
+class History:
+    """Queries on one database. Clients are per thread: one ClickHouse session is not shared."""
+
+    def __init__(
+        self, client_factory: Callable[[], Client], database: str, sql_limits: SqlLimits | None = None
+    ) -> None:
+        self._factory = client_factory
+        self.database = database
+        self.sql_limits = sql_limits or SqlLimits()
+        self._local = threading.local()
+
+    def _client(self, purpose: str = "history") -> Client:
+        # User SQL runs on its own session: readonly=1 sticks to a session once set.
+        client: Client | None = getattr(self._local, purpose, None)
+        if client is None:
+            client = self._factory()
+            setattr(self._local, purpose, client)
+        return client
+
+    def _rows(self, sql: str, **params: Any) -> list[dict[str, Any]]:
+        result = self._client().query(sql.replace("{db}", self.database), parameters=params)
+        return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
+
+    # -- executions ------------------------------------------------------------------------
+
+    def list_executions(self, q: ExecutionQuery) -> tuple[list[dict[str, Any]], str | None]:
+        if q.sort not in SORTS:
+            raise HistoryError(f"unknown sort {q.sort!r}: use one of {', '.join(SORTS)}")
+        if q.status is not None and q.status not in STATUSES:
+            raise HistoryError(f"unknown status {q.status!r}: use one of {', '.join(sorted(STATUSES))}")
+        limit = max(1, min(q.limit, _MAX_PAGE))
+        where: list[str] = ["1"]
+        params: dict[str, Any] = {}
+        for column, value, name in (
+            ("WorkflowId", q.workflow_id, "workflow"),
+            ("Status", q.status, "status"),
+            ("UserId", q.user_id, "user"),
+            ("TriggerType", q.trigger, "trigger"),
+        ):
+            if value is not None:
+                where.append(f"{column} = {{{name}:String}}")
+                params[name] = value
+        if q.since is not None:
+            where.append("StartTime >= {since:DateTime64(9)}")
+            params["since"] = q.since
+        if q.until is not None:
+            where.append("StartTime < {until:DateTime64(9)}")
+            params["until"] = q.until
+        if q.cursor:
+            start_ns, execution_id = _decode_cursor(q.cursor)
+            op = "<" if q.sort.startswith("-") else ">"
+            where.append(
+                f"(toUnixTimestamp64Nano(StartTime), ExecutionId) {op} ({{cursor_ts:Int64}}, {{cursor_id:String}})"
+            )
+            params["cursor_ts"] = start_ns
+            params["cursor_id"] = execution_id
+        rows = self._rows(
+            f"SELECT {_EXECUTION_COLUMNS}, toUnixTimestamp64Nano(StartTime) AS _start_ns"
+            f" FROM {{db}}.workflow_executions FINAL WHERE {' AND '.join(where)}"
+            f" ORDER BY {SORTS[q.sort]} LIMIT {limit + 1}",
+            **params,
+        )
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_cursor = _encode_cursor(rows[-1]["_start_ns"], rows[-1]["ExecutionId"])
+        return [_execution(r) for r in rows], next_cursor
+
+    def get_execution(self, execution_id: str) -> dict[str, Any] | None:
+        rows = self._rows(
+            f"SELECT {_EXECUTION_COLUMNS} FROM {{db}}.workflow_executions FINAL WHERE ExecutionId = {{id:String}}",
+            id=execution_id,
+        )
+        events = self.events(execution_id)
+        if not rows and not events:
+            return None
+        execution = _execution(rows[0]) if rows else _execution_from_events(execution_id, events)
+        attempts = self._rows(
+            "SELECT NodeId, Attempt, NodeType, Status, StartTime, EndTime, DurationMs, ErrorType, Error, Model,"
+            " InputTokens, OutputTokens, SpanId FROM {db}.node_executions FINAL"
+            " WHERE ExecutionId = {id:String} ORDER BY NodeId, Attempt",
+            id=execution_id,
+        )
+        execution["nodes"] = fold_nodes(events, attempts)
+        execution["eventCount"] = len(events)
+        execution["lastSeq"] = events[-1]["seq"] if events else 0
+        return execution
+
+    def events(
+        self, execution_id: str, from_seq: int = 1, to_seq: int | None = None, limit: int = _MAX_EVENTS
+    ) -> list[dict[str, Any]]:
+        """Events of one execution by seq, deduplicated (delivery is at least once)."""
+        upper = "AND Seq <= {to:UInt64}" if to_seq is not None else ""
+        rows = self._rows(
+            "SELECT Seq, EventName, Timestamp, ExecutionId, WorkflowId, WorkflowName, NodeId, NodeType, TraceId,"
+            " SpanId, Data FROM {db}.workflow_events FINAL"
+            f" WHERE ExecutionId = {{id:String}} AND Seq >= {{from:UInt64}} {upper}"
+            f" ORDER BY Seq LIMIT 1 BY Seq LIMIT {max(1, min(limit, _MAX_EVENTS))}",
+            id=execution_id,
+            to=to_seq or 0,
+            **{"from": max(1, from_seq)},
+        )
+        return [_event(r) for r in rows]
+
+    def events_since(
+        self,
+        since: dt.datetime,
+        *,
+        workflow_id: str | None = None,
+        user_id: str | None = None,
+        limit: int = _MAX_EVENTS,
+    ) -> list[dict[str, Any]]:
+        """Events of every execution of a workflow (or user) since a time, for room replay."""
+        if workflow_id is None and user_id is None:
+            raise HistoryError("events_since needs a workflow or a user")
+        scope = (
+            "WorkflowId = {workflow:String}"
+            if workflow_id is not None
+            else "ExecutionId IN (SELECT ExecutionId FROM {db}.workflow_executions FINAL WHERE UserId = {user:String})"
+        )
+        rows = self._rows(
+            "SELECT Seq, EventName, Timestamp, ExecutionId, WorkflowId, WorkflowName, NodeId, NodeType, TraceId,"
+            f" SpanId, Data FROM {{db}}.workflow_events FINAL WHERE {scope} AND Timestamp >= {{since:DateTime64(9)}}"
+            " ORDER BY Timestamp, ExecutionId, Seq LIMIT 1 BY ExecutionId, Seq"
+            f" LIMIT {max(1, min(limit, _MAX_EVENTS))}",
+            workflow=workflow_id or "",
+            user=user_id or "",
+            since=since,
+        )
+        return [_event(r) for r in rows]
+
+    # -- aggregates ----------------------------------------------------------------------------
+
+    def workflows(self) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT WorkflowId, any(WorkflowName) AS name, count() AS runs, countIf(Status = 'success') AS succeeded,"
+            " countIf(Status NOT IN ('success', 'running')) AS failed, countIf(Status = 'running') AS running,"
+            " max(StartTime) AS lastRun, quantileIf(0.5)(DurationMs, Status = 'success') AS p50,"
+            " quantileIf(0.95)(DurationMs, Status = 'success') AS p95"
+            " FROM {db}.workflow_executions FINAL GROUP BY WorkflowId ORDER BY lastRun DESC"
+        )
+        return [
+            {
+                "workflowId": r["WorkflowId"],
+                "name": r["name"],
+                "runs": r["runs"],
+                "succeeded": r["succeeded"],
+                "failed": r["failed"],
+                "running": r["running"],
+                "lastRun": _iso(r["lastRun"]),
+                "p50DurationMs": _finite(r["p50"]),
+                "p95DurationMs": _finite(r["p95"]),
+            }
+            for r in rows
+        ]
+
+    def stats(self, since: dt.datetime, until: dt.datetime, bucket_s: int) -> dict[str, Any]:
+        if bucket_s < 1 or bucket_s > 86_400 * 31:
+            raise HistoryError("bucket must be between 1 second and 31 days")
+        window = "StartTime >= {since:DateTime64(9)} AND StartTime < {until:DateTime64(9)}"
+        by_status = self._rows(
+            f"SELECT Status, count() AS runs FROM {{db}}.workflow_executions FINAL WHERE {window}"
+            " GROUP BY Status ORDER BY runs DESC",
+            since=since,
+            until=until,
+        )
+        by_workflow = self._rows(
+            "SELECT WorkflowId, count() AS runs, countIf(Status NOT IN ('success', 'running')) AS failed,"
+            " quantileIf(0.95)(DurationMs, Status = 'success') AS p95"
+            f" FROM {{db}}.workflow_executions FINAL WHERE {window} GROUP BY WorkflowId ORDER BY runs DESC",
+            since=since,
+            until=until,
+        )
+        by_time = self._rows(
+            "SELECT toStartOfInterval(StartTime, toIntervalSecond({bucket:UInt32})) AS bucket, count() AS runs,"
+            " countIf(Status NOT IN ('success', 'running')) AS failed"
+            f" FROM {{db}}.workflow_executions FINAL WHERE {window} GROUP BY bucket ORDER BY bucket",
+            since=since,
+            until=until,
+            bucket=bucket_s,
+        )
+        return {
+            "byStatus": {r["Status"]: r["runs"] for r in by_status},
+            "byWorkflow": [
+                {
+                    "workflowId": r["WorkflowId"],
+                    "runs": r["runs"],
+                    "failed": r["failed"],
+                    "p95DurationMs": _finite(r["p95"]),
+                }
+                for r in by_workflow
+            ],
+            "byTime": [{"bucket": _iso(r["bucket"]), "runs": r["runs"], "failed": r["failed"]} for r in by_time],
+        }
+
+    def node_duration_medians(self, workflow_id: str, runs: int = 50) -> dict[str, float]:
+        """Median duration per node over recent successful runs: the basis of ETA estimates."""
+        rows = self._rows(
+            "SELECT NodeId, quantile(0.5)(DurationMs) AS median FROM {db}.node_executions FINAL"
+            " WHERE Status = 'success' AND ExecutionId IN ("
+            " SELECT ExecutionId FROM {db}.workflow_executions FINAL"
+            " WHERE WorkflowId = {workflow:String} AND Status = 'success' ORDER BY StartTime DESC LIMIT {runs:UInt32})"
+            " GROUP BY NodeId",
+            workflow=workflow_id,
+            runs=runs,
+        )
+        return {r["NodeId"]: float(r["median"]) for r in rows}
+
+    # -- user SQL ----------------------------------------------------------------------------
+
+    def sql(self, query: str) -> dict[str, Any]:
+        """Run read-only SQL. ClickHouse enforces read-only and the limits, not a parser here."""
+        lim = self.sql_limits
+        # Order matters: the limits are set before readonly=1 forbids changing settings.
+        settings = {
+            "max_execution_time": lim.timeout_s,
+            "max_result_rows": lim.max_rows,
+            "max_result_bytes": lim.max_bytes,
+            "result_overflow_mode": "throw",
+            "readonly": 1,
+        }
+        try:
+            result = self._client("sql").query(query, settings=settings)
+        except Exception as exc:
+            raise SqlError(_clickhouse_message(exc)) from exc
+        return {
+            "columns": list(result.column_names),
+            "types": [t.name for t in result.column_types],
+            "rows": [[_jsonable(v) for v in row] for row in result.result_rows],
+        }
+
+
+def _clickhouse_message(exc: Exception) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if "DB::Exception" in line or "Code:" in line:
+            return line.split("DB::Exception: ")[-1].strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _encode_cursor(start_ns: int, execution_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([start_ns, execution_id]).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[int, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        start_ns, execution_id = json.loads(base64.urlsafe_b64decode(padded))
+        return int(start_ns), str(execution_id)
+    except (ValueError, TypeError) as exc:
+        raise HistoryError("invalid cursor") from exc
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return str(value.isoformat()).replace("+00:00", "Z")
+    return str(value)
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return round(number, 3) if number == number and abs(number) != float("inf") else None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date):
+        return _iso(value) if isinstance(value, dt.datetime) else value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, int | float | str | bool) or value is None:
+        return value
+    return str(value)
+
+
+def _execution(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "executionId": r["ExecutionId"],
+        "workflowId": r["WorkflowId"],
+        "workflowName": r["WorkflowName"],
+        "workflowVersion": r["WorkflowVersion"],
+        "status": r["Status"],
+        "trigger": r["TriggerType"],
+        "userId": r["UserId"] or None,
+        "startTime": _iso(r["StartTime"]),
+        "endTime": _iso(r["EndTime"]),
+        "durationMs": _finite(r["DurationMs"]),
+        "totalNodes": r["TotalNodes"],
+        "completedNodes": r["CompletedNodes"],
+        "failedNodes": r["FailedNodes"],
+        "skippedNodes": r["SkippedNodes"],
+        "error": r["Error"] or None,
+        "traceId": r["TraceId"],
+        "serviceName": r["ServiceName"],
+        "resumedFrom": r["ResumedFrom"] or None,
+        "parentExecutionId": r["ParentExecutionId"] or None,
+    }
+
+
+def _execution_from_events(execution_id: str, events: list[dict[str, Any]]) -> dict[str, Any]:
+    first = events[0]
+    return {
+        "executionId": execution_id,
+        "workflowId": first["workflowId"],
+        "workflowName": first["workflowName"],
+        "workflowVersion": None,
+        "status": "running",
+        "trigger": first["data"].get("trigger"),
+        "userId": first["data"].get("userId"),
+        "startTime": first["ts"],
+        "endTime": None,
+        "durationMs": None,
+        "totalNodes": first["data"].get("totalNodes", 0),
+        "completedNodes": 0,
+        "failedNodes": 0,
+        "skippedNodes": 0,
+        "error": None,
+        "traceId": first["traceId"],
+        "serviceName": "",
+        "resumedFrom": first["data"].get("resumedFrom"),
+        "parentExecutionId": first["data"].get("parentExecutionId"),
+    }
+
+
+def _event(r: dict[str, Any]) -> dict[str, Any]:
+    try:
+        data = json.loads(r["Data"]) if r["Data"] else {}
+    except json.JSONDecodeError:
+        data = {"raw": r["Data"]}
+    return {
+        "type": r["EventName"],
+        "seq": int(r["Seq"]),
+        "ts": _iso(r["Timestamp"]),
+        "executionId": r["ExecutionId"],
+        "workflowId": r["WorkflowId"],
+        "workflowName": r["WorkflowName"],
+        "nodeId": r["NodeId"] or None,
+        "nodeType": r["NodeType"] or None,
+        "traceId": r["TraceId"],
+        "spanId": r["SpanId"],
+        "data": data,
+    }
+
+
+_NODE_STATE = {
+    "node.started": "running",
+    "node.completed": "success",
+    "node.failed": "failed",
+    "node.retrying": "retrying",
+    "node.skipped": "skipped",
+    "node.waiting": "waiting",
+}
+
+
+def fold_nodes(events: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Node states from the event log (which sees running nodes), enriched by finished attempts."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for event in events:
+        if event["type"] == "workflow.started":
+            for spec in event["data"].get("nodes", []):
+                nodes[spec["id"]] = {
+                    "nodeId": spec["id"],
+                    "nodeType": spec.get("type"),
+                    "label": spec.get("label") or spec["id"],
+                    "dependsOn": spec.get("dependsOn", []),
+                    "state": "pending",
+                    "attempts": 0,
+                    "durationMs": None,
+                    "error": None,
+                }
+            continue
+        node_id = event["nodeId"]
+        state = _NODE_STATE.get(event["type"])
+        if not node_id or state is None:
+            continue
+        node = nodes.setdefault(
+            node_id,
+            {"nodeId": node_id, "nodeType": event["nodeType"], "label": node_id, "dependsOn": [], "state": "pending",
+             "attempts": 0, "durationMs": None, "error": None},
+        )  # fmt: skip
+        data = event["data"]
+        if state == "failed" and data.get("result") == "cancellation":
+            state = "cancelled"
+        node["state"] = state
+        node["attempts"] = max(node["attempts"], int(data.get("attempt") or 0))
+        if "durationMs" in data:
+            node["durationMs"] = data["durationMs"]
+        if state in ("failed", "retrying"):
+            node["error"] = data.get("error")
+        elif state == "success":
+            node["error"] = None
+        if data.get("reason"):
+            node["reason"] = data["reason"]
+        if data.get("usage"):
+            node["usage"] = data["usage"]
+    for attempt in attempts:
+        known = nodes.get(attempt["NodeId"])
+        if known is None:
+            continue
+        known.setdefault("attemptHistory", []).append(
+            {
+                "attempt": attempt["Attempt"],
+                "status": attempt["Status"],
+                "startTime": _iso(attempt["StartTime"]),
+                "durationMs": _finite(attempt["DurationMs"]),
+                "errorType": attempt["ErrorType"] or None,
+                "error": attempt["Error"] or None,
+                "spanId": attempt["SpanId"],
+            }
+        )
+    return list(nodes.values())
