@@ -110,10 +110,13 @@ class Collector:
                 max_message_bytes=self.config.max_message_bytes,
                 count_refusal=self._count_refusal,
             ),
-            Route("/metrics", self._metrics_endpoint),
             Route("/healthz", self._healthz),
-            Route("/readyz", self._readyz),
+            *self.ops_routes(),
         ]
+
+    def ops_routes(self) -> list[Route]:
+        """/metrics and /readyz, for mounting into the app that fronts the collector."""
+        return [Route("/metrics", self._metrics_endpoint), Route("/readyz", self._readyz)]
 
     def http_app(self) -> Starlette:
         return Starlette(routes=self.routes())

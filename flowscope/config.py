@@ -1,0 +1,108 @@
+"""Settings of the embedded stack and the CLI: explicit flag, then FLOWSCOPE_* variable, then default.
+
+The one place that reads FLOWSCOPE_* from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from collector.schema import SchemaOptions
+from ws_bridge.auth import AuthConfig
+
+DEFAULT_DATA_DIR = Path(".flowscope") / "data"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = DEFAULT_DATA_DIR
+    clickhouse_dsn: str | None = None
+    database: str = "otel"
+    host: str = "127.0.0.1"
+    otlp_grpc_port: int = 4317
+    otlp_http_port: int = 4318
+    http_port: int = 8080
+    bridge_otlp_port: int | None = None
+    auth_tokens: Mapping[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
+    jwt_secret: str | None = None
+    no_auth: bool = False
+    cors_origins: tuple[str, ...] = ()
+    jaeger_url: str | None = "http://localhost:16686"
+    grafana_url: str | None = "http://localhost:3000"
+    traces_ttl_days: int = 0
+    logs_ttl_days: int = 0
+    metrics_ttl_days: int = 0
+    workflow_ttl_days: int = 0
+    max_queue_rows: int | None = None
+    ws_queue_size: int = 1_000
+    heartbeat_interval_s: float = 15.0
+    flush_interval_s: float | None = None
+
+    @property
+    def dsn(self) -> str:
+        return self.clickhouse_dsn or f"chdb://{self.data_dir.expanduser().resolve()}"
+
+    @property
+    def schema(self) -> SchemaOptions:
+        return SchemaOptions(
+            database=self.database,
+            traces_ttl_days=self.traces_ttl_days,
+            logs_ttl_days=self.logs_ttl_days,
+            metrics_ttl_days=self.metrics_ttl_days,
+            workflow_ttl_days=self.workflow_ttl_days,
+        )
+
+    @property
+    def auth(self) -> AuthConfig:
+        return AuthConfig(tokens=dict(self.auth_tokens), jwt_secret=self.jwt_secret, disabled=self.no_auth)
+
+    def with_overrides(self, **values: Any) -> Settings:
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        base = cls()
+        values: dict[str, Any] = {}
+        for name, current in base.__dict__.items():
+            raw = env.get(f"FLOWSCOPE_{name.upper()}")
+            if raw is None:
+                continue
+            values[name] = _coerce(name, raw, current)
+        return replace(base, **values)
+
+
+def parse_tokens(raw: str) -> dict[str, tuple[str, frozenset[str]]]:
+    """`token=subject:grant|grant,token2=subject2:*` → {token: (subject, grants)}."""
+    tokens = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        token, _, rest = item.partition("=")
+        subject, _, grants = rest.partition(":")
+        if not token or not subject:
+            raise ValueError(f"bad token entry {item!r}: use token=subject:grant|grant")
+        tokens[token] = (subject, frozenset(g for g in grants.split("|") if g) or frozenset({"*"}))
+    return tokens
+
+
+def _coerce(name: str, raw: str, current: Any) -> Any:
+    if name == "auth_tokens":
+        return parse_tokens(raw)
+    if name == "data_dir":
+        return Path(raw)
+    if name == "cors_origins":
+        return tuple(o.strip() for o in raw.split(",") if o.strip())
+    if name == "no_auth":
+        return raw.lower() in {"1", "true", "yes"}
+    if name in {"otlp_grpc_port", "otlp_http_port", "http_port", "bridge_otlp_port", "max_queue_rows"} or name.endswith(
+        "_days"
+    ):
+        return int(raw)
+    if name == "ws_queue_size":
+        return int(raw)
+    if name in {"flush_interval_s", "heartbeat_interval_s"}:
+        return float(raw)
+    return raw or current

@@ -1,0 +1,102 @@
+"""The embedded stack: collector and bridge in one process on an embedded ClickHouse."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from collector.history import History
+from collector.service import Collector, CollectorConfig
+from collector.serving import serve_asgi
+from flowscope.config import Settings
+from ws_bridge.api import Links
+from ws_bridge.app import Bridge, BridgeConfig
+from ws_bridge.connection import ConnectionLimits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Endpoints:
+    host: str
+    otlp_grpc_port: int
+    otlp_http_port: int
+    http_port: int
+
+    @property
+    def web(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def otlp_grpc(self) -> str:
+        return f"http://{self.host}:{self.otlp_grpc_port}"
+
+    @property
+    def otlp_http(self) -> str:
+        return f"http://{self.host}:{self.otlp_http_port}"
+
+
+class Stack:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.collector = Collector(
+            CollectorConfig(
+                dsn=settings.dsn,
+                schema=settings.schema,
+                host=settings.host,
+                grpc_port=settings.otlp_grpc_port,
+                http_port=settings.otlp_http_port,
+                max_queue_rows=settings.max_queue_rows,
+                flush_interval_s=settings.flush_interval_s,
+            )
+        )
+        self.bridge: Bridge | None = None
+        self.endpoints: Endpoints | None = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Stack]:
+        """Start everything; on exit stop intake first, then drain every accepted row into ClickHouse."""
+        s = self.settings
+        collector = self.collector
+        collector.start()
+        try:
+            history = History(collector.client, collector.database)
+            bridge = Bridge(
+                BridgeConfig(
+                    host=s.host,
+                    port=s.http_port,
+                    auth=s.auth,
+                    cors_origins=s.cors_origins,
+                    links=Links(s.jaeger_url, s.grafana_url),
+                    otlp_port=s.bridge_otlp_port,
+                    limits=ConnectionLimits(queue_size=s.ws_queue_size, heartbeat_interval_s=s.heartbeat_interval_s),
+                ),
+                history,
+            )
+            self.bridge = bridge
+            async with bridge.running():
+                unsubscribe = collector.subscribe(bridge.feed)
+                try:
+                    async with (
+                        serve_asgi(collector.http_app(), s.host, s.otlp_http_port) as otlp_http_port,
+                        serve_asgi(
+                            bridge.app(collector.ops_routes()),
+                            s.host,
+                            s.http_port,
+                            ws_ping_interval=20.0,
+                            ws_ping_timeout=20.0,
+                            ws_max_size=1 << 20,
+                            ws_per_message_deflate=True,
+                        ) as http_port,
+                    ):
+                        collector.http_port = otlp_http_port
+                        self.endpoints = Endpoints(s.host, collector.grpc_port, otlp_http_port, http_port)
+                        yield self
+                finally:
+                    unsubscribe()
+        finally:
+            left = collector.close()
+            if left:
+                logger.error("%d accepted rows could not be written before shutdown", left)

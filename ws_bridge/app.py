@@ -1,0 +1,186 @@
+"""The bridge application: WebSocket endpoints, REST API, live page, and the event feed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from collector.convert import Converted
+from collector.history import History
+from collector.receiver import GrpcReceiver
+from collector.types import Signal
+from ws_bridge.api import Links, api_routes, openapi_route
+from ws_bridge.auth import AuthConfig, Authenticator, AuthError, require_auth_on_public_bind
+from ws_bridge.connection import Connection, ConnectionLimits, close_quietly
+from ws_bridge.derive import MedianCache, Thresholds
+from ws_bridge.events import events_from_logs
+from ws_bridge.rooms import Hub
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    cors_origins: tuple[str, ...] = ()
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    links: Links = field(default_factory=Links)
+    # OTLP/gRPC listener for a remote feed (the contrib collector's otlp exporter); None = in-process only.
+    otlp_port: int | None = None
+
+
+class Bridge:
+    """Turns the accepted OTLP stream into live events for WebSocket subscribers."""
+
+    def __init__(self, config: BridgeConfig, history: History | None) -> None:
+        require_auth_on_public_bind(config.host, config.auth)
+        self.config = config
+        self.history = history
+        self.auth = Authenticator(config.auth)
+        self.medians = MedianCache(history.node_duration_medians if history else None)
+        self.hub = Hub(config.thresholds, self.medians)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connections: set[Connection] = set()
+        self._otlp: GrpcReceiver | None = None
+        self.otlp_port = 0
+
+    # -- the feed ----------------------------------------------------------------------------
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+
+    def feed(self, signal: Signal, request: Any) -> None:
+        """A collector StreamSubscriber: called from receiver threads, hands events to the loop."""
+        if signal is not Signal.LOGS or self._loop is None:
+            return
+        events = events_from_logs(request)
+        if events:
+            self._loop.call_soon_threadsafe(self.hub.publish, events)
+
+    def _consume_remote(self, signal: Signal, request: Any) -> Converted:
+        self.feed(signal, request)
+        return Converted([], accepted=_count(signal, request), rejected=0, reasons=[])
+
+    def start_otlp(self) -> None:
+        if self.config.otlp_port is None:
+            return
+        self._otlp = GrpcReceiver(self._consume_remote, host=self.config.host, port=self.config.otlp_port)
+        self._otlp.start()
+        self.otlp_port = self._otlp.port
+
+    # -- HTTP and WebSocket -----------------------------------------------------------------------
+
+    def routes(self) -> list[BaseRoute]:
+        api = api_routes(self.history, self.auth, self.config.links)
+        routes: list[BaseRoute] = [
+            WebSocketRoute("/ws", self._ws),
+            WebSocketRoute("/ws/executions/{execution_id}", self._ws_execution),
+            *api,
+            Route("/healthz", self._healthz),
+            Route("/", self._index),
+            Route("/executions/{execution_id}", self._index),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ]
+        routes.append(openapi_route(api))
+        return routes
+
+    def app(self, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+        middleware = []
+        if self.config.cors_origins:
+            middleware.append(
+                Middleware(
+                    CORSMiddleware,
+                    allow_origins=list(self.config.cors_origins),
+                    allow_methods=["GET", "POST"],
+                    allow_headers=["authorization", "content-type"],
+                )
+            )
+        return Starlette(routes=[*extra_routes, *self.routes()], middleware=middleware)
+
+    async def _index(self, request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+    async def _healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "live": {**self.hub.stats(), "connections": len(self._connections)}})
+
+    async def _ws(self, websocket: WebSocket) -> None:
+        await self._serve(websocket, None)
+
+    async def _ws_execution(self, websocket: WebSocket) -> None:
+        execution_id = websocket.path_params["execution_id"]
+        raw = websocket.query_params.get("fromSeq", "1")
+        from_seq = int(raw) if raw.isdigit() else -1
+        initial = {"op": "subscribe", "id": "execution", "rooms": [f"execution:{execution_id}"], "fromSeq": from_seq}
+        await self._serve(websocket, initial)
+
+    async def _serve(self, websocket: WebSocket, initial: dict[str, Any] | None) -> None:
+        try:
+            principal = self.auth.authenticate(
+                websocket.headers.get("authorization"), websocket.query_params.get("token")
+            )
+        except AuthError as exc:
+            # Accept then close with an application code, so browsers can read why.
+            await websocket.accept()
+            await close_quietly(websocket, 4401, str(exc)[:120])
+            return
+        await websocket.accept()
+        connection = Connection(
+            websocket,
+            principal,
+            self.hub,
+            self.config.limits,
+            self.history.events if self.history else None,
+            self._history_since if self.history else None,
+        )
+        self._connections.add(connection)
+        try:
+            await connection.run(initial)
+        finally:
+            self._connections.discard(connection)
+
+    def _history_since(self, since: Any, workflow_id: str | None, user_id: str | None) -> list[dict[str, Any]]:
+        assert self.history is not None
+        return self.history.events_since(since, workflow_id=workflow_id, user_id=user_id)
+
+    async def aclose(self) -> None:
+        if self._otlp is not None:
+            self._otlp.stop()
+            self._otlp = None
+        self.hub.close()
+        await self.medians.aclose()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Bridge]:
+        self.bind_loop()
+        self.start_otlp()
+        try:
+            yield self
+        finally:
+            await self.aclose()
+
+
+def _count(signal: Signal, request: Any) -> int:
+    if signal is Signal.LOGS:
+        return sum(len(sl.log_records) for rl in request.resource_logs for sl in rl.scope_logs)
+    if signal is Signal.TRACES:
+        return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+    return sum(len(sm.metrics) for rm in request.resource_metrics for sm in rm.scope_metrics)

@@ -1,0 +1,119 @@
+"""Who may see what: static bearer tokens and HS256 JWTs whose claims list room grants.
+
+A grant is a room pattern: "*" (everything), "workflow:<id>", "user:<id>" or
+"execution:<id>". Joining a room needs a grant that covers it, and every event
+is checked against the grants again before it is sent, so a principal never
+receives an event outside them whichever room it arrived through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jwt
+
+from ws_bridge.types import LiveEvent
+
+
+class AuthError(Exception):
+    """Missing or invalid credentials (HTTP 401 / WebSocket close 4401)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    subject: str
+    grants: frozenset[str]
+
+    @property
+    def unrestricted(self) -> bool:
+        return "*" in self.grants
+
+    def may_join(self, room: str) -> bool:
+        if self.unrestricted:
+            return True
+        if room == "all":
+            return False
+        if room.startswith("execution:"):
+            # Which workflow an execution belongs to is known per event: filtered there.
+            return bool(self.grants)
+        return room in self.grants
+
+    def may_see(self, event: LiveEvent, user_id: str | None) -> bool:
+        if self.unrestricted:
+            return True
+        return (
+            f"workflow:{event.get('workflowId')}" in self.grants
+            or f"execution:{event.get('executionId')}" in self.grants
+            or (user_id is not None and f"user:{user_id}" in self.grants)
+        )
+
+
+ANONYMOUS = Principal("anonymous", frozenset({"*"}))
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """`tokens` maps a static bearer token to (subject, grants); `jwt_secret` enables HS256 JWTs."""
+
+    tokens: Mapping[str, tuple[str, frozenset[str]]] | None = None
+    jwt_secret: str | None = None
+    jwt_audience: str | None = None
+    disabled: bool = False
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.tokens) or bool(self.jwt_secret)
+
+
+class Authenticator:
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+
+    @property
+    def enabled(self) -> bool:
+        # Unconfigured auth is only allowed on loopback (checked at start-up).
+        return self.config.configured and not self.config.disabled
+
+    def authenticate(self, header: str | None, query_token: str | None) -> Principal:
+        if not self.enabled:
+            return ANONYMOUS
+        token = None
+        if header and header.lower().startswith("bearer "):
+            token = header[7:].strip()
+        token = token or query_token
+        if not token:
+            raise AuthError("missing credentials: send 'Authorization: Bearer <token>' or ?token=")
+        static = (self.config.tokens or {}).get(token)
+        if static is not None:
+            return Principal(static[0], static[1])
+        if self.config.jwt_secret:
+            return self._jwt(token)
+        raise AuthError("invalid token")
+
+    def _jwt(self, token: str) -> Principal:
+        assert self.config.jwt_secret is not None
+        try:
+            claims = jwt.decode(
+                token,
+                self.config.jwt_secret,
+                algorithms=["HS256"],
+                audience=self.config.jwt_audience,
+                options={"require": ["sub", "exp"], "verify_aud": self.config.jwt_audience is not None},
+            )
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"invalid token: {exc}") from exc
+        rooms = claims.get("rooms", [])
+        if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
+            raise AuthError("invalid token: 'rooms' claim must be a list of strings")
+        return Principal(str(claims["sub"]), frozenset(rooms))
+
+
+def require_auth_on_public_bind(host: str, config: AuthConfig) -> None:
+    """Auth may be off only on a loopback bind, unless explicitly disabled."""
+    loopback = host in {"127.0.0.1", "localhost", "::1"} or host.startswith("127.")
+    if not loopback and not config.configured and not config.disabled:
+        raise ValueError(
+            f"refusing to serve live events on {host} without authentication: configure tokens or a JWT secret "
+            "(FLOWSCOPE_AUTH_TOKENS / FLOWSCOPE_JWT_SECRET), or disable auth explicitly (--no-auth)"
+        )

@@ -1,0 +1,157 @@
+"""Events the bridge derives: ETA on progress, performance warnings for slow nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ws_bridge.types import LiveEvent
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_WARNING_MS = 5_000.0
+_DEFAULT_CRITICAL_MS = 30_000.0
+_MEDIANS_TTL_S = 60.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    warning_ms: float = _DEFAULT_WARNING_MS
+    critical_ms: float = _DEFAULT_CRITICAL_MS
+    # Per node type overrides: {"llm": (20_000, 60_000)}.
+    by_type: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+
+    def for_type(self, node_type: str | None) -> tuple[float, float]:
+        return self.by_type.get(node_type or "", (self.warning_ms, self.critical_ms))
+
+
+@dataclass
+class NodeTrack:
+    state: str = "pending"
+    started: float | None = None
+    warned: set[str] = field(default_factory=set)
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
+
+
+@dataclass
+class ExecutionTrack:
+    """What the bridge knows of one execution: enough to derive ETA and warnings."""
+
+    workflow_id: str
+    user_id: str | None = None
+    dag: dict[str, list[str]] = field(default_factory=dict)
+    types: dict[str, str] = field(default_factory=dict)
+    nodes: dict[str, NodeTrack] = field(default_factory=dict)
+    last_seq: int = 0
+    finished: bool = False
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.cancel()
+
+
+def estimate_eta_ms(track: ExecutionTrack, medians: Mapping[str, float], now: float) -> float | None:
+    """Critical-path estimate: each unfinished node's expected remaining time along its dependencies."""
+    if not track.dag or not medians:
+        return None
+    pending = [n for n in track.dag if track.nodes.get(n, _PENDING).state == "pending"]
+    if any(n not in medians for n in pending):
+        return None
+    # Kahn's order, iteratively: a 1,000-node chain must not recurse.
+    indegree = {n: len(deps) for n, deps in track.dag.items()}
+    children: dict[str, list[str]] = {n: [] for n in track.dag}
+    for node_id, deps in track.dag.items():
+        for dep in deps:
+            children.setdefault(dep, []).append(node_id)
+    queue = [n for n, d in indegree.items() if d == 0]
+    finish: dict[str, float] = {}
+    while queue:
+        node_id = queue.pop()
+        node = track.nodes.get(node_id, _PENDING)
+        ready = max((finish.get(d, 0.0) for d in track.dag.get(node_id, [])), default=0.0)
+        if node.state in ("success", "skipped", "failed", "cancelled"):
+            remaining = 0.0
+        elif node.state in ("running", "waiting", "retrying") and node.started is not None:
+            remaining = max(0.0, medians.get(node_id, 0.0) - (now - node.started) * 1000)
+        else:
+            remaining = medians.get(node_id, 0.0)
+        finish[node_id] = ready + remaining
+        for child in children.get(node_id, []):
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                queue.append(child)
+    return round(max(finish.values(), default=0.0), 1)
+
+
+_PENDING = NodeTrack()
+
+
+class MedianCache:
+    """Median node durations per workflow from history, refreshed in the background."""
+
+    def __init__(self, fetch: Callable[[str], dict[str, float]] | None) -> None:
+        self._fetch = fetch
+        self._values: dict[str, tuple[float, dict[str, float]]] = {}
+        self._pending: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get(self, workflow_id: str) -> dict[str, float]:
+        cached = self._values.get(workflow_id)
+        if self._fetch is not None and (cached is None or time.monotonic() - cached[0] > _MEDIANS_TTL_S):
+            self._refresh(workflow_id)
+        return cached[1] if cached else {}
+
+    def _refresh(self, workflow_id: str) -> None:
+        if workflow_id in self._pending or len(self._pending) > 64:
+            return
+        self._pending.add(workflow_id)
+        task = asyncio.get_running_loop().create_task(self._load(workflow_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _load(self, workflow_id: str) -> None:
+        assert self._fetch is not None
+        try:
+            medians = await asyncio.to_thread(self._fetch, workflow_id)
+            self._values[workflow_id] = (time.monotonic(), medians)
+            if len(self._values) > 10_000:
+                self._values.pop(next(iter(self._values)))
+        except Exception:
+            logger.exception("loading node duration medians for %s failed", workflow_id)
+        finally:
+            self._pending.discard(workflow_id)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def performance_event(base: LiveEvent, level: str, threshold_ms: float, actual_ms: float, running: bool) -> LiveEvent:
+    return {
+        "type": f"performance.{level}",
+        "seq": base["seq"],
+        "derived": True,
+        "ts": base["ts"],
+        "executionId": base["executionId"],
+        "workflowId": base["workflowId"],
+        "workflowName": base["workflowName"],
+        "nodeId": base.get("nodeId"),
+        "nodeType": base.get("nodeType"),
+        "traceId": base.get("traceId", ""),
+        "spanId": base.get("spanId", ""),
+        "data": {"thresholdMs": threshold_ms, "actualMs": round(actual_ms, 1), "running": running},
+    }
+
+
+def ready_event_copy(event: LiveEvent, **data: Any) -> LiveEvent:
+    return {**event, "data": {**event["data"], **data}}

@@ -1,0 +1,59 @@
+"""OTLP log records carrying workflow events → live events in the wire format."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from collector.convert import any_value
+from ws_bridge.types import LiveEvent
+
+EXECUTION_ID = "workflow.execution.id"
+SEQ = "workflow.event.seq"
+
+
+def iso_from_ns(ns: int) -> str:
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    stamp = dt.datetime.fromtimestamp(seconds, dt.UTC).replace(microsecond=nanos // 1000)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def events_from_logs(request: Any) -> list[LiveEvent]:
+    """Every workflow lifecycle event in an ExportLogsServiceRequest, in order."""
+    out: list[LiveEvent] = []
+    for resource_logs in request.resource_logs:
+        for scope_logs in resource_logs.scope_logs:
+            for record in scope_logs.log_records:
+                if not record.event_name:
+                    continue
+                attrs = {kv.key: kv.value for kv in record.attributes}
+                execution = attrs.get(EXECUTION_ID)
+                seq = attrs.get(SEQ)
+                if execution is None or seq is None:
+                    continue
+                body = any_value(record.body)
+                try:
+                    data = json.loads(body) if body else {}
+                except json.JSONDecodeError:
+                    data = {"raw": body}
+                out.append(
+                    {
+                        "type": record.event_name,
+                        "seq": int(seq.int_value or any_value(seq) or 0),
+                        "ts": iso_from_ns(record.time_unix_nano or record.observed_time_unix_nano),
+                        "executionId": any_value(execution),
+                        "workflowId": _text(attrs.get("workflow.id")),
+                        "workflowName": _text(attrs.get("workflow.name")),
+                        "nodeId": _text(attrs.get("workflow.node.id")) or None,
+                        "nodeType": _text(attrs.get("workflow.node.type")) or None,
+                        "traceId": record.trace_id.hex(),
+                        "spanId": record.span_id.hex(),
+                        "data": data if isinstance(data, dict) else {"value": data},
+                    }
+                )
+    return out
+
+
+def _text(value: Any) -> str:
+    return any_value(value) if value is not None else ""

@@ -1,0 +1,259 @@
+"""The hub: dedupes the event stream, derives events, and routes each event to the rooms it belongs to.
+
+Runs on the event loop only. Memory is bounded: recent events and execution
+tracks are kept for a bounded number of recent executions (LRU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ws_bridge.derive import ExecutionTrack, MedianCache, NodeTrack, Thresholds, estimate_eta_ms, performance_event
+from ws_bridge.types import LiveEvent
+
+if TYPE_CHECKING:
+    from ws_bridge.connection import Connection
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_MAX_EXECUTIONS = 2_000
+_DEFAULT_MAX_RECENT_EVENTS = 200_000
+_MAX_SEEN_PER_EXECUTION = 20_000
+_TERMINAL = frozenset({"workflow.completed", "workflow.failed", "workflow.cancelled"})
+_NODE_STATES = {
+    "node.started": "running",
+    "node.completed": "success",
+    "node.failed": "failed",
+    "node.retrying": "retrying",
+    "node.skipped": "skipped",
+    "node.waiting": "waiting",
+}
+
+
+@dataclass(eq=False)
+class Subscription:
+    id: str
+    rooms: frozenset[str]
+    types: frozenset[str] | None
+    node_types: frozenset[str] | None
+    connection: Connection
+    replaying: bool = True
+    held: list[tuple[LiveEvent, str | None]] = field(default_factory=list)
+    last_seq: OrderedDict[str, int] = field(default_factory=OrderedDict)
+
+    def wants(self, event: LiveEvent) -> bool:
+        if self.types is not None and event["type"] not in self.types:
+            return False
+        return self.node_types is None or event.get("nodeType") in self.node_types
+
+    def mark_sent(self, execution_id: str, seq: int) -> None:
+        self.last_seq[execution_id] = seq
+        self.last_seq.move_to_end(execution_id)
+        if len(self.last_seq) > 10_000:
+            self.last_seq.popitem(last=False)
+
+
+@dataclass
+class _Buffer:
+    track: ExecutionTrack
+    events: list[LiveEvent] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+
+
+class Hub:
+    def __init__(
+        self,
+        thresholds: Thresholds | None = None,
+        medians: MedianCache | None = None,
+        *,
+        max_executions: int = _DEFAULT_MAX_EXECUTIONS,
+        max_recent_events: int = _DEFAULT_MAX_RECENT_EVENTS,
+    ) -> None:
+        self.thresholds = thresholds or Thresholds()
+        self.medians = medians or MedianCache(None)
+        self._max_executions = max_executions
+        self._max_recent = max_recent_events
+        self._recent_total = 0
+        self._buffers: OrderedDict[str, _Buffer] = OrderedDict()
+        self._rooms: dict[str, set[Subscription]] = {}
+        self.duplicates_dropped = 0
+        self.events_in = 0
+
+    # -- subscriptions ----------------------------------------------------------------------
+
+    def register(self, sub: Subscription) -> None:
+        for room in sub.rooms:
+            self._rooms.setdefault(room, set()).add(sub)
+
+    def unregister(self, sub: Subscription) -> None:
+        for room in sub.rooms:
+            members = self._rooms.get(room)
+            if members is not None:
+                members.discard(sub)
+                if not members:
+                    del self._rooms[room]
+
+    @property
+    def subscription_count(self) -> int:
+        return len({s for members in self._rooms.values() for s in members})
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def publish(self, events: Iterable[LiveEvent]) -> None:
+        for event in events:
+            self._ingest(event)
+
+    def _ingest(self, event: LiveEvent) -> None:
+        self.events_in += 1
+        execution_id = event["executionId"]
+        buffer = self._buffer(execution_id, event)
+        seq = int(event["seq"])
+        if seq in buffer.seen:
+            # The same event through two paths (spans and logs, a retried export): once is enough.
+            self.duplicates_dropped += 1
+            return
+        if len(buffer.seen) < _MAX_SEEN_PER_EXECUTION:
+            buffer.seen.add(seq)
+        track = buffer.track
+        track.last_seq = max(track.last_seq, seq)
+        derived = self._track(track, event)
+        if event["type"] == "execution.progress":
+            eta = estimate_eta_ms(track, self.medians.get(track.workflow_id), time.monotonic())
+            event = {**event, "data": {**event["data"], "etaMs": eta}}
+        self._remember(buffer, event)
+        self.dispatch(event, track)
+        for extra in derived:
+            self.dispatch(extra, track)
+
+    def _buffer(self, execution_id: str, event: LiveEvent) -> _Buffer:
+        buffer = self._buffers.get(execution_id)
+        if buffer is None:
+            buffer = _Buffer(ExecutionTrack(workflow_id=event.get("workflowId") or ""))
+            self._buffers[execution_id] = buffer
+            while len(self._buffers) > self._max_executions:
+                self._evict()
+        else:
+            self._buffers.move_to_end(execution_id)
+        return buffer
+
+    def _remember(self, buffer: _Buffer, event: LiveEvent) -> None:
+        buffer.events.append(event)
+        self._recent_total += 1
+        while self._recent_total > self._max_recent and len(self._buffers) > 1:
+            self._evict()
+
+    def _evict(self) -> None:
+        _, oldest = self._buffers.popitem(last=False)
+        oldest.track.close()
+        self._recent_total -= len(oldest.events)
+
+    def _track(self, track: ExecutionTrack, event: LiveEvent) -> list[LiveEvent]:
+        """Fold the event into what is known of its execution; returns events derived at once."""
+        kind = event["type"]
+        data = event.get("data") or {}
+        if kind == "workflow.started":
+            track.user_id = data.get("userId") or None
+            for spec in data.get("nodes", []):
+                track.dag[spec["id"]] = list(spec.get("dependsOn", []))
+                track.types[spec["id"]] = spec.get("type", "")
+            return []
+        if kind in _TERMINAL:
+            track.finished = True
+            track.close()
+            return []
+        state = _NODE_STATES.get(kind)
+        node_id = event.get("nodeId")
+        if state is None or not node_id:
+            return []
+        node = track.nodes.setdefault(node_id, NodeTrack())
+        node.state = state
+        warn_ms, critical_ms = self.thresholds.for_type(event.get("nodeType"))
+        if kind == "node.started":
+            node.cancel()
+            node.started = time.monotonic()
+            node.warned.clear()
+            loop = asyncio.get_running_loop()
+            for level, limit in (("warning", warn_ms), ("critical", critical_ms)):
+                node.timers.append(loop.call_later(limit / 1000, self._still_running, track, node, event, level, limit))
+            return []
+        if kind in ("node.completed", "node.failed"):
+            node.cancel()
+            actual = float(data.get("durationMs") or 0.0)
+            return [
+                self._warned(node, event, level, limit, actual, running=False)
+                for level, limit in (("warning", warn_ms), ("critical", critical_ms))
+                if actual >= limit and level not in node.warned
+            ]
+        return []
+
+    def _still_running(
+        self, track: ExecutionTrack, node: NodeTrack, started: LiveEvent, level: str, limit: float
+    ) -> None:
+        if node.state not in ("running", "waiting") or level in node.warned or node.started is None:
+            return
+        actual = (time.monotonic() - node.started) * 1000
+        event = self._warned(node, {**started, "seq": track.last_seq}, level, limit, actual, running=True)
+        self.dispatch(event, track)
+
+    def _warned(
+        self, node: NodeTrack, base: LiveEvent, level: str, limit: float, actual: float, running: bool
+    ) -> LiveEvent:
+        node.warned.add(level)
+        return performance_event(base, level, limit, actual, running)
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def dispatch(self, event: LiveEvent, track: ExecutionTrack | None = None) -> None:
+        user = track.user_id if track else None
+        rooms = [f"execution:{event['executionId']}", f"workflow:{event.get('workflowId')}", "all"]
+        if user:
+            rooms.append(f"user:{user}")
+        targets: set[Subscription] = set()
+        for room in rooms:
+            members = self._rooms.get(room)
+            if members:
+                targets.update(members)
+        for sub in targets:
+            sub.connection.offer(sub, event, user)
+
+    # -- replay sources -------------------------------------------------------------------
+
+    def user_of(self, execution_id: str) -> str | None:
+        buffer = self._buffers.get(execution_id)
+        return buffer.track.user_id if buffer else None
+
+    def recent_events(self, execution_id: str, from_seq: int) -> list[LiveEvent]:
+        buffer = self._buffers.get(execution_id)
+        if buffer is None:
+            return []
+        return [e for e in buffer.events if int(e["seq"]) >= from_seq]
+
+    def recent_since(self, since_iso: str, *, workflow_id: str | None, user_id: str | None) -> list[LiveEvent]:
+        out: list[LiveEvent] = []
+        for buffer in self._buffers.values():
+            track = buffer.track
+            if workflow_id is not None and track.workflow_id != workflow_id:
+                continue
+            if user_id is not None and track.user_id != user_id:
+                continue
+            out.extend(e for e in buffer.events if e["ts"] >= since_iso)
+        return out
+
+    def close(self) -> None:
+        for buffer in self._buffers.values():
+            buffer.track.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "executionsTracked": len(self._buffers),
+            "recentEvents": self._recent_total,
+            "subscriptions": self.subscription_count,
+            "eventsIn": self.events_in,
+            "duplicatesDropped": self.duplicates_dropped,
+        }
