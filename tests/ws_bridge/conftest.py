@@ -45,19 +45,20 @@ def ws_url(stack: Stack, path: str = "/ws") -> str:
     return f"ws://127.0.0.1:{stack.endpoints.http_port}{path}"
 
 
-async def recv_json(ws: ClientConnection, timeout: float = 15.0) -> dict[str, Any]:
-    message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+_RECV_TIMEOUT_S = 20.0
+
+
+async def recv_json(ws: ClientConnection) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), _RECV_TIMEOUT_S))
     return message
 
 
-async def recv_until(
-    ws: ClientConnection, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0
-) -> list[dict[str, Any]]:
+async def recv_until(ws: ClientConnection, predicate: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
     """Every message up to and including the first that satisfies `predicate`."""
     seen: list[dict[str, Any]] = []
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(_RECV_TIMEOUT_S * 2):
         while True:
-            message = await recv_json(ws, timeout)
+            message = await recv_json(ws)
             seen.append(message)
             if predicate(message):
                 return seen
