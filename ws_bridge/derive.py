@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 _DEFAULT_WARNING_MS = 5_000.0
 _DEFAULT_CRITICAL_MS = 30_000.0
 _MEDIANS_TTL_S = 60.0
+_EMPTY_MEDIANS_TTL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,17 @@ class MedianCache:
 
     def get(self, workflow_id: str) -> dict[str, float]:
         cached = self._values.get(workflow_id)
-        if self._fetch is not None and (cached is None or time.monotonic() - cached[0] > _MEDIANS_TTL_S):
+        # No history yet is worth asking again soon: the first runs of a workflow create it.
+        ttl = _MEDIANS_TTL_S if cached and cached[1] else _EMPTY_MEDIANS_TTL_S
+        if self._fetch is not None and (cached is None or time.monotonic() - cached[0] > ttl):
             self._refresh(workflow_id)
         return cached[1] if cached else {}
+
+    async def ensure(self, workflow_id: str) -> dict[str, float]:
+        """Load (or reload) the medians now and return them."""
+        if self._fetch is not None:
+            await self._load(workflow_id)
+        return self.get(workflow_id)
 
     def _refresh(self, workflow_id: str) -> None:
         if workflow_id in self._pending or len(self._pending) > 64:

@@ -1,0 +1,142 @@
+"""The history REST API against real data in chdb, and the events the bridge derives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+
+from collector.history import History
+from engine import Engine, NodeContext, WorkflowBuilder
+from flowscope.stack import Stack
+from tests.collector.otlp import otlp_providers
+from tests.ws_bridge.conftest import StackFactory, recv_until, ws_client, ws_url
+from ws_bridge.derive import Thresholds
+
+
+async def fine(ctx: NodeContext) -> int:
+    return 1
+
+
+async def broken(ctx: NodeContext) -> None:
+    raise RuntimeError("quota exceeded")
+
+
+async def run_some(stack: Stack) -> tuple[list[str], str]:
+    providers = otlp_providers(stack.collector, "http")
+    engine = Engine(providers.telemetry())
+    good = WorkflowBuilder("api-ok", "API ok").code("a", fine).code("b", fine, depends_on=["a"]).build()
+    bad = WorkflowBuilder("api-bad", "API bad").code("a", fine).code("b", broken, depends_on=["a"]).build()
+    ok_ids = [(await engine.run(good, user_id="ana")).execution_id for _ in range(3)]
+    failed = (await engine.run(bad)).execution_id
+    await asyncio.to_thread(providers.flush)
+    await asyncio.to_thread(providers.shutdown)
+    await engine.aclose()
+    assert stack.collector.pipeline is not None
+    assert await asyncio.to_thread(stack.collector.pipeline.flush, 30.0)
+    return ok_ids, failed
+
+
+async def test_rest_api_filters_pagination_errors(stack: Stack) -> None:
+    ok_ids, failed = await run_some(stack)
+    assert stack.endpoints is not None
+    async with httpx.AsyncClient(base_url=stack.endpoints.web) as http:
+        page = (await http.get("/api/v1/executions", params={"limit": 2})).json()
+        assert len(page["items"]) == 2 and page["nextCursor"]
+        rest = (await http.get("/api/v1/executions", params={"limit": 2, "cursor": page["nextCursor"]})).json()
+        listed = [e["executionId"] for e in page["items"] + rest["items"]]
+        assert sorted(listed) == sorted([*ok_ids, failed]) and rest["nextCursor"] is None
+
+        failures = (await http.get("/api/v1/executions", params={"status": "failure"})).json()["items"]
+        assert [e["executionId"] for e in failures] == [failed]
+        assert failures[0]["links"]["jaeger"].endswith(f"/trace/{failures[0]['traceId']}")
+        mine = (await http.get("/api/v1/executions", params={"user": "ana", "workflow": "api-ok"})).json()["items"]
+        assert len(mine) == 3
+
+        detail = (await http.get(f"/api/v1/executions/{failed}")).json()
+        assert detail["status"] == "failure"
+        assert [(n["nodeId"], n["state"]) for n in detail["nodes"]] == [("a", "success"), ("b", "failed")]
+        assert detail["nodes"][1]["error"] == "RuntimeError: quota exceeded"
+        assert "grafana" in detail["links"]
+
+        events = (await http.get(f"/api/v1/executions/{ok_ids[0]}/events", params={"fromSeq": 2})).json()["items"]
+        assert events[0]["seq"] == 2 and events[-1]["type"] == "workflow.completed"
+
+        workflows = {w["workflowId"]: w for w in (await http.get("/api/v1/workflows")).json()["items"]}
+        assert workflows["api-ok"]["runs"] == 3 and workflows["api-bad"]["failed"] == 1
+        stats = (await http.get("/api/v1/stats", params={"bucket": 60})).json()
+        assert stats["byStatus"] == {"success": 3, "failure": 1}
+
+        sql = await http.post("/api/v1/sql", json={"sql": "SELECT count() AS runs FROM " + stack.collector.database
+                                                   + ".workflow_executions FINAL"})  # fmt: skip
+        assert sql.json() == {"columns": ["runs"], "types": ["UInt64"], "rows": [[4]]}
+
+        for path, params, status, message in [
+            ("/api/v1/executions", {"limit": "abc"}, 400, "'limit' must be an integer"),
+            ("/api/v1/executions", {"limit": "0"}, 400, "'limit' must be between 1 and 500"),
+            ("/api/v1/executions", {"status": "exploded"}, 400, "unknown status 'exploded'"),
+            ("/api/v1/executions", {"since": "yesterday"}, 400, "'since' must be an ISO-8601 timestamp"),
+            ("/api/v1/executions", {"sort": "name"}, 400, "unknown sort 'name'"),
+            ("/api/v1/executions", {"cursor": "garbage"}, 400, "invalid cursor"),
+            ("/api/v1/executions/nope", {}, 404, "no execution 'nope'"),
+            ("/api/v1/executions/nope/events", {}, 404, "no execution 'nope'"),
+            ("/api/v1/stats", {"since": "2030-01-01T00:00:00Z", "until": "2029-01-01T00:00:00Z"}, 400, "before"),
+        ]:
+            response = await http.get(path, params=params)
+            assert response.status_code == status, (path, params, response.text)
+            assert message in response.json()["error"]
+        bad_sql = await http.post("/api/v1/sql", json={"sql": f"DROP TABLE {stack.collector.database}.otel_traces"})
+        assert bad_sql.status_code == 400 and "readonly" in bad_sql.json()["error"]
+        assert (await http.post("/api/v1/sql", content=b"not json")).status_code == 400
+
+        spec = (await http.get("/openapi.json")).json()
+        assert {"/api/v1/executions", "/api/v1/executions/{execution_id}", "/api/v1/sql"} <= set(spec["paths"])
+        health = (await http.get("/healthz")).json()
+        assert health["status"] == "ok"
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["storage"] == "ok"
+        metrics = (await http.get("/metrics")).text
+        assert 'flowscope_collector_written_rows_total{table="otel_traces"}' in metrics
+
+
+async def test_performance_warning_while_running_and_eta(stack_factory: StackFactory) -> None:
+    gate = asyncio.Event()
+
+    async def slow(ctx: NodeContext) -> int:
+        await gate.wait()
+        return 2
+
+    async with stack_factory() as stack:
+        assert stack.bridge is not None
+        stack.bridge.hub.thresholds = Thresholds(warning_ms=50, critical_ms=100_000)
+        providers = otlp_providers(stack.collector, "grpc")
+        engine = Engine(providers.telemetry(), progress_interval_s=0)
+        wf = WorkflowBuilder("perf", "Perf").code("a", fine).code("slow", slow, depends_on=["a"]).build()
+        # History for the ETA: one finished run of the same workflow.
+        gate.set()
+        await engine.run(wf)
+        await asyncio.to_thread(providers.flush)
+        assert stack.collector.pipeline is not None
+        await asyncio.to_thread(stack.collector.pipeline.flush, 30.0)
+        history = History(stack.collector.client, stack.collector.database)
+        assert set(await asyncio.to_thread(history.node_duration_medians, "perf")) == {"a", "slow"}
+        assert set(await stack.bridge.medians.ensure("perf")) == {"a", "slow"}
+        gate.clear()
+        async with ws_client(ws_url(stack)) as ws:
+            await ws.send(json.dumps({"op": "subscribe", "id": "p", "rooms": ["workflow:perf"]}))
+            await recv_until(ws, lambda m: m.get("type") == "replay.done")
+            handle = engine.start(wf)
+            await asyncio.to_thread(providers.flush)
+            warning = await recv_until(ws, lambda m: m.get("type") == "performance.warning")
+            gate.set()
+            tail = await recv_until(ws, lambda m: m.get("type") == "workflow.completed")
+        await handle.result()
+        event = warning[-1]
+        assert event["nodeId"] == "slow" and event["derived"] is True
+        assert event["data"]["running"] is True and event["data"]["thresholdMs"] == 50
+        assert event["data"]["actualMs"] >= 50
+        progress = [m for m in warning + tail if m.get("type") == "execution.progress"]
+        assert any(isinstance(p["data"]["etaMs"], float) for p in progress)
+        await asyncio.to_thread(providers.shutdown)
+        await engine.aclose()
