@@ -1,0 +1,242 @@
+// flowscope live view: an executions list and an execution page, both fed by the
+// WebSocket protocol (docs/live-protocol.md). Framework-free so nothing is built at install time.
+"use strict";
+
+const params = new URLSearchParams(location.search);
+const TOKEN = params.get("token");
+const TERMINAL = new Set(["workflow.completed", "workflow.failed", "workflow.cancelled"]);
+const app = document.getElementById("app");
+const conn = document.getElementById("conn");
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === null || v === undefined) continue;
+    if (k === "class") el.className = v; else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v);
+  }
+  for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c.nodeType ? c : String(c));
+  return el;
+}
+const svg = (tag, attrs = {}) => {
+  const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  return el;
+};
+function api(path) {
+  const headers = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
+  return fetch(path, { headers }).then(async (r) => ({ status: r.status, body: await r.json() }));
+}
+function wsUrl(path) {
+  const url = new URL(path, location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  if (TOKEN) url.searchParams.set("token", TOKEN);
+  return url.toString();
+}
+const fmtMs = (ms) => ms === null || ms === undefined ? "—" : ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(ms < 10000 ? 2 : 1)} s`;
+const fmtTime = (iso) => iso ? new Date(iso).toLocaleTimeString() : "—";
+const statusClass = (s) => `badge s-${s}`;
+
+// A WebSocket that reconnects with backoff; `onOpen` re-subscribes (with fromSeq where it applies).
+function liveSocket(path, onOpen, onMessage) {
+  let delay = 250, socket = null, stopped = false;
+  const connect = () => {
+    socket = new WebSocket(wsUrl(typeof path === "function" ? path() : path));
+    socket.onopen = () => { delay = 250; conn.textContent = "live"; conn.className = "conn live"; onOpen(socket); };
+    socket.onmessage = (m) => {
+      const msg = JSON.parse(m.data);
+      if (msg.type === "heartbeat") { socket.send('{"op":"ping"}'); return; }
+      onMessage(msg, socket);
+    };
+    socket.onclose = (e) => {
+      conn.textContent = e.code === 4401 ? "unauthorised" : "reconnecting…"; conn.className = "conn down";
+      if (!stopped && e.code !== 4401) setTimeout(connect, delay);
+      delay = Math.min(delay * 2, 8000);
+    };
+  };
+  connect();
+  return { stop: () => { stopped = true; socket && socket.close(); } };
+}
+
+// ---------------------------------------------------------------- executions list
+function listView() {
+  const rows = new Map();
+  const tbody = h("tbody");
+  const workflowFilter = h("input", { placeholder: "workflow id", "aria-label": "Filter by workflow", id: "f-workflow" });
+  const statusFilter = h("select", { "aria-label": "Filter by status", id: "f-status" },
+    ["", "running", "success", "failure", "timeout", "cancellation"].map((s) => h("option", { value: s }, s || "any status")));
+  const matches = (e) => (!workflowFilter.value || e.workflowId === workflowFilter.value) &&
+    (!statusFilter.value || e.status === statusFilter.value);
+  const render = () => {
+    const items = [...rows.values()].filter(matches).sort((a, b) => (b.startTime || "").localeCompare(a.startTime || ""));
+    tbody.replaceChildren(...(items.length ? items.map((e) => h("tr", { "data-execution": e.executionId, "data-status": e.status },
+      h("td", {}, h("a", { href: `/executions/${e.executionId}${TOKEN ? `?token=${TOKEN}` : ""}` }, e.executionId.slice(0, 12))),
+      h("td", {}, e.workflowName || e.workflowId),
+      h("td", {}, h("span", { class: statusClass(e.status) }, e.status)),
+      h("td", {}, e.progress !== undefined && e.status === "running" ? `${Math.round(e.progress * 100)}%` : `${e.completedNodes ?? 0}/${e.totalNodes ?? "?"}`),
+      h("td", {}, fmtMs(e.durationMs)),
+      h("td", {}, fmtTime(e.startTime)),
+      h("td", {}, e.trigger || ""), h("td", {}, e.userId || ""),
+    )) : [h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No executions yet — run `flowscope demo` or `flowscope run FILE`."))]));
+  };
+  workflowFilter.addEventListener("input", render);
+  statusFilter.addEventListener("change", render);
+  app.replaceChildren(
+    h("h1", {}, "Executions"),
+    h("div", { class: "filters" }, workflowFilter, statusFilter),
+    h("table", { id: "executions" }, h("thead", {}, h("tr", {}, ["Execution", "Workflow", "Status", "Nodes", "Duration", "Started", "Trigger", "User"].map((t) => h("th", {}, t)))), tbody),
+  );
+  api("/api/v1/executions?limit=100").then(({ status, body }) => {
+    if (status !== 200) { app.append(h("p", { class: "error-box" }, body.error || `HTTP ${status}`)); return; }
+    for (const e of body.items) if (!rows.has(e.executionId)) rows.set(e.executionId, e);
+    render();
+  });
+  liveSocket("/ws", (s) => s.send(JSON.stringify({ op: "subscribe", id: "list", rooms: ["all"],
+    types: ["workflow.started", "workflow.completed", "workflow.failed", "workflow.cancelled", "execution.progress"] })),
+  (msg) => {
+    if (!msg.executionId) return;
+    const row = rows.get(msg.executionId) || { executionId: msg.executionId, workflowId: msg.workflowId, workflowName: msg.workflowName, status: "running" };
+    if (msg.type === "workflow.started") Object.assign(row, { startTime: msg.ts, totalNodes: msg.data.totalNodes, trigger: msg.data.trigger, userId: msg.data.userId, status: "running" });
+    else if (msg.type === "execution.progress") Object.assign(row, { progress: msg.data.progress, completedNodes: msg.data.completedNodes, totalNodes: msg.data.totalNodes });
+    else if (TERMINAL.has(msg.type)) Object.assign(row, { status: msg.data.result || msg.type.split(".")[1], durationMs: msg.data.durationMs, completedNodes: msg.data.completedNodes });
+    rows.set(msg.executionId, row);
+    render();
+  });
+}
+
+// ---------------------------------------------------------------- one execution
+function executionView(id) {
+  const state = { lastSeq: 0, nodes: new Map(), order: [], status: "pending", progress: 0, eta: null, meta: {}, warnings: [], finished: false };
+  const metaEl = h("div", { class: "meta", id: "meta" });
+  const bar = h("div", { style: "width:0%" });
+  const progressText = h("div", { class: "meta", id: "progress-text" });
+  const dagEl = h("div", { class: "dag", id: "dag" });
+  const warnEl = h("ul", { class: "warnings", id: "warnings" });
+  const errorEl = h("div", { id: "error" });
+  const linksEl = h("div", { class: "links", id: "links" });
+  const logEl = h("div", { class: "log", id: "log", role: "log" });
+  app.replaceChildren(h("p", {}, h("a", { href: `/${TOKEN ? `?token=${TOKEN}` : ""}` }, "← all executions")),
+    h("h1", { id: "title" }, `Execution ${id}`), metaEl, h("div", { class: "progress", role: "progressbar", "aria-label": "progress" }, bar), progressText,
+    linksEl, errorEl, h("h2", {}, "Graph"), dagEl, h("h2", {}, "Performance"), warnEl, h("h2", {}, "Event log"), logEl);
+
+  const node = (nid) => {
+    if (!state.nodes.has(nid)) { state.nodes.set(nid, { id: nid, label: nid, type: "", dependsOn: [], state: "pending", attempts: 0, durationMs: null, error: null }); state.order.push(nid); }
+    return state.nodes.get(nid);
+  };
+  const renderMeta = () => {
+    const m = state.meta;
+    metaEl.replaceChildren(...[
+      h("span", {}, "Status ", h("span", { class: statusClass(state.status), id: "status", "data-status": state.status }, state.status)),
+      h("span", {}, "Workflow ", h("b", {}, m.workflowName || m.workflowId || "…")),
+      m.trigger ? h("span", {}, "Trigger ", h("b", {}, m.trigger)) : null,
+      m.userId ? h("span", {}, "User ", h("b", {}, m.userId)) : null,
+      h("span", {}, "Duration ", h("b", {}, fmtMs(m.durationMs))),
+    ].filter(Boolean));
+    bar.style.width = `${Math.round(state.progress * 100)}%`;
+    const parts = [h("span", {}, `${Math.round(state.progress * 100)}% done`)];
+    if (state.eta !== null && !state.finished) parts.push(h("span", { id: "eta" }, `ETA ${fmtMs(state.eta)}`));
+    progressText.replaceChildren(...parts);
+  };
+  const renderDag = () => {
+    const depth = new Map();
+    const depthOf = (nid, seen = new Set()) => {
+      if (depth.has(nid)) return depth.get(nid);
+      if (seen.has(nid)) return 0; seen.add(nid);
+      const deps = (state.nodes.get(nid)?.dependsOn || []).filter((d) => state.nodes.has(d));
+      const d = deps.length ? 1 + Math.max(...deps.map((x) => depthOf(x, seen))) : 0;
+      depth.set(nid, d); return d;
+    };
+    const layers = [];
+    for (const nid of state.order) { const d = depthOf(nid); (layers[d] = layers[d] || []).push(nid); }
+    const W = 190, H = 56, GX = 60, GY = 18;
+    const pos = new Map();
+    layers.forEach((layer, x) => layer.forEach((nid, y) => pos.set(nid, { x: 10 + x * (W + GX), y: 10 + y * (H + GY) })));
+    const width = 20 + layers.length * (W + GX), height = 20 + Math.max(1, ...layers.map((l) => l.length)) * (H + GY);
+    const root = svg("svg", { width, height, role: "img", "aria-label": "workflow graph" });
+    const defs = svg("defs"); const marker = svg("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 10, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse" });
+    marker.append(svg("path", { d: "M 0 0 L 10 5 L 0 10 z", fill: "#9ca3af" })); defs.append(marker); root.append(defs);
+    for (const n of state.nodes.values()) for (const d of n.dependsOn) {
+      const a = pos.get(d), b = pos.get(n.id); if (!a || !b) continue;
+      root.append(svg("path", { class: "edge", d: `M ${a.x + W} ${a.y + H / 2} C ${a.x + W + GX / 2} ${a.y + H / 2}, ${b.x - GX / 2} ${b.y + H / 2}, ${b.x} ${b.y + H / 2}` }));
+    }
+    for (const n of state.nodes.values()) {
+      const p = pos.get(n.id);
+      const g = svg("g", { class: `node s-${n.state}`, "data-node": n.id, "data-state": n.state, transform: `translate(${p.x},${p.y})` });
+      const title = svg("title"); title.textContent = n.error ? `${n.label}: ${n.error}` : `${n.label} (${n.state})`;
+      const rect = svg("rect", { width: W, height: H, fill: `var(--${n.state})` });
+      const t1 = svg("text", { x: 10, y: 22 }); t1.textContent = n.label.length > 24 ? n.label.slice(0, 23) + "…" : n.label;
+      const t2 = svg("text", { x: 10, y: 42, class: "sub" });
+      t2.textContent = `${n.type || ""} · ${n.state}${n.durationMs !== null ? " · " + fmtMs(n.durationMs) : ""}${n.attempts > 1 ? " · try " + n.attempts : ""}`;
+      g.append(title, rect, t1, t2); root.append(g);
+    }
+    dagEl.replaceChildren(root);
+  };
+  const log = (msg) => {
+    const d = msg.data || {};
+    let text = msg.type, cls = "";
+    if (msg.nodeId) text += ` ${msg.nodeId}`;
+    if (msg.type === "execution.log") { text = `[${d.level}] ${msg.nodeId || ""}: ${d.message}`; cls = d.level === "error" ? "err" : d.level === "warning" ? "warn" : ""; }
+    else if (msg.type.endsWith(".failed")) { text += ` — ${d.error || ""}`; cls = "err"; }
+    else if (msg.type === "node.retrying") { text += ` in ${fmtMs(d.delayMs)} (${d.error || ""})`; cls = "warn"; }
+    else if (msg.type === "node.skipped") { text += ` — ${d.reason || ""}`; cls = "dim"; }
+    else if (d.durationMs !== undefined) text += ` (${fmtMs(d.durationMs)})`;
+    if (msg.type === "execution.progress") return;
+    logEl.append(h("div", { class: cls, "data-seq": msg.seq, "data-type": msg.type }, `${fmtTime(msg.ts)}  #${msg.seq}  ${text}`));
+    logEl.scrollTop = logEl.scrollHeight;
+  };
+  const apply = (msg) => {
+    const d = msg.data || {};
+    if (msg.derived) {
+      if (msg.type.startsWith("performance.")) {
+        const level = msg.type.split(".")[1];
+        warnEl.append(h("li", { class: level, "data-node": msg.nodeId },
+          `${level === "critical" ? "Critical" : "Slow"}: ${msg.nodeId} ${d.running ? "has been running" : "took"} ${fmtMs(d.actualMs)} (threshold ${fmtMs(d.thresholdMs)})`));
+      }
+      return;
+    }
+    if (msg.seq <= state.lastSeq) return;
+    state.lastSeq = msg.seq;
+    Object.assign(state.meta, { workflowId: msg.workflowId, workflowName: msg.workflowName });
+    if (msg.type === "workflow.started") {
+      state.status = "running";
+      Object.assign(state.meta, { trigger: d.trigger, userId: d.userId });
+      for (const spec of d.nodes || []) Object.assign(node(spec.id), { label: spec.label || spec.id, type: spec.type, dependsOn: spec.dependsOn || [] });
+    } else if (msg.nodeId && msg.type.startsWith("node.")) {
+      const n = node(msg.nodeId);
+      n.type = msg.nodeType || n.type;
+      const next = { "node.started": "running", "node.completed": "success", "node.failed": d.result === "cancellation" ? "cancelled" : "failed",
+        "node.retrying": "retrying", "node.skipped": "skipped", "node.waiting": "waiting" }[msg.type];
+      if (next) n.state = next;
+      if (d.attempt) n.attempts = Math.max(n.attempts, d.attempt);
+      if (d.durationMs !== undefined) n.durationMs = d.durationMs;
+      if (next === "failed") n.error = d.error;
+    } else if (msg.type === "execution.progress") {
+      state.progress = d.progress ?? state.progress; state.eta = d.etaMs ?? null;
+    } else if (msg.type === "workflow.paused") state.status = "paused";
+    else if (msg.type === "workflow.resumed") state.status = "running";
+    else if (TERMINAL.has(msg.type)) {
+      state.finished = true; state.status = d.result || msg.type.split(".")[1]; state.meta.durationMs = d.durationMs;
+      if (msg.type === "workflow.completed") state.progress = 1;
+      if (d.error) errorEl.replaceChildren(h("div", { class: "error-box" }, d.error));
+    }
+    log(msg);
+  };
+  let pending = false;
+  const schedule = () => { if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; renderMeta(); renderDag(); }); } };
+  api(`/api/v1/executions/${encodeURIComponent(id)}`).then(({ status, body }) => {
+    if (status !== 200) return;
+    Object.assign(state.meta, { trigger: body.trigger, userId: body.userId, durationMs: body.durationMs });
+    const l = body.links || {};
+    linksEl.replaceChildren(...[l.jaeger && h("a", { href: l.jaeger, target: "_blank", rel: "noopener" }, "Trace in Jaeger"),
+      l.grafana && h("a", { href: l.grafana, target: "_blank", rel: "noopener" }, "Grafana")].filter(Boolean));
+    schedule();
+  });
+  liveSocket(() => `/ws/executions/${encodeURIComponent(id)}?fromSeq=${state.lastSeq + 1}`, () => {}, (msg) => {
+    if (msg.type === "error") { errorEl.replaceChildren(h("div", { class: "error-box" }, msg.message)); return; }
+    if (msg.executionId === id) { apply(msg); schedule(); }
+  });
+  renderMeta();
+}
+
+const match = location.pathname.match(/^\/executions\/([^/]+)$/);
+if (match) executionView(decodeURIComponent(match[1])); else listView();
