@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -10,6 +11,8 @@ import pytest
 
 from collector.schema import SchemaOptions
 from collector.service import Collector, CollectorConfig
+from flowscope.config import Settings
+from flowscope.stack import Stack
 
 
 @pytest.fixture(scope="session")
@@ -46,4 +49,31 @@ def collector_factory(chdb_dsn: str, database: str) -> CollectorFactory:
 @pytest.fixture
 async def collector(collector_factory: CollectorFactory) -> AsyncIterator[Collector]:
     async with collector_factory() as running:
+        yield running
+
+
+StackFactory = Callable[..., AbstractAsyncContextManager[Stack]]
+
+
+@pytest.fixture
+def stack_factory(chdb_dsn: str, database: str) -> StackFactory:
+    @contextlib.asynccontextmanager
+    async def make(**overrides: Any) -> AsyncIterator[Stack]:
+        settings = Settings(
+            clickhouse_dsn=chdb_dsn,
+            database=database,
+            otlp_grpc_port=0,
+            otlp_http_port=0,
+            http_port=0,
+            flush_interval_s=0.05,
+        ).with_overrides(**overrides)
+        async with Stack(settings).running() as stack:
+            yield stack
+
+    return make
+
+
+@pytest.fixture
+async def stack(stack_factory: StackFactory) -> AsyncIterator[Stack]:
+    async with stack_factory() as running:
         yield running

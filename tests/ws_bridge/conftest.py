@@ -4,40 +4,12 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from flowscope.config import Settings
 from flowscope.stack import Stack
-
-StackFactory = Callable[..., AbstractAsyncContextManager[Stack]]
-
-
-@pytest.fixture
-def stack_factory(chdb_dsn: str, database: str) -> StackFactory:
-    @contextlib.asynccontextmanager
-    async def make(**overrides: Any) -> AsyncIterator[Stack]:
-        settings = Settings(
-            clickhouse_dsn=chdb_dsn,
-            database=database,
-            otlp_grpc_port=0,
-            otlp_http_port=0,
-            http_port=0,
-            flush_interval_s=0.05,
-        ).with_overrides(**overrides)
-        async with Stack(settings).running() as stack:
-            yield stack
-
-    return make
-
-
-@pytest.fixture
-async def stack(stack_factory: StackFactory) -> AsyncIterator[Stack]:
-    async with stack_factory() as running:
-        yield running
+from tests.conftest import StackFactory, stack, stack_factory
 
 
 def ws_url(stack: Stack, path: str = "/ws") -> str:
@@ -68,3 +40,6 @@ async def recv_until(ws: ClientConnection, predicate: Callable[[dict[str, Any]],
 async def ws_client(url: str, **kwargs: Any) -> AsyncIterator[ClientConnection]:
     async with connect(url, open_timeout=10, **kwargs) as ws:
         yield ws
+
+
+__all__ = ["StackFactory", "stack", "stack_factory"]

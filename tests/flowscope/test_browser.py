@@ -1,0 +1,152 @@
+"""The live page in a real browser: Debian's chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+
+from engine import Engine, NodeContext, WorkflowBuilder
+from flowscope.stack import Stack
+from tests.collector.otlp import otlp_providers
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SHOTS = Path(__file__).parents[2] / "test-output" / "screenshots"
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield launched
+        await launched.close()
+
+
+async def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+class Gate:
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, ctx: NodeContext) -> str:
+        self.entered.set()
+        await self.release.wait()
+        return "done"
+
+
+async def quick(ctx: NodeContext) -> int:
+    return 1
+
+
+async def explode(ctx: NodeContext) -> None:
+    raise ValueError("invoice 42 has no customer")
+
+
+async def node_state(page: Page, node_id: str, state: str) -> None:
+    await page.wait_for_selector(f'[data-node="{node_id}"][data-state="{state}"]', timeout=20_000)
+
+
+async def test_nodes_go_running_then_success_and_failures_turn_red(stack: Stack, browser: Browser) -> None:
+    assert stack.endpoints is not None
+    providers = otlp_providers(stack.collector, "grpc")
+    engine = Engine(providers.telemetry())
+    gate = Gate()
+    wf = (
+        WorkflowBuilder("browser-run", "Browser run")
+        .code("extract", quick, label="Extract")
+        .code("transform", gate, depends_on=["extract"], label="Transform")
+        .code("load", quick, depends_on=["transform"], label="Load")
+        .build()
+    )
+    handle = engine.start(wf)
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    await page.goto(f"{stack.endpoints.web}/executions/{handle.execution_id}")
+    await gate.entered.wait()
+    await asyncio.to_thread(providers.flush)
+    await node_state(page, "extract", "success")
+    await node_state(page, "transform", "running")
+    assert await page.get_attribute('[data-node="load"]', "data-state") == "pending"
+    await shot(page, "running")
+    gate.release.set()
+    await handle.result()
+    await asyncio.to_thread(providers.flush)
+    await node_state(page, "load", "success")
+    await page.wait_for_selector('#status[data-status="success"]')
+    await shot(page, "succeeded")
+
+    failing = (
+        WorkflowBuilder("browser-fail", "Browser fail").code("fetch", quick).code("bill", explode, depends_on=["fetch"])
+    )
+    failed = await engine.run(failing.build())
+    await asyncio.to_thread(providers.flush)
+    await page.goto(f"{stack.endpoints.web}/executions/{failed.execution_id}")
+    await node_state(page, "bill", "failed")
+    fill = await page.eval_on_selector('[data-node="bill"] rect', "el => getComputedStyle(el).fill")
+    assert fill == "rgb(185, 28, 28)", "failed nodes are drawn red"
+    assert "invoice 42 has no customer" in (await page.text_content("#error") or "")
+    assert "invoice 42 has no customer" in (await page.text_content('[data-node="bill"] title') or "")
+    await page.wait_for_selector('#status[data-status="failure"]')
+    await shot(page, "failed")
+
+    # The list shows both runs, with their statuses.
+    await page.goto(stack.endpoints.web + "/")
+    await page.wait_for_selector(f'tr[data-execution="{failed.execution_id}"][data-status="failure"]')
+    await page.wait_for_selector(f'tr[data-execution="{handle.execution_id}"][data-status="success"]')
+    await shot(page, "list")
+    await asyncio.to_thread(providers.shutdown)
+    await engine.aclose()
+
+
+async def test_reload_mid_run_resumes_without_gaps(stack: Stack, browser: Browser) -> None:
+    assert stack.endpoints is not None
+    providers = otlp_providers(stack.collector, "grpc")
+    engine = Engine(providers.telemetry())
+    gate = Gate()
+    wf = (
+        WorkflowBuilder("reload", "Reload")
+        .code("a", quick)
+        .code("b", quick, depends_on=["a"])
+        .code("hold", gate, depends_on=["b"])
+        .code("c", quick, depends_on=["hold"])
+        .code("d", quick, depends_on=["c"])
+        .build()
+    )
+    emitted: list[tuple[str, int, str]] = []
+    engine.events.add_callback(lambda e: emitted.append((e.execution_id, e.seq, e.type.value)))
+    handle = engine.start(wf)
+    page = await browser.new_page()
+    await page.goto(f"{stack.endpoints.web}/executions/{handle.execution_id}")
+    await gate.entered.wait()
+    await asyncio.to_thread(providers.flush)
+    await node_state(page, "hold", "running")
+    await page.reload()
+    await node_state(page, "hold", "running")
+    gate.release.set()
+    result = await handle.result()
+    await asyncio.to_thread(providers.flush)
+    await node_state(page, "d", "success")
+    await page.wait_for_selector('#status[data-status="success"]')
+    logged = await page.eval_on_selector_all("#log [data-seq]", "els => els.map(e => Number(e.dataset.seq))")
+    # The log shows every event except progress (drawn as the bar): once each, in order, none missing.
+    expected = [seq for ex, seq, kind in emitted if ex == result.execution_id and kind != "execution.progress"]
+    assert logged == expected
+    await shot(page, "reloaded")
+    await asyncio.to_thread(providers.shutdown)
+    await engine.aclose()
