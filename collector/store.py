@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import threading
 from dataclasses import dataclass
@@ -67,13 +68,27 @@ def connect(dsn: Dsn, **settings: Any) -> Client:
             return clickhouse_connect.get_client(dsn=dsn.raw, settings=settings or None)
     except Exception as exc:
         text = str(exc)
-        if "Cannot lock file" in text:
+        if "Cannot lock file" in text or (dsn.embedded and _locked_by_another_process(dsn.path)):
             raise StoreLocked(
                 f"the data directory {dsn.path} is in use by another flowscope process; "
                 "stop it, or use its SQL endpoint (`flowscope sql`) instead"
             ) from exc
         where = dsn.path if dsn.embedded else _redacted(dsn.raw)
         raise StoreError(f"cannot open ClickHouse at {where}: {text.splitlines()[0] if text else exc!r}") from exc
+
+
+def _locked_by_another_process(path: str) -> bool:
+    """chdb flocks `<data dir>/status`; a held lock means another process owns the directory."""
+    status = Path(path) / "status"
+    if not status.exists():
+        return False
+    with status.open("rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
 
 
 def _redacted(dsn: str) -> str:
