@@ -200,6 +200,83 @@ def demo(runs: int | None, interval: float, exit_after: bool, **flags: Any) -> N
 
 
 @main.command()
+@click.option("--dsn", envvar="FLOWSCOPE_CLICKHOUSE_DSN", required=True, help="ClickHouse server holding the history.")
+@click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
+@click.option("--http-port", type=int, default=None, help="Web/API/WebSocket port (default 8080).")
+@click.option("--otlp-port", type=int, default=4319, show_default=True, help="OTLP/gRPC feed from the collector tier.")
+@click.option("--no-auth", is_flag=True, default=None, help="Serve without auth on a public address.")
+def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no_auth: bool | None) -> None:
+    """Run the live bridge alone: fed over OTLP by a collector tier, history from a ClickHouse server."""
+    from collector.serving import serve_asgi
+    from ws_bridge.api import Links
+    from ws_bridge.app import Bridge, BridgeConfig
+    from ws_bridge.connection import ConnectionLimits
+
+    settings = Settings.from_env().with_overrides(clickhouse_dsn=dsn, host=host, http_port=http_port, no_auth=no_auth)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            parsed = Dsn.parse(settings.dsn)
+            history = History(lambda: connect(parsed), parsed.database or settings.database)
+            live = Bridge(
+                BridgeConfig(
+                    host=settings.host, port=settings.http_port, auth=settings.auth, cors_origins=settings.cors_origins,
+                    links=Links(settings.jaeger_url, settings.grafana_url), otlp_port=otlp_port,
+                    limits=ConnectionLimits(queue_size=settings.ws_queue_size),
+                ),
+                history,
+            )  # fmt: skip
+            async with live.running(), serve_asgi(
+                live.app(), settings.host, settings.http_port, ws_ping_interval=20.0, ws_ping_timeout=20.0,
+                ws_per_message_deflate=True,
+            ) as port:  # fmt: skip
+                console.print(f"bridge up: http://{settings.host}:{port}/  OTLP feed on :{live.otlp_port}")
+                await stop.wait()
+        except (StoreError, OSError, ValueError) as exc:
+            raise CliError(str(exc), EXIT_UNAVAILABLE) from exc
+
+    _run(go)
+
+
+@main.command()
+@click.option(
+    "--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT", default="http://127.0.0.1:4317", show_default=True
+)
+@click.option("--runs", type=int, default=None, help="Rounds (default: keep running).")
+@click.option("--interval", type=float, default=5.0, show_default=True)
+def samples(otlp_endpoint: str, runs: int | None, interval: float) -> None:
+    """Run the sample workflows as an engine exporting OTLP anywhere (the compose demo service)."""
+    from engine import Engine
+    from engine.telemetry import TelemetryOptions, setup, shutdown
+    from flowscope import samples as sample_workflows
+
+    async def go() -> None:
+        engine = Engine(
+            setup(service_name="flowscope-samples", endpoint=otlp_endpoint, options=TelemetryOptions(capture_io=True)),
+            sample_workflows.registry(),
+        )
+        round_no = 0
+        try:
+            while runs is None or round_no < runs:
+                results = await sample_workflows.run_round(engine, round_no)
+                console.print(
+                    f"round {round_no + 1}: " + ", ".join(f"{r.workflow.id}={r.result.value}" for r in results)
+                )
+                round_no += 1
+                if runs is None or round_no < runs:
+                    await asyncio.sleep(interval)
+        finally:
+            await engine.aclose()
+            await asyncio.to_thread(shutdown)
+
+    _run(go)
+
+
+@main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--input", "input_json", help="Workflow input as JSON.")
 @click.option("--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT", help="Collector OTLP/gRPC address.")

@@ -1,0 +1,481 @@
+-- flowscope schema version 2, database otel
+
+CREATE DATABASE IF NOT EXISTS otel;
+
+CREATE TABLE IF NOT EXISTS otel.flowscope_schema_migrations (
+    Version UInt32,
+    Description String,
+    AppliedAt DateTime DEFAULT now()
+) ENGINE = ReplacingMergeTree
+ORDER BY Version;
+
+-- migration 1: OpenTelemetry contrib exporter tables
+
+CREATE TABLE IF NOT EXISTS otel.otel_traces (
+    Timestamp DateTime64(9) CODEC(Delta(8), ZSTD(1)),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    ParentSpanId String CODEC(ZSTD(1)),
+    TraceState String CODEC(ZSTD(1)),
+    SpanName LowCardinality(String) CODEC(ZSTD(1)),
+    SpanKind LowCardinality(String) CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    SpanAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    Duration UInt64 CODEC(T64, ZSTD(1)),
+    StatusCode LowCardinality(String) CODEC(ZSTD(1)),
+    StatusMessage String CODEC(ZSTD(1)),
+    Events Nested (
+        Timestamp DateTime64(9),
+        Name LowCardinality(String),
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    Links Nested (
+        TraceId String,
+        SpanId String,
+        TraceState String,
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    ResourceAttributeItems Array(String) ALIAS arrayMap(kv -> concat(kv.1, '=', kv.2), CAST(ResourceAttributes, 'Array(Tuple(String, String))')),
+    SpanAttributeItems Array(String) ALIAS arrayMap(kv -> concat(kv.1, '=', kv.2), CAST(SpanAttributes, 'Array(Tuple(String, String))')),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1,
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_key mapKeys(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_value mapValues(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_duration Duration TYPE minmax GRANULARITY 1,
+    INDEX idx_lower_span_name lower(SpanName) TYPE tokenbf_v1(32768, 3, 0) GRANULARITY 8
+) ENGINE = MergeTree
+PARTITION BY toDate(Timestamp)
+PRIMARY KEY (ServiceName, SpanName, toDateTime(Timestamp))
+ORDER BY (ServiceName, SpanName, toDateTime(Timestamp), Timestamp)
+
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1;
+
+CREATE TABLE IF NOT EXISTS otel.otel_traces_trace_id_ts (
+    TraceId String CODEC(ZSTD(1)),
+    Start SimpleAggregateFunction(min, DateTime) CODEC(ZSTD(1)),
+    End SimpleAggregateFunction(max, DateTime) CODEC(ZSTD(1))
+) ENGINE = AggregatingMergeTree
+PARTITION BY toStartOfWeek(Start)
+ORDER BY (TraceId)
+
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS otel.otel_traces_trace_id_ts_mv
+TO otel.otel_traces_trace_id_ts
+AS SELECT
+    TraceId,
+    min(Timestamp) AS Start,
+    max(Timestamp) AS End
+FROM otel.otel_traces
+WHERE TraceId != ''
+GROUP BY TraceId;
+
+CREATE TABLE IF NOT EXISTS otel.otel_logs (
+    Timestamp DateTime64(9) CODEC(Delta(8), ZSTD(1)),
+    TimestampTime DateTime DEFAULT toDateTime(Timestamp),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    TraceFlags UInt8,
+    SeverityText LowCardinality(String) CODEC(ZSTD(1)),
+    SeverityNumber UInt8,
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    Body String CODEC(ZSTD(1)),
+    ResourceSchemaUrl LowCardinality(String) CODEC(ZSTD(1)),
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeSchemaUrl LowCardinality(String) CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion LowCardinality(String) CODEC(ZSTD(1)),
+    ScopeAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    LogAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    EventName String CODEC(ZSTD(1)),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1,
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_key mapKeys(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_value mapValues(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_log_attr_key mapKeys(LogAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_log_attr_value mapValues(LogAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_body Body TYPE tokenbf_v1(32768, 3, 0) GRANULARITY 8
+) ENGINE = MergeTree
+PARTITION BY toDate(TimestampTime)
+PRIMARY KEY (ServiceName, TimestampTime)
+ORDER BY (ServiceName, TimestampTime, Timestamp)
+
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1;
+
+CREATE TABLE IF NOT EXISTS otel.otel_metrics_gauge (
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ResourceSchemaUrl String CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    ScopeAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeDroppedAttrCount UInt32 CODEC(ZSTD(1)),
+    ScopeSchemaUrl String CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    MetricName String CODEC(ZSTD(1)),
+    MetricDescription String CODEC(ZSTD(1)),
+    MetricUnit String CODEC(ZSTD(1)),
+    Attributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    StartTimeUnix DateTime64(9) CODEC(Delta, ZSTD(1)),
+    TimeUnix DateTime64(9) CODEC(Delta, ZSTD(1)),
+    Value Float64 CODEC(ZSTD(1)),
+    Flags UInt32 CODEC(ZSTD(1)),
+    Exemplars Nested (
+        FilteredAttributes Map(LowCardinality(String), String),
+        TimeUnix DateTime64(9),
+        Value Float64,
+        SpanId String,
+        TraceId String
+    ) CODEC(ZSTD(1)),
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_key mapKeys(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_value mapValues(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_attr_key mapKeys(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_attr_value mapValues(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1
+) ENGINE = MergeTree
+
+PARTITION BY toDate(TimeUnix)
+ORDER BY (ServiceName, MetricName, Attributes, toUnixTimestamp64Nano(TimeUnix))
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1;
+
+CREATE TABLE IF NOT EXISTS otel.otel_metrics_sum (
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ResourceSchemaUrl String CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    ScopeAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeDroppedAttrCount UInt32 CODEC(ZSTD(1)),
+    ScopeSchemaUrl String CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    MetricName String CODEC(ZSTD(1)),
+    MetricDescription String CODEC(ZSTD(1)),
+    MetricUnit String CODEC(ZSTD(1)),
+    Attributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    StartTimeUnix DateTime64(9) CODEC(Delta, ZSTD(1)),
+    TimeUnix DateTime64(9) CODEC(Delta, ZSTD(1)),
+    Value Float64 CODEC(ZSTD(1)),
+    Flags UInt32 CODEC(ZSTD(1)),
+    Exemplars Nested (
+        FilteredAttributes Map(LowCardinality(String), String),
+        TimeUnix DateTime64(9),
+        Value Float64,
+        SpanId String,
+        TraceId String
+    ) CODEC(ZSTD(1)),
+    AggregationTemporality Int32 CODEC(ZSTD(1)),
+    IsMonotonic Boolean CODEC(Delta, ZSTD(1)),
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_key mapKeys(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_value mapValues(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_attr_key mapKeys(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_attr_value mapValues(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1
+) ENGINE = MergeTree
+
+PARTITION BY toDate(TimeUnix)
+ORDER BY (ServiceName, MetricName, Attributes, toUnixTimestamp64Nano(TimeUnix))
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1;
+
+CREATE TABLE IF NOT EXISTS otel.otel_metrics_histogram (
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ResourceSchemaUrl String CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    ScopeAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeDroppedAttrCount UInt32 CODEC(ZSTD(1)),
+    ScopeSchemaUrl String CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    MetricName String CODEC(ZSTD(1)),
+    MetricDescription String CODEC(ZSTD(1)),
+    MetricUnit String CODEC(ZSTD(1)),
+    Attributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    StartTimeUnix DateTime64(9) CODEC(Delta, ZSTD(1)),
+    TimeUnix DateTime64(9) CODEC(Delta, ZSTD(1)),
+    Count UInt64 CODEC(Delta, ZSTD(1)),
+    Sum Float64 CODEC(ZSTD(1)),
+    BucketCounts Array(UInt64) CODEC(ZSTD(1)),
+    ExplicitBounds Array(Float64) CODEC(ZSTD(1)),
+    Exemplars Nested (
+        FilteredAttributes Map(LowCardinality(String), String),
+        TimeUnix DateTime64(9),
+        Value Float64,
+        SpanId String,
+        TraceId String
+    ) CODEC(ZSTD(1)),
+    Flags UInt32 CODEC(ZSTD(1)),
+    Min Float64 CODEC(ZSTD(1)),
+    Max Float64 CODEC(ZSTD(1)),
+    AggregationTemporality Int32 CODEC(ZSTD(1)),
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_key mapKeys(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_value mapValues(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_attr_key mapKeys(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_attr_value mapValues(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1
+) ENGINE = MergeTree
+
+PARTITION BY toDate(TimeUnix)
+ORDER BY (ServiceName, MetricName, Attributes, toUnixTimestamp64Nano(TimeUnix))
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1;
+
+CREATE TABLE IF NOT EXISTS otel.otel_metrics_exponential_histogram (
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ResourceSchemaUrl String CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    ScopeAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeDroppedAttrCount UInt32 CODEC(ZSTD(1)),
+    ScopeSchemaUrl String CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    MetricName String CODEC(ZSTD(1)),
+    MetricDescription String CODEC(ZSTD(1)),
+    MetricUnit String CODEC(ZSTD(1)),
+    Attributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    StartTimeUnix DateTime64(9) CODEC(Delta, ZSTD(1)),
+    TimeUnix DateTime64(9) CODEC(Delta, ZSTD(1)),
+    Count UInt64 CODEC(Delta, ZSTD(1)),
+    Sum Float64 CODEC(ZSTD(1)),
+    Scale Int32 CODEC(ZSTD(1)),
+    ZeroCount UInt64 CODEC(ZSTD(1)),
+    PositiveOffset Int32 CODEC(ZSTD(1)),
+    PositiveBucketCounts Array(UInt64) CODEC(ZSTD(1)),
+    NegativeOffset Int32 CODEC(ZSTD(1)),
+    NegativeBucketCounts Array(UInt64) CODEC(ZSTD(1)),
+    Exemplars Nested (
+        FilteredAttributes Map(LowCardinality(String), String),
+        TimeUnix DateTime64(9),
+        Value Float64,
+        SpanId String,
+        TraceId String
+    ) CODEC(ZSTD(1)),
+    Flags UInt32 CODEC(ZSTD(1)),
+    Min Float64 CODEC(ZSTD(1)),
+    Max Float64 CODEC(ZSTD(1)),
+    AggregationTemporality Int32 CODEC(ZSTD(1)),
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_key mapKeys(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_value mapValues(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_attr_key mapKeys(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_attr_value mapValues(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1
+) ENGINE = MergeTree
+
+PARTITION BY toDate(TimeUnix)
+ORDER BY (ServiceName, MetricName, Attributes, toUnixTimestamp64Nano(TimeUnix))
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1;
+
+CREATE TABLE IF NOT EXISTS otel.otel_metrics_summary (
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ResourceSchemaUrl String CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    ScopeAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeDroppedAttrCount UInt32 CODEC(ZSTD(1)),
+    ScopeSchemaUrl String CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    MetricName String CODEC(ZSTD(1)),
+    MetricDescription String CODEC(ZSTD(1)),
+    MetricUnit String CODEC(ZSTD(1)),
+    Attributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    StartTimeUnix DateTime64(9) CODEC(Delta, ZSTD(1)),
+    TimeUnix DateTime64(9) CODEC(Delta, ZSTD(1)),
+    Count UInt64 CODEC(Delta, ZSTD(1)),
+    Sum Float64 CODEC(ZSTD(1)),
+    ValueAtQuantiles Nested(
+        Quantile Float64,
+        Value Float64
+    ) CODEC(ZSTD(1)),
+    Flags UInt32 CODEC(ZSTD(1)),
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_key mapKeys(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_scope_attr_value mapValues(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_attr_key mapKeys(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_attr_value mapValues(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1
+) ENGINE = MergeTree
+
+PARTITION BY toDate(TimeUnix)
+ORDER BY (ServiceName, MetricName, Attributes, toUnixTimestamp64Nano(TimeUnix))
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1;
+
+INSERT INTO otel.flowscope_schema_migrations (Version, Description) VALUES (1, 'OpenTelemetry contrib exporter tables');
+
+-- migration 2: workflow tables and their materialized views
+
+CREATE TABLE IF NOT EXISTS otel.workflow_events (
+    Timestamp DateTime64(9) CODEC(Delta(8), ZSTD(1)),
+    ExecutionId String CODEC(ZSTD(1)),
+    Seq UInt64 CODEC(Delta, ZSTD(1)),
+    EventName LowCardinality(String),
+    WorkflowId LowCardinality(String),
+    WorkflowName LowCardinality(String),
+    NodeId String CODEC(ZSTD(1)),
+    NodeType LowCardinality(String),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String),
+    Data String CODEC(ZSTD(1))
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(Timestamp)
+ORDER BY (ExecutionId, Seq)
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS otel.workflow_events_mv
+TO otel.workflow_events
+AS SELECT
+    Timestamp,
+    LogAttributes['workflow.execution.id'] AS ExecutionId,
+    toUInt64OrZero(LogAttributes['workflow.event.seq']) AS Seq,
+    EventName,
+    LogAttributes['workflow.id'] AS WorkflowId,
+    LogAttributes['workflow.name'] AS WorkflowName,
+    LogAttributes['workflow.node.id'] AS NodeId,
+    LogAttributes['workflow.node.type'] AS NodeType,
+    TraceId,
+    SpanId,
+    ServiceName,
+    Body AS Data
+FROM otel.otel_logs
+WHERE EventName != '' AND LogAttributes['workflow.execution.id'] != '';
+
+CREATE TABLE IF NOT EXISTS otel.workflow_executions (
+    ExecutionId String,
+    WorkflowId LowCardinality(String),
+    WorkflowName LowCardinality(String),
+    WorkflowVersion LowCardinality(String),
+    Status LowCardinality(String),
+    TriggerType LowCardinality(String),
+    UserId String,
+    StartTime DateTime64(9),
+    EndTime Nullable(DateTime64(9)),
+    DurationMs Nullable(Float64),
+    TotalNodes UInt32,
+    CompletedNodes UInt32,
+    FailedNodes UInt32,
+    SkippedNodes UInt32,
+    Error String,
+    TraceId String,
+    SpanId String,
+    ServiceName LowCardinality(String),
+    ResumedFrom String,
+    ParentExecutionId String,
+    Version UInt8,
+    INDEX idx_workflow WorkflowId TYPE set(1000) GRANULARITY 4,
+    INDEX idx_status Status TYPE set(16) GRANULARITY 4,
+    INDEX idx_user UserId TYPE bloom_filter(0.01) GRANULARITY 4
+) ENGINE = ReplacingMergeTree(Version)
+PARTITION BY toYYYYMM(StartTime)
+ORDER BY ExecutionId
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS otel.workflow_executions_started_mv
+TO otel.workflow_executions
+AS SELECT
+    LogAttributes['workflow.execution.id'] AS ExecutionId,
+    LogAttributes['workflow.id'] AS WorkflowId,
+    LogAttributes['workflow.name'] AS WorkflowName,
+    JSONExtractString(Body, 'workflowVersion') AS WorkflowVersion,
+    'running' AS Status,
+    JSONExtractString(Body, 'trigger') AS TriggerType,
+    JSONExtractString(Body, 'userId') AS UserId,
+    Timestamp AS StartTime,
+    CAST(NULL, 'Nullable(DateTime64(9))') AS EndTime,
+    CAST(NULL, 'Nullable(Float64)') AS DurationMs,
+    toUInt32(JSONExtractUInt(Body, 'totalNodes')) AS TotalNodes,
+    toUInt32(0) AS CompletedNodes,
+    toUInt32(0) AS FailedNodes,
+    toUInt32(0) AS SkippedNodes,
+    '' AS Error,
+    TraceId,
+    SpanId,
+    ServiceName,
+    JSONExtractString(Body, 'resumedFrom') AS ResumedFrom,
+    JSONExtractString(Body, 'parentExecutionId') AS ParentExecutionId,
+    toUInt8(1) AS Version
+FROM otel.otel_logs
+WHERE EventName = 'workflow.started' AND LogAttributes['workflow.execution.id'] != '';
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS otel.workflow_executions_span_mv
+TO otel.workflow_executions
+AS SELECT
+    SpanAttributes['workflow.execution.id'] AS ExecutionId,
+    SpanAttributes['workflow.id'] AS WorkflowId,
+    SpanAttributes['workflow.name'] AS WorkflowName,
+    SpanAttributes['workflow.version'] AS WorkflowVersion,
+    SpanAttributes['workflow.result'] AS Status,
+    SpanAttributes['workflow.trigger.type'] AS TriggerType,
+    SpanAttributes['enduser.id'] AS UserId,
+    Timestamp AS StartTime,
+    CAST(Timestamp + toIntervalNanosecond(Duration), 'Nullable(DateTime64(9))') AS EndTime,
+    CAST(Duration / 1e6, 'Nullable(Float64)') AS DurationMs,
+    toUInt32OrZero(SpanAttributes['workflow.node.count']) AS TotalNodes,
+    toUInt32OrZero(SpanAttributes['workflow.node.completed_count']) AS CompletedNodes,
+    toUInt32OrZero(SpanAttributes['workflow.node.failed_count']) AS FailedNodes,
+    toUInt32OrZero(SpanAttributes['workflow.node.skipped_count']) AS SkippedNodes,
+    StatusMessage AS Error,
+    TraceId,
+    SpanId,
+    ServiceName,
+    SpanAttributes['workflow.resumed_from.execution.id'] AS ResumedFrom,
+    SpanAttributes['workflow.parent.execution.id'] AS ParentExecutionId,
+    toUInt8(2) AS Version
+FROM otel.otel_traces
+WHERE SpanAttributes['gen_ai.operation.name'] = 'invoke_workflow'
+  AND SpanAttributes['workflow.execution.id'] != '';
+
+CREATE TABLE IF NOT EXISTS otel.node_executions (
+    ExecutionId String,
+    NodeId String,
+    Attempt UInt32,
+    NodeType LowCardinality(String),
+    NodeLabel String,
+    Status LowCardinality(String),
+    StartTime DateTime64(9),
+    EndTime DateTime64(9),
+    DurationMs Float64,
+    ErrorType LowCardinality(String),
+    Error String,
+    Model LowCardinality(String),
+    InputTokens UInt64,
+    OutputTokens UInt64,
+    TraceId String,
+    SpanId String,
+    ParentSpanId String,
+    ServiceName LowCardinality(String),
+    INDEX idx_node_type NodeType TYPE set(64) GRANULARITY 4,
+    INDEX idx_status Status TYPE set(16) GRANULARITY 4
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(StartTime)
+ORDER BY (ExecutionId, NodeId, Attempt)
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS otel.node_executions_mv
+TO otel.node_executions
+AS SELECT
+    SpanAttributes['workflow.execution.id'] AS ExecutionId,
+    SpanAttributes['workflow.node.id'] AS NodeId,
+    toUInt32OrZero(SpanAttributes['workflow.node.attempt']) AS Attempt,
+    SpanAttributes['workflow.node.type'] AS NodeType,
+    SpanAttributes['workflow.node.label'] AS NodeLabel,
+    SpanAttributes['workflow.node.result'] AS Status,
+    Timestamp AS StartTime,
+    Timestamp + toIntervalNanosecond(Duration) AS EndTime,
+    Duration / 1e6 AS DurationMs,
+    SpanAttributes['error.type'] AS ErrorType,
+    StatusMessage AS Error,
+    SpanAttributes['gen_ai.request.model'] AS Model,
+    toUInt64OrZero(SpanAttributes['gen_ai.usage.input_tokens']) AS InputTokens,
+    toUInt64OrZero(SpanAttributes['gen_ai.usage.output_tokens']) AS OutputTokens,
+    TraceId,
+    SpanId,
+    ParentSpanId,
+    ServiceName
+FROM otel.otel_traces
+WHERE SpanAttributes['workflow.node.id'] != '' AND SpanAttributes['workflow.execution.id'] != '';
+
+INSERT INTO otel.flowscope_schema_migrations (Version, Description) VALUES (2, 'workflow tables and their materialized views');
