@@ -20,7 +20,7 @@ from collector.types import Signal, StreamSubscriber, Unsubscribe
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_MAX_QUEUE_ROWS = 200_000
+_DEFAULT_MAX_QUEUE_ROWS = 50_000
 _DEFAULT_MAX_BATCH_ROWS = 20_000
 _DEFAULT_FLUSH_INTERVAL_S = 1.0
 _RETRY_INITIAL_S = 0.1

@@ -75,7 +75,8 @@ class Connection:
         self.limits = limits
         self._history_events = history_events
         self._history_since = history_since
-        self._events: deque[Message] = deque()
+        # Events are queued with their subscription id; control messages are plain dicts.
+        self._events: deque[tuple[LiveEvent, str] | Message] = deque()
         self._control: deque[Message] = deque(maxlen=256)
         self._wake = asyncio.Event()
         self._lag: dict[str, dict[str, list[int]]] = {}
@@ -107,7 +108,7 @@ class Connection:
         if len(self._events) >= self.limits.queue_size:
             self._record_lag(sub, event)
             return
-        self._events.append({**event, "sub": sub.id})
+        self._events.append((event, sub.id))
         self._wake.set()
 
     def _record_lag(self, sub: Subscription, event: LiveEvent) -> None:
@@ -172,9 +173,10 @@ class Connection:
             await self._wake.wait()
             self._wake.clear()
             while self._control or self._events:
-                message = self._control.popleft() if self._control else self._events.popleft()
+                item = self._control.popleft() if self._control else self._events.popleft()
+                text = _wire(*item) if isinstance(item, tuple) else json.dumps(item, separators=(",", ":"), default=str)
                 try:
-                    await self.ws.send_text(json.dumps(message, separators=(",", ":"), default=str))
+                    await self.ws.send_text(text)
                 except Exception:
                     # The peer is gone; the receive loop sees the disconnect and cleans up.
                     return
@@ -332,6 +334,19 @@ class Connection:
         task = self._replays.pop(sub.id, None)
         if task is not None:
             task.cancel()
+
+
+_WIRE = "_wire"
+
+
+def _wire(event: LiveEvent, sub_id: str) -> str:
+    """The event as JSON, serialised once however many connections send it."""
+    base = event.get(_WIRE)
+    if base is None:
+        base = json.dumps(event, separators=(",", ":"), default=str)
+        # Cached on the shared event: the hub and every connection hold the same dict.
+        event[_WIRE] = base
+    return f'{base[:-1]},"sub":{json.dumps(sub_id)}}}'
 
 
 def _string_set(value: Any, name: str, sub_id: str) -> frozenset[str] | None:

@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from ws_bridge.types import LiveEvent
 
@@ -160,7 +159,3 @@ def performance_event(base: LiveEvent, level: str, threshold_ms: float, actual_m
         "spanId": base.get("spanId", ""),
         "data": {"thresholdMs": threshold_ms, "actualMs": round(actual_ms, 1), "running": running},
     }
-
-
-def ready_event_copy(event: LiveEvent, **data: Any) -> LiveEvent:
-    return {**event, "data": {**event["data"], **data}}

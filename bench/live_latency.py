@@ -1,0 +1,149 @@
+"""Live latency: from the engine emitting an event to a WebSocket subscriber receiving it.
+
+Run: .venv/bin/python bench/live_latency.py [--subscribers 1,100,1000] [--rate 2000] [--seconds 10]
+
+Three processes, as in production: the embedded stack (`flowscope up`), an engine exporting
+OTLP/gRPC at about --rate events/s, and this process holding the subscribers (each
+subscribed to `all`, so each receives every event). Latency = receive time − the event's
+`ts` (set by the engine when it emitted the event; one machine, one clock). The budget
+includes the SDK's export batch delay (100 ms by default; --batch-delay-ms sets it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+from typing import Any
+
+from websockets.asyncio.client import connect
+
+
+def run_stack(data_dir: str, ready: Any, stop: Any, ports: Any) -> None:
+    from flowscope.config import Settings
+    from flowscope.stack import Stack
+
+    async def main() -> None:
+        settings = Settings(data_dir=__import__("pathlib").Path(data_dir), otlp_grpc_port=0, otlp_http_port=0,
+                            http_port=0, ws_queue_size=20_000)  # fmt: skip
+        async with Stack(settings).running() as stack:
+            assert stack.endpoints is not None
+            ports["http"], ports["grpc"] = stack.endpoints.http_port, stack.endpoints.otlp_grpc_port
+            ready.set()
+            # The stop flag is a multiprocessing Event: wait for it off the event loop.
+            await asyncio.to_thread(stop.wait)
+
+    asyncio.run(main())
+
+
+def run_engine(grpc_port: int, rate: float, seconds: float, batch_delay_ms: int, emitted: Any) -> None:
+    from engine import Engine, NodeContext, WorkflowBuilder
+    from engine.telemetry import setup, shutdown
+
+    async def step(ctx: NodeContext) -> int:
+        return 1
+
+    async def main() -> None:
+        engine = Engine(setup(endpoint=f"http://127.0.0.1:{grpc_port}", schedule_delay_millis=batch_delay_ms))
+        builder = WorkflowBuilder("latency", "Latency").code("n0", step)
+        for i in range(1, 5):
+            builder.code(f"n{i}", step, depends_on=[f"n{i - 1}"])
+        wf = builder.build()
+        per_run = 13  # started, 5 x (node.started + node.completed), ~1 progress, completed
+        interval = per_run / rate
+        deadline = time.monotonic() + seconds
+        tasks = set()
+        count = 0
+        while time.monotonic() < deadline:
+            task = asyncio.ensure_future(engine.run(wf))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            count += 1
+            await asyncio.sleep(interval)
+        results = await asyncio.gather(*tasks)
+        emitted.value = sum(r.events_emitted for r in results) + (count - len(results)) * per_run
+        await engine.aclose()
+        shutdown()
+
+    asyncio.run(main())
+
+
+async def subscribe_all(url: str, n: int, seconds: float) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    received = 0
+    sockets = [await connect(url, max_size=None, open_timeout=30) for _ in range(n)]
+    for ws in sockets:
+        await ws.send(json.dumps({"op": "subscribe", "id": "b", "rooms": ["all"]}))
+
+    async def reader(ws: Any) -> None:
+        nonlocal received
+        async for raw in ws:
+            now = time.time()
+            message = json.loads(raw)
+            ts = message.get("ts")
+            if "seq" in message and ts and not message.get("derived"):
+                received += 1
+                sent = dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+                latencies.append((now - sent) * 1000)
+
+    readers = [asyncio.create_task(reader(ws)) for ws in sockets]
+    await asyncio.sleep(seconds)
+    for ws in sockets:
+        await ws.close()
+    await asyncio.gather(*readers, return_exceptions=True)
+    return latencies, received
+
+
+def measure(subscribers: int, rate: float, seconds: float, batch_delay_ms: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager()
+    ports = manager.dict()
+    emitted = manager.Value("i", 0)
+    ready, stop = ctx.Event(), ctx.Event()
+    stack = ctx.Process(target=run_stack, args=(tempfile.mkdtemp(prefix="flowscope-live-"), ready, stop, ports))
+    stack.start()
+    assert ready.wait(60)
+    url = f"ws://127.0.0.1:{ports['http']}/ws"
+    engine = ctx.Process(target=run_engine, args=(ports["grpc"], rate, seconds, batch_delay_ms, emitted))
+
+    async def go() -> tuple[list[float], int]:
+        subs = asyncio.create_task(subscribe_all(url, subscribers, seconds + 3))
+        await asyncio.sleep(1.0)
+        engine.start()
+        return await subs
+
+    started = time.perf_counter()
+    latencies, received = asyncio.run(go())
+    elapsed = time.perf_counter() - started
+    engine.join(60)
+    stop.set()
+    stack.join(60)
+    latencies.sort()
+    pick = (lambda q: round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)) if latencies else None
+    return {
+        "subscribers": subscribers,
+        "target_events_per_s": rate,
+        "events_emitted": emitted.value,
+        "deliveries": received,
+        "deliveries_per_s": round(received / elapsed),
+        "p50_ms": pick(0.5) if pick else None,
+        "p99_ms": pick(0.99) if pick else None,
+        "max_ms": round(latencies[-1], 1) if latencies else None,
+        "mean_ms": round(statistics.fmean(latencies), 1) if latencies else None,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subscribers", default="1,100")
+    parser.add_argument("--rate", type=float, default=2000)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--batch-delay-ms", type=int, default=100)
+    args = parser.parse_args()
+    results = [measure(int(n), args.rate, args.seconds, args.batch_delay_ms) for n in args.subscribers.split(",")]
+    print(json.dumps(results, indent=2))
