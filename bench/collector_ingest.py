@@ -39,7 +39,8 @@ def make_request(size: int, seed: int) -> bytes:
         rnd = os.urandom(24)
         spans.append(
             Span(
-                trace_id=rnd[:16], span_id=rnd[16:], parent_span_id=os.urandom(8), name=f"code step-{i % 50}", kind=Span.SPAN_KIND_INTERNAL,
+                trace_id=rnd[:16], span_id=rnd[16:], parent_span_id=os.urandom(8), name=f"code step-{i % 50}",
+                kind=Span.SPAN_KIND_INTERNAL,
                 start_time_unix_nano=time.time_ns(), end_time_unix_nano=time.time_ns() + 1_000_000,
                 attributes=[
                     kv("workflow.execution.id", f"exec-{seed}-{i // 20}"), kv("workflow.node.id", f"n{i % 20}"),
