@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from collector.batcher import Pipeline, Writer
+from collector.forward import OtlpForwarder
 from collector.receiver import GrpcReceiver, http_routes
 from collector.schema import SchemaOptions
 from collector.serving import serve_asgi
@@ -38,6 +39,8 @@ class CollectorConfig:
     flush_interval_s: float | None = None
     max_message_bytes: int | None = None
     create_schema: bool = True
+    # OTLP/gRPC endpoints of remote bridges that get the accepted event stream.
+    forward_endpoints: tuple[str, ...] = ()
 
 
 class Collector:
@@ -61,6 +64,7 @@ class Collector:
         self._grpc: GrpcReceiver | None = None
         self.grpc_port = 0
         self.http_port = 0
+        self._forwarders: list[OtlpForwarder] = []
 
     @property
     def database(self) -> str:
@@ -91,6 +95,10 @@ class Collector:
         )
         self._grpc.start()
         self.grpc_port = self._grpc.port
+        for endpoint in self.config.forward_endpoints:
+            forwarder = OtlpForwarder(endpoint, self.metrics)
+            self._forwarders.append(forwarder)
+            self.pipeline.subscribe(forwarder)
 
     def subscribe(self, subscriber: StreamSubscriber) -> Unsubscribe:
         if self.pipeline is None:
@@ -152,6 +160,9 @@ class Collector:
         left = 0
         if self.pipeline is not None:
             left = self.pipeline.close(drain_timeout_s)
+        for forwarder in self._forwarders:
+            forwarder.close()
+        self._forwarders.clear()
         if self._admin is not None:
             self._admin.close()
             self._admin = None

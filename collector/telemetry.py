@@ -45,6 +45,15 @@ class SelfMetrics:
         )
         self.queue_rows = Gauge("flowscope_collector_queue_rows", "Rows waiting to be written", registry=r)
         self.queue_capacity = Gauge("flowscope_collector_queue_capacity_rows", "Queue bound in rows", registry=r)
+        self.forwarded = Counter(
+            "flowscope_collector_forwarded_requests", "Requests forwarded to remote bridges", ["endpoint"], registry=r
+        )
+        self.forward_dropped = Counter(
+            "flowscope_collector_forward_dropped_requests",
+            "Requests a remote bridge could not take (it replays them from ClickHouse)",
+            ["endpoint"],
+            registry=r,
+        )
         self.subscriber_errors = Counter(
             "flowscope_collector_subscriber_errors", "Stream subscribers that raised", registry=r
         )

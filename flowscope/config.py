@@ -27,6 +27,7 @@ class Settings:
     otlp_http_port: int = 4318
     http_port: int = 8080
     bridge_otlp_port: int | None = None
+    forward_otlp: tuple[str, ...] = ()
     auth_tokens: Mapping[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
     jwt_secret: str | None = None
     no_auth: bool = False
@@ -93,7 +94,7 @@ def _coerce(name: str, raw: str, current: Any) -> Any:
         return parse_tokens(raw)
     if name == "data_dir":
         return Path(raw)
-    if name == "cors_origins":
+    if name in {"cors_origins", "forward_otlp"}:
         return tuple(o.strip() for o in raw.split(",") if o.strip())
     if name == "no_auth":
         return raw.lower() in {"1", "true", "yes"}

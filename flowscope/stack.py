@@ -50,6 +50,7 @@ class Stack:
                 http_port=settings.otlp_http_port,
                 max_queue_rows=settings.max_queue_rows,
                 flush_interval_s=settings.flush_interval_s,
+                forward_endpoints=settings.forward_otlp,
             )
         )
         self.bridge: Bridge | None = None

@@ -1,0 +1,44 @@
+"""The distributed path: collector → OTLP forward → a separate bridge's OTLP/gRPC feed → subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from collector.schema import SchemaOptions
+from collector.service import Collector, CollectorConfig
+from collector.serving import serve_asgi
+from engine import Engine, NodeContext, WorkflowBuilder
+from tests.collector.otlp import otlp_providers
+from tests.ws_bridge.conftest import recv_until, ws_client
+from ws_bridge.app import Bridge, BridgeConfig
+
+
+async def one(ctx: NodeContext) -> int:
+    return 1
+
+
+async def test_events_reach_a_remote_bridge_through_its_otlp_feed(chdb_dsn: str, database: str) -> None:
+    bridge = Bridge(BridgeConfig(otlp_port=0), None)
+    async with bridge.running():
+        assert bridge.otlp_port > 0
+        config = CollectorConfig(
+            dsn=chdb_dsn, schema=SchemaOptions(database=database), grpc_port=0, http_port=0, flush_interval_s=0.05,
+            forward_endpoints=(f"127.0.0.1:{bridge.otlp_port}",),
+        )  # fmt: skip
+        async with Collector(config).running() as collector, serve_asgi(bridge.app()) as port:
+            providers = otlp_providers(collector, "grpc")
+            engine = Engine(providers.telemetry())
+            async with ws_client(f"ws://127.0.0.1:{port}/ws") as ws:
+                await ws.send(json.dumps({"op": "subscribe", "id": "r", "rooms": ["workflow:remote"]}))
+                await recv_until(ws, lambda m: m.get("type") == "replay.done")
+                result = await engine.run(
+                    WorkflowBuilder("remote").code("a", one).code("b", one, depends_on=["a"]).build()
+                )
+                await asyncio.to_thread(providers.flush)
+                received = await recv_until(ws, lambda m: m.get("type") == "workflow.completed")
+            await asyncio.to_thread(providers.shutdown)
+            await engine.aclose()
+            metrics = collector.metrics.render().decode()
+    assert [m["seq"] for m in received] == list(range(1, result.events_emitted + 1))
+    assert "flowscope_collector_forwarded_requests_total" in metrics
