@@ -416,7 +416,8 @@ def _event(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_NODE_STATE = {
+# Node state after each node event: shared by history folding, the live hub and the CLI.
+NODE_STATES = {
     "node.started": "running",
     "node.completed": "success",
     "node.failed": "failed",
@@ -444,7 +445,7 @@ def fold_nodes(events: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> 
                 }
             continue
         node_id = event["nodeId"]
-        state = _NODE_STATE.get(event["type"])
+        state = NODE_STATES.get(event["type"])
         if not node_id or state is None:
             continue
         node = nodes.setdefault(

@@ -18,7 +18,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from collector.history import History, SqlError
+from collector.history import NODE_STATES, History, SqlError
 from collector.schema import SchemaOptions, ddl
 from collector.store import Dsn, StoreError, StoreLocked, connect, migrate
 from flowscope.config import Settings
@@ -177,19 +177,17 @@ def demo(runs: int | None, interval: float, exit_after: bool, **flags: Any) -> N
         console.print(
             '  flowscope sql "SELECT NodeId, quantile(0.95)(DurationMs) FROM otel.node_executions GROUP BY NodeId"'
         )
-        round_no = 0
+
+        def report(round_no: int, results: list[Any]) -> None:
+            for result in results:
+                mark = "[green]✓[/]" if result.result is Result.SUCCESS else "[red]✗[/]"
+                console.print(
+                    f"  {mark} {result.workflow.name:<16} {result.result.value:<8} "
+                    f"{result.duration_s * 1000:7.0f} ms  {endpoints.web}/executions/{result.execution_id}"
+                )
+
         try:
-            while runs is None or round_no < runs:
-                results = await samples.run_round(engine, round_no)
-                for result in results:
-                    mark = "[green]✓[/]" if result.result is Result.SUCCESS else "[red]✗[/]"
-                    console.print(
-                        f"  {mark} {result.workflow.name:<16} {result.result.value:<8} "
-                        f"{result.duration_s * 1000:7.0f} ms  {endpoints.web}/executions/{result.execution_id}"
-                    )
-                round_no += 1
-                if runs is None or round_no < runs:
-                    await asyncio.sleep(interval)
+            round_no = await samples.run_rounds(engine, runs, interval, report)
         finally:
             await engine.aclose()
             await asyncio.to_thread(shutdown)
@@ -259,16 +257,12 @@ def samples(otlp_endpoint: str, runs: int | None, interval: float) -> None:
             setup(service_name="flowscope-samples", endpoint=otlp_endpoint, options=TelemetryOptions(capture_io=True)),
             sample_workflows.registry(),
         )
-        round_no = 0
+
+        def report(round_no: int, results: list[Any]) -> None:
+            console.print(f"round {round_no + 1}: " + ", ".join(f"{r.workflow.id}={r.result.value}" for r in results))
+
         try:
-            while runs is None or round_no < runs:
-                results = await sample_workflows.run_round(engine, round_no)
-                console.print(
-                    f"round {round_no + 1}: " + ", ".join(f"{r.workflow.id}={r.result.value}" for r in results)
-                )
-                round_no += 1
-                if runs is None or round_no < runs:
-                    await asyncio.sleep(interval)
+            await sample_workflows.run_rounds(engine, runs, interval, report)
         finally:
             await engine.aclose()
             await asyncio.to_thread(shutdown)
@@ -373,9 +367,7 @@ def watch(execution_id: str | None, workflow: str | None, server: str, token: st
                     elif event.get("nodeId") and event["type"].startswith("node."):
                         n = nodes.setdefault(event["nodeId"], {"id": event["nodeId"], "state": "pending"})
                         n["type"] = event.get("nodeType")
-                        n["state"] = {"node.started": "running", "node.completed": "success", "node.failed": "failed",
-                                      "node.retrying": "retrying", "node.skipped": "skipped",
-                                      "node.waiting": "waiting"}[event["type"]]  # fmt: skip
+                        n["state"] = NODE_STATES.get(event["type"], n["state"])
                         n["attempts"] = max(n.get("attempts", 0), int(data.get("attempt") or 0))
                         if "durationMs" in data:
                             n["durationMs"] = data["durationMs"]

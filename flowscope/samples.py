@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,6 +173,19 @@ def report() -> Workflow:
 
 def registry() -> NodeRegistry:
     return NodeRegistry(tools=tools, providers={"local": LocalProvider(token_delay_s=0.02, first_token_delay_s=0.1)})
+
+
+async def run_rounds(
+    engine: Engine, runs: int | None, interval_s: float, report: Callable[[int, list[ExecutionResult]], None]
+) -> int:
+    """Rounds of every sample, `interval_s` apart, until `runs` (or forever); returns rounds done."""
+    done = 0
+    while runs is None or done < runs:
+        report(done, await run_round(engine, done))
+        done += 1
+        if runs is None or done < runs:
+            await asyncio.sleep(interval_s)
+    return done
 
 
 async def run_round(engine: Engine, round_no: int) -> list[ExecutionResult]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,3 +15,16 @@ async def serve_asgi(app: Any) -> AsyncIterator[str]:
     """Serve `app` on an ephemeral port; yields its base URL."""
     async with _serve(app, "127.0.0.1", 0) as port:
         yield f"http://127.0.0.1:{port}"
+
+
+class Gate:
+    """A node function that blocks until released, so a test can act mid-run."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, ctx: object) -> str:
+        self.entered.set()
+        await self.release.wait()
+        return "released"

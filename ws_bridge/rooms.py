@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from collector.history import NODE_STATES
 from ws_bridge.derive import ExecutionTrack, MedianCache, NodeTrack, Thresholds, estimate_eta_ms, performance_event
 from ws_bridge.types import LiveEvent
 
@@ -26,14 +27,6 @@ _DEFAULT_MAX_EXECUTIONS = 2_000
 _DEFAULT_MAX_RECENT_EVENTS = 200_000
 _MAX_SEEN_PER_EXECUTION = 20_000
 _TERMINAL = frozenset({"workflow.completed", "workflow.failed", "workflow.cancelled"})
-_NODE_STATES = {
-    "node.started": "running",
-    "node.completed": "success",
-    "node.failed": "failed",
-    "node.retrying": "retrying",
-    "node.skipped": "skipped",
-    "node.waiting": "waiting",
-}
 
 
 @dataclass(eq=False)
@@ -167,7 +160,7 @@ class Hub:
             track.finished = True
             track.close()
             return []
-        state = _NODE_STATES.get(kind)
+        state = NODE_STATES.get(kind)
         node_id = event.get("nodeId")
         if state is None or not node_id:
             return []

@@ -12,6 +12,7 @@ from playwright.async_api import Browser, Page, async_playwright
 from engine import Engine, NodeContext, WorkflowBuilder
 from flowscope.stack import Stack
 from tests.collector.otlp import otlp_providers
+from tests.helpers import Gate
 
 pytestmark = pytest.mark.browser
 
@@ -38,17 +39,6 @@ async def browser() -> AsyncIterator[Browser]:
 async def shot(page: Page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-
-
-class Gate:
-    def __init__(self) -> None:
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def __call__(self, ctx: NodeContext) -> str:
-        self.entered.set()
-        await self.release.wait()
-        return "done"
 
 
 async def quick(ctx: NodeContext) -> int:

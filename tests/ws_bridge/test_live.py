@@ -12,23 +12,11 @@ import pytest
 from engine import Engine, EventType, NodeContext, WorkflowBuilder, WorkflowEvent
 from flowscope.stack import Stack
 from tests.collector.otlp import OtlpProviders, otlp_providers
+from tests.helpers import Gate
 from tests.ws_bridge.conftest import recv_json, recv_until, ws_client, ws_url
 from ws_bridge.client import LiveClient
 
 TERMINAL = {"workflow.completed", "workflow.failed", "workflow.cancelled"}
-
-
-class Gate:
-    """A node that blocks until released, so a test can act mid-run."""
-
-    def __init__(self) -> None:
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def __call__(self, ctx: NodeContext) -> str:
-        self.entered.set()
-        await self.release.wait()
-        return "released"
 
 
 async def quick(ctx: NodeContext) -> int:
