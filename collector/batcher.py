@@ -12,9 +12,12 @@ import logging
 import random
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from collector.convert import CONVERTERS, Columns, Converted
+from collector.spool import Spool, SpoolFull
 from collector.telemetry import SelfMetrics
 from collector.types import Signal, StreamSubscriber, Unsubscribe
 
@@ -40,11 +43,41 @@ class Backpressure(Exception):
 
 
 class Writer(Protocol):
-    def insert(self, columns: Columns) -> None: ...
+    def insert(self, columns: Columns, dedup_token: str | None = None) -> None: ...
 
     def is_transient(self, error: Exception) -> bool: ...
 
     def close(self) -> None: ...
+
+
+@dataclass
+class Entry:
+    """The rows of one accepted request, with its spool (or intake) sequence number."""
+
+    seq: int
+    tables: list[Columns]
+    rows: int
+
+
+@dataclass
+class _Round:
+    """Entries written together. Its composition never changes once formed, so the insert
+    deduplication tokens derived from it stay valid across retries and restarts."""
+
+    entries: list[Entry]
+    done: set[tuple[str, int]] = field(default_factory=set)
+
+    @property
+    def first(self) -> int:
+        return self.entries[0].seq
+
+    @property
+    def last(self) -> int:
+        return self.entries[-1].seq
+
+    @property
+    def rows(self) -> int:
+        return sum(e.rows for e in self.entries)
 
 
 class Pipeline:
@@ -56,15 +89,20 @@ class Pipeline:
         max_queue_rows: int | None = None,
         max_batch_rows: int | None = None,
         flush_interval_s: float | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self._writer = writer
         self.metrics = metrics or SelfMetrics()
         self.max_queue_rows = max_queue_rows or _DEFAULT_MAX_QUEUE_ROWS
         self.max_batch_rows = max_batch_rows or _DEFAULT_MAX_BATCH_ROWS
         self.flush_interval_s = _DEFAULT_FLUSH_INTERVAL_S if flush_interval_s is None else flush_interval_s
+        self.spool = spool
         self._cond = threading.Condition()
-        self._incoming: list[Columns] = []
+        self._incoming: list[Entry] = []
+        self._incoming_rows = 0
+        self._rounds: deque[_Round] = deque()
         self._queued_rows = 0
+        self._seq = 0
         self._subscribers: list[StreamSubscriber] = []
         self._closing = False
         self._store_ok = True
@@ -77,12 +115,18 @@ class Pipeline:
     # -- intake ------------------------------------------------------------------------------
 
     def consume(self, signal: Signal, request: Any) -> Converted:
-        """Convert and queue one OTLP request; raises Backpressure when it cannot be taken now."""
+        """Convert and queue one OTLP request; raises Backpressure when it cannot be taken now.
+
+        With a spool, returns only once the request is fsync'd: acknowledged means durable.
+        """
         converted = CONVERTERS[signal](request)
         self.metrics.received.labels(signal.value).inc(converted.accepted + converted.rejected)
         if converted.rejected:
             self.metrics.rejected.labels(signal.value, "invalid").inc(converted.rejected)
         rows = converted.rows
+        if rows == 0:
+            return converted
+        payload = request.SerializeToString() if self.spool is not None else b""
         with self._cond:
             if self._closing:
                 self.metrics.refused.labels(signal.value, "shutting_down").inc()
@@ -91,7 +135,17 @@ class Pipeline:
                 reason = "storage unavailable" if not self._store_ok else "queue full"
                 self.metrics.refused.labels(signal.value, reason.replace(" ", "_")).inc()
                 raise Backpressure(f"{reason}: {self._queued_rows} rows waiting (bound {self.max_queue_rows})")
-            self._incoming.extend(converted.tables)
+            if self.spool is not None:
+                try:
+                    seq = self.spool.append(signal, payload)
+                except SpoolFull as exc:
+                    self.metrics.refused.labels(signal.value, "spool_full").inc()
+                    raise Backpressure(str(exc)) from exc
+            else:
+                self._seq += 1
+                seq = self._seq
+            self._incoming.append(Entry(seq, converted.tables, rows))
+            self._incoming_rows += rows
             self._queued_rows += rows
             self.metrics.queue_rows.set(self._queued_rows)
             self.metrics.accepted.labels(signal.value).inc(converted.accepted)
@@ -102,9 +156,23 @@ class Pipeline:
                 except Exception:
                     self.metrics.subscriber_errors.inc()
                     logger.exception("stream subscriber %r failed", subscriber)
-            if self._queued_rows >= self.max_batch_rows:
-                self._cond.notify()
+            if self._incoming_rows >= self.max_batch_rows:
+                self._cond.notify_all()
+        if self.spool is not None:
+            self.spool.wait_durable(seq)
         return converted
+
+    def restore(self, inflight: list[Entry], rest: list[Entry]) -> None:
+        """Queue replayed spool records: the interrupted round first, re-formed as it was."""
+        with self._cond:
+            if inflight:
+                self._rounds.append(_Round(inflight))
+            self._incoming[:0] = rest
+            restored = sum(e.rows for e in inflight) + sum(e.rows for e in rest)
+            self._incoming_rows += sum(e.rows for e in rest)
+            self._queued_rows += restored
+            self.metrics.queue_rows.set(self._queued_rows)
+            self._cond.notify_all()
 
     def subscribe(self, subscriber: StreamSubscriber) -> Unsubscribe:
         with self._cond:
@@ -136,7 +204,7 @@ class Pipeline:
         deadline = time.monotonic() + timeout_s
         with self._cond:
             self._flush_requested = True
-            self._cond.notify()
+            self._cond.notify_all()
             while self._queued_rows > 0:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -154,70 +222,84 @@ class Pipeline:
             self._cond.notify_all()
         self._thread.join(timeout_s + 1.0)
         self._writer.close()
+        if self.spool is not None:
+            self.spool.close()
         left = self._queued_rows
         if left:
-            logger.error("collector stopped with %d accepted rows unwritten (storage unavailable)", left)
+            kept = " (kept in the spool for the next start)" if self.spool is not None else ""
+            logger.error("collector stopped with %d accepted rows unwritten%s", left, kept)
         return left
 
     _drain_deadline = float("inf")
 
     # -- the writer thread -----------------------------------------------------------------
 
+    def _next_round(self, next_flush: float) -> tuple[_Round | None, bool]:
+        with self._cond:
+            while not (self._rounds or self._closing or self._flush_requested):
+                if self._incoming and (self._incoming_rows >= self.max_batch_rows or time.monotonic() >= next_flush):
+                    break
+                wait = next_flush - time.monotonic()
+                self._cond.wait(wait if wait > 0 else self.flush_interval_s)
+            self._flush_requested = False
+            if self._rounds:
+                return self._rounds.popleft(), self._closing
+            if self._incoming:
+                formed = _Round(self._incoming)
+                self._incoming = []
+                self._incoming_rows = 0
+                return formed, self._closing
+            return None, self._closing
+
     def _run(self) -> None:
-        pending: dict[str, Columns] = {}
         next_flush = time.monotonic() + self.flush_interval_s
         while True:
-            with self._cond:
-                while not self._incoming and not self._closing and not self._flush_requested:
-                    timeout = next_flush - time.monotonic()
-                    if timeout <= 0 or (pending and self._queued_rows >= self.max_batch_rows):
-                        break
-                    self._cond.wait(timeout)
-                for columns in self._incoming:
-                    merged = pending.get(columns.table)
-                    if merged is None:
-                        pending[columns.table] = Columns(columns.table, columns.names, [list(c) for c in columns.data])
-                    else:
-                        merged.extend(columns)
-                self._incoming.clear()
-                closing = self._closing
-                forced = self._flush_requested
-                self._flush_requested = False
-            now = time.monotonic()
-            full = any(c.rows >= self.max_batch_rows for c in pending.values())
-            if pending and (full or forced or closing or now >= next_flush):
-                self._write_all(pending, closing)
-                next_flush = time.monotonic() + self.flush_interval_s
-            elif now >= next_flush:
-                next_flush = now + self.flush_interval_s
-            if closing and (not pending or time.monotonic() >= self._drain_deadline):
-                return
-
-    def _write_all(self, pending: dict[str, Columns], closing: bool) -> None:
-        for table in list(pending):
-            chunks = pending[table].split(self.max_batch_rows)
-            for index, chunk in enumerate(chunks):
-                if not self._write_with_retry(chunk, closing):
-                    # This chunk and the ones after it stay pending for the next round.
-                    rest = Columns(table, chunk.names)
-                    for part in chunks[index:]:
-                        rest.extend(part)
-                    pending[table] = rest
+            current, closing = self._next_round(next_flush)
+            next_flush = time.monotonic() + self.flush_interval_s
+            if current is None:
+                if closing:
                     return
+                continue
+            if not self._write_round(current):
                 with self._cond:
-                    self._queued_rows -= chunk.rows
-                    self.metrics.queue_rows.set(self._queued_rows)
-                    self._cond.notify_all()
-            del pending[table]
+                    self._rounds.appendleft(current)
+                if closing or self._closing:
+                    return
 
-    def _write_with_retry(self, chunk: Columns, closing: bool) -> bool:
+    def _write_round(self, current: _Round) -> bool:
+        if self.spool is not None:
+            self.spool.mark_inflight(current.first, current.last)
+        merged: dict[str, Columns] = {}
+        for entry in current.entries:
+            for columns in entry.tables:
+                target = merged.get(columns.table)
+                if target is None:
+                    merged[columns.table] = target = Columns(columns.table, columns.names)
+                target.extend(columns)
+        for table in sorted(merged):
+            for index, chunk in enumerate(merged[table].split(self.max_batch_rows)):
+                if (table, index) in current.done:
+                    continue
+                token = f"{current.first}-{current.last}:{table}:{index}" if self.spool is not None else None
+                if not self._write_with_retry(chunk, token):
+                    return False
+                current.done.add((table, index))
+        with self._cond:
+            self._queued_rows -= current.rows
+            self.metrics.queue_rows.set(self._queued_rows)
+            self._cond.notify_all()
+        if self.spool is not None:
+            self.spool.mark_written(current.last)
+        return True
+
+    def _write_with_retry(self, chunk: Columns, token: str | None) -> bool:
         """True when the chunk is done with (written, or dropped as poison and counted)."""
         delay = _RETRY_INITIAL_S
         poison_attempts = 0
         while True:
             started = time.perf_counter()
             try:
-                self._writer.insert(chunk)
+                self._writer.insert(chunk, token)
             except Exception as exc:
                 self.metrics.insert_errors.labels(chunk.table).inc()
                 self._last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -237,9 +319,6 @@ class Pipeline:
                 with self._cond:
                     self._cond.wait(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, _RETRY_MAX_S)
-                if not closing and self._incoming_rows_waiting():
-                    # Give the loop a chance to merge new data; the batch stays pending.
-                    return False
                 continue
             self.metrics.insert_seconds.labels(chunk.table).observe(time.perf_counter() - started)
             self.metrics.written.labels(chunk.table).inc(chunk.rows)
@@ -248,7 +327,3 @@ class Pipeline:
             self._store_ok = True
             self._last_error = None
             return True
-
-    def _incoming_rows_waiting(self) -> bool:
-        with self._cond:
-            return bool(self._incoming)

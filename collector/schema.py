@@ -433,14 +433,6 @@ def _workflow_tables(o: SchemaOptions) -> list[str]:
     ]
 
 
-# Append-only: a released migration is never edited; later changes get a new number.
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "OpenTelemetry contrib exporter tables", _otel_tables),
-    Migration(2, "workflow tables and their materialized views", _workflow_tables),
-)
-
-SCHEMA_VERSION = MIGRATIONS[-1].version
-
 OTEL_TABLES = (
     "otel_traces",
     "otel_traces_trace_id_ts",
@@ -448,6 +440,26 @@ OTEL_TABLES = (
     *tuple(_METRIC_BODIES),
 )
 WORKFLOW_TABLES = ("workflow_events", "workflow_executions", "node_executions")
+
+
+def _dedup_window(o: SchemaOptions) -> list[str]:
+    # Spool replay re-inserts an interrupted batch with its original deduplication token;
+    # non-replicated MergeTree tables honour tokens only with this window.
+    tables = [*OTEL_TABLES, *WORKFLOW_TABLES]
+    return [
+        f"ALTER TABLE {o.database}.{table} MODIFY SETTING non_replicated_deduplication_window = 1000"
+        for table in tables
+    ]
+
+
+# Append-only: a released migration is never edited; later changes get a new number.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "OpenTelemetry contrib exporter tables", _otel_tables),
+    Migration(2, "workflow tables and their materialized views", _workflow_tables),
+    Migration(3, "insert deduplication window for idempotent spool replay", _dedup_window),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
 def bootstrap_statements(options: SchemaOptions) -> list[str]:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
@@ -14,11 +15,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from collector.batcher import Pipeline, Writer
+from collector.batcher import Entry, Pipeline, Writer
+from collector.convert import CONVERTERS
 from collector.forward import OtlpForwarder
-from collector.receiver import GrpcReceiver, http_routes
+from collector.receiver import SPECS, GrpcReceiver, http_routes
 from collector.schema import SchemaOptions
 from collector.serving import serve_asgi
+from collector.spool import Spool
 from collector.store import Dsn, connect, migrate
 from collector.telemetry import SelfMetrics
 from collector.types import Signal, StreamSubscriber, Unsubscribe
@@ -41,6 +44,9 @@ class CollectorConfig:
     create_schema: bool = True
     # OTLP/gRPC endpoints of remote bridges that get the accepted event stream.
     forward_endpoints: tuple[str, ...] = ()
+    # Write-ahead spool: acknowledged requests are fsync'd here until written. None = off.
+    spool_dir: Path | None = None
+    spool_max_bytes: int | None = None
 
 
 class Collector:
@@ -79,13 +85,17 @@ class Collector:
         self._admin = connect(self.dsn)
         if self.config.create_schema:
             migrate(self._admin, self.schema)
+        spool = Spool(self.config.spool_dir, self.config.spool_max_bytes) if self.config.spool_dir else None
         self.pipeline = Pipeline(
             self._writer_factory(self.dsn, self.database),
             self.metrics,
             max_queue_rows=self.config.max_queue_rows,
             max_batch_rows=self.config.max_batch_rows,
             flush_interval_s=self.config.flush_interval_s,
+            spool=spool,
         )
+        if spool is not None:
+            self.replayed = self._replay(spool, self.pipeline)
         self._grpc = GrpcReceiver(
             self.pipeline.consume,
             host=self.config.host,
@@ -99,6 +109,24 @@ class Collector:
             forwarder = OtlpForwarder(endpoint, self.metrics)
             self._forwarders.append(forwarder)
             self.pipeline.subscribe(forwarder)
+
+    replayed = 0
+
+    @staticmethod
+    def _replay(spool: Spool, pipeline: Pipeline) -> int:
+        """Queue what the spool holds beyond the last checkpoint; returns how many records."""
+        inflight_range = spool.checkpoint.inflight
+        inflight: list[Entry] = []
+        rest: list[Entry] = []
+        for record in spool.replay():
+            converted = CONVERTERS[record.signal](SPECS[record.signal].request.FromString(record.payload))
+            entry = Entry(record.seq, converted.tables, converted.rows)
+            in_flight = inflight_range is not None and inflight_range[0] <= record.seq <= inflight_range[1]
+            (inflight if in_flight else rest).append(entry)
+        pipeline.restore(inflight, rest)
+        if inflight or rest:
+            logger.warning("replaying %d spooled requests into ClickHouse", len(inflight) + len(rest))
+        return len(inflight) + len(rest)
 
     def subscribe(self, subscriber: StreamSubscriber) -> Unsubscribe:
         if self.pipeline is None:

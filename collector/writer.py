@@ -23,15 +23,21 @@ class ClickHouseWriter:
         self._database = database
         self._client: Client | None = None
 
-    def insert(self, columns: Columns) -> None:
+    def insert(self, columns: Columns, dedup_token: str | None = None) -> None:
         if self._client is None:
             self._client = connect(self._dsn)
+        settings = (
+            {"insert_deduplication_token": dedup_token, "deduplicate_blocks_in_dependent_materialized_views": 1}
+            if dedup_token
+            else None
+        )
         try:
             self._client.insert(
                 f"{self._database}.{columns.table}",
                 columns.data,
                 column_names=list(columns.names),
                 column_oriented=True,
+                settings=settings,
             )
         except Exception:
             # A broken HTTP session is not reused; the next attempt reconnects.

@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,6 +82,10 @@ def _stack_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--otlp-grpc-port", type=int, help="OTLP/gRPC port (default 4317)."),
             click.option("--otlp-http-port", type=int, help="OTLP/HTTP port (default 4318)."),
             click.option("--no-auth", is_flag=True, default=None, help="Serve without auth on a public address."),
+            click.option(
+                "--spool-dir", type=click.Path(path_type=Path), help="Write-ahead spool (default .flowscope/spool)."
+            ),
+            click.option("--no-spool", is_flag=True, help="Acknowledge from memory only (faster, not crash-safe)."),
         ]
     ):
         fn = option(fn)
@@ -88,7 +93,16 @@ def _stack_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _settings(**flags: Any) -> Settings:
-    return Settings.from_env().with_overrides(
+    settings = Settings.from_env()
+    if flags.get("no_spool"):
+        spool_dir = None
+    else:
+        spool_dir = (
+            flags.get("spool_dir")
+            or settings.spool_dir
+            or (flags.get("data_dir") or settings.data_dir).parent / "spool"
+        )
+    return replace(settings, spool_dir=spool_dir).with_overrides(
         data_dir=flags.get("data_dir"),
         clickhouse_dsn=flags.get("dsn"),
         host=flags.get("host"),

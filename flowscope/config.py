@@ -28,6 +28,8 @@ class Settings:
     http_port: int = 8080
     bridge_otlp_port: int | None = None
     forward_otlp: tuple[str, ...] = ()
+    spool_dir: Path | None = None
+    spool_max_bytes: int | None = None
     auth_tokens: Mapping[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
     jwt_secret: str | None = None
     no_auth: bool = False
@@ -92,6 +94,10 @@ def parse_tokens(raw: str) -> dict[str, tuple[str, frozenset[str]]]:
 def _coerce(name: str, raw: str, current: Any) -> Any:
     if name == "auth_tokens":
         return parse_tokens(raw)
+    if name == "spool_dir":
+        return Path(raw) if raw else None
+    if name == "spool_max_bytes":
+        return int(raw)
     if name == "data_dir":
         return Path(raw)
     if name in {"cors_origins", "forward_otlp"}:

@@ -51,6 +51,8 @@ class Stack:
                 max_queue_rows=settings.max_queue_rows,
                 flush_interval_s=settings.flush_interval_s,
                 forward_endpoints=settings.forward_otlp,
+                spool_dir=settings.spool_dir,
+                spool_max_bytes=settings.spool_max_bytes,
             )
         )
         self.bridge: Bridge | None = None

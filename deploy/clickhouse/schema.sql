@@ -1,4 +1,4 @@
--- flowscope schema version 2, database otel
+-- flowscope schema version 3, database otel
 
 CREATE DATABASE IF NOT EXISTS otel;
 
@@ -479,3 +479,29 @@ FROM otel.otel_traces
 WHERE SpanAttributes['workflow.node.id'] != '' AND SpanAttributes['workflow.execution.id'] != '';
 
 INSERT INTO otel.flowscope_schema_migrations (Version, Description) VALUES (2, 'workflow tables and their materialized views');
+
+-- migration 3: insert deduplication window for idempotent spool replay
+
+ALTER TABLE otel.otel_traces MODIFY SETTING non_replicated_deduplication_window = 1000;
+
+ALTER TABLE otel.otel_traces_trace_id_ts MODIFY SETTING non_replicated_deduplication_window = 1000;
+
+ALTER TABLE otel.otel_logs MODIFY SETTING non_replicated_deduplication_window = 1000;
+
+ALTER TABLE otel.otel_metrics_gauge MODIFY SETTING non_replicated_deduplication_window = 1000;
+
+ALTER TABLE otel.otel_metrics_sum MODIFY SETTING non_replicated_deduplication_window = 1000;
+
+ALTER TABLE otel.otel_metrics_histogram MODIFY SETTING non_replicated_deduplication_window = 1000;
+
+ALTER TABLE otel.otel_metrics_exponential_histogram MODIFY SETTING non_replicated_deduplication_window = 1000;
+
+ALTER TABLE otel.otel_metrics_summary MODIFY SETTING non_replicated_deduplication_window = 1000;
+
+ALTER TABLE otel.workflow_events MODIFY SETTING non_replicated_deduplication_window = 1000;
+
+ALTER TABLE otel.workflow_executions MODIFY SETTING non_replicated_deduplication_window = 1000;
+
+ALTER TABLE otel.node_executions MODIFY SETTING non_replicated_deduplication_window = 1000;
+
+INSERT INTO otel.flowscope_schema_migrations (Version, Description) VALUES (3, 'insert deduplication window for idempotent spool replay');

@@ -28,11 +28,11 @@ class OutageWriter(ClickHouseWriter):
         self.down = threading.Event()
         self.failures = 0
 
-    def insert(self, columns: Columns) -> None:
+    def insert(self, columns: Columns, dedup_token: str | None = None) -> None:
         if self.down.is_set():
             self.failures += 1
             raise OperationalError("Connection refused (simulated network outage)")
-        super().insert(columns)
+        super().insert(columns, dedup_token)
 
 
 def request_body(batch: int) -> bytes:
@@ -74,6 +74,9 @@ async def test_outage_pushes_back_then_recovers_without_loss(chdb_dsn: str, data
             assert ready.status_code == 503
             assert ready.json()["storage"].startswith("unavailable: OperationalError")
             assert accepted == 100
+            # The memory bound holds: accepted-but-unwritten rows never exceed the configured queue.
+            assert collector.pipeline is not None
+            assert collector.pipeline.queued_rows <= collector.pipeline.max_queue_rows == 100
 
             writers[0].down.clear()
             assert collector.pipeline is not None

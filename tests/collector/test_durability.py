@@ -1,0 +1,126 @@
+"""Acknowledged means durable: kill -9 the collector mid-stream, restart, count every acknowledged
+span exactly once in ClickHouse."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+ROOT = Path(__file__).parents[2]
+CLI = [sys.executable, "-m", "flowscope.cli"]
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWSCOPE_", "OTEL_"))}
+    return {**base, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", **extra}
+
+
+def request(spans: int) -> tuple[bytes, list[str]]:
+    built = []
+    for i in range(spans):
+        rnd = os.urandom(24)
+        built.append(
+            Span(
+                trace_id=rnd[:16], span_id=rnd[16:], name=f"op {i}", kind=Span.SPAN_KIND_INTERNAL,
+                start_time_unix_nano=time.time_ns(), end_time_unix_nano=time.time_ns() + 1000,
+            )
+        )  # fmt: skip
+    message = ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(
+                resource=Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value="durable"))]),
+                scope_spans=[ScopeSpans(spans=built)],
+            )
+        ]
+    )
+    return message.SerializeToString(), [s.span_id.hex() for s in built]
+
+
+async def start_up(data: Path, spool: Path, flush_s: str) -> tuple[asyncio.subprocess.Process, int]:
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "up", "--data-dir", str(data), "--spool-dir", str(spool),
+        "--http-port", "0", "--otlp-grpc-port", "0", "--otlp-http-port", "0",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(FLOWSCOPE_FLUSH_INTERVAL_S=flush_s), cwd=ROOT,
+    )  # fmt: skip
+    assert process.stdout is not None
+    banner = ""
+    async with asyncio.timeout(90):
+        while "Press Ctrl-C" not in banner:
+            line = await process.stdout.readline()
+            assert line, f"flowscope up exited: {banner}"
+            banner += line.decode()
+    port = re.search(r"gRPC http://127\.0\.0\.1:(\d+)", banner)
+    assert port is not None
+    return process, int(port.group(1))
+
+
+def load(port: int, stop: threading.Event, acked: list[str], enough: threading.Event) -> None:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+    while not stop.is_set():
+        payload, ids = request(50)
+        try:
+            export(payload, timeout=5)
+        except grpc.RpcError:
+            continue  # not acknowledged: the generator does not count it (and does not retry)
+        acked.extend(ids)
+        if len(acked) >= 3_000:
+            enough.set()
+    channel.close()
+
+
+async def stored_span_ids(data: Path) -> list[str]:
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "sql", "SELECT SpanId FROM otel.otel_traces", "--server", "http://127.0.0.1:9",
+        "--data-dir", str(data), "--format", "csv",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), cwd=ROOT,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, err.decode()
+    return out.decode().split()[1:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flush_s", ["0.2", "3600"], ids=["rounds-in-flight", "all-in-spool"])
+async def test_kill_9_loses_nothing_acknowledged_and_duplicates_nothing(tmp_path: Path, flush_s: str) -> None:
+    data, spool = tmp_path / "data", tmp_path / "spool"
+    first, port = await start_up(data, spool, flush_s)
+    stop, enough = threading.Event(), threading.Event()
+    acked: list[str] = []
+    sender = threading.Thread(target=load, args=(port, stop, acked, enough))
+    sender.start()
+    assert await asyncio.to_thread(enough.wait, 60), "the collector acknowledged too little"
+    first.send_signal(signal.SIGKILL)
+    await first.wait()
+    stop.set()
+    await asyncio.to_thread(sender.join)
+    assert acked, "the load generator must have been acknowledged before the kill"
+
+    second, _ = await start_up(data, spool, "0.05")
+    second.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(second.communicate(), 120)
+    assert second.returncode == 0, err.decode()
+    assert "replaying" in err.decode() or flush_s == "0.2"
+
+    stored = await stored_span_ids(data)
+    missing = set(acked) - set(stored)
+    assert not missing, f"{len(missing)} acknowledged spans lost of {len(acked)}"
+    duplicates = len(stored) - len(set(stored))
+    assert duplicates == 0, f"{duplicates} duplicate rows after replay"
+    leftover = json.loads((spool / "checkpoint.json").read_text())
+    assert leftover["inflight"] is None
