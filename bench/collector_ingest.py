@@ -61,13 +61,16 @@ def make_request(size: int, seed: int) -> bytes:
     return bytes(request.SerializeToString())
 
 
-def run_collector(data_dir: str, ready: Any, stop: Any, ports: Any) -> None:
+def run_collector(data_dir: str, ready: Any, stop: Any, ports: Any, spool: bool = False) -> None:
     import asyncio
+    from pathlib import Path
 
     from collector.service import Collector, CollectorConfig
 
     async def main() -> None:
-        collector = Collector(CollectorConfig(dsn=f"chdb://{data_dir}", grpc_port=0, http_port=0))
+        spool_dir = Path(data_dir) / "spool" if spool else None
+        config = CollectorConfig(dsn=f"chdb://{data_dir}/ch", grpc_port=0, http_port=0, spool_dir=spool_dir)
+        collector = Collector(config)
         async with collector.running():
             ports["grpc"], ports["http"] = collector.grpc_port, collector.http_port
             ready.set()
@@ -127,14 +130,42 @@ def raw_insert_rate(payloads: list[bytes], data_dir: str) -> float:
     return merged.rows / elapsed
 
 
-def main(spans: int, batch: int, senders: int, overload_s: float) -> dict[str, Any]:
-    payloads = [make_request(batch, seed) for seed in range(max(1, spans // batch))]
+def sustained(payloads: list[bytes], batch: int, senders: int, spool: bool) -> float:
+    """Spans/s through a fresh collector process (with or without the spool)."""
     data_dir = tempfile.mkdtemp(prefix="flowscope-bench-")
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
     ports = manager.dict()
     ready, stop = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=run_collector, args=(data_dir, ready, stop, ports))
+    proc = ctx.Process(target=run_collector, args=(data_dir, ready, stop, ports, spool))
+    proc.start()
+    assert ready.wait(60), "collector did not start"
+    counts = {"ok": 0, "refused": 0}
+    started = time.perf_counter()
+    threads = [
+        threading.Thread(target=send, args=(ports["grpc"], payloads[i::senders], None, counts)) for i in range(senders)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    while metric(ports["http"], "flowscope_collector_written_rows_total") < len(payloads) * batch:
+        time.sleep(0.05)
+    rate = len(payloads) * batch / (time.perf_counter() - started)
+    stop.set()
+    proc.join(60)
+    return rate
+
+
+def main(spans: int, batch: int, senders: int, overload_s: float) -> dict[str, Any]:
+    payloads = [make_request(batch, seed) for seed in range(max(1, spans // batch))]
+    no_spool = sustained(payloads, batch, senders, spool=False)
+    data_dir = tempfile.mkdtemp(prefix="flowscope-bench-")
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager()
+    ports = manager.dict()
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=run_collector, args=(data_dir, ready, stop, ports, True))
     proc.start()
     assert ready.wait(60), "collector did not start"
     grpc_port, http_port = ports["grpc"], ports["http"]
@@ -155,6 +186,8 @@ def main(spans: int, batch: int, senders: int, overload_s: float) -> dict[str, A
         "batch": batch,
         "senders": senders,
         "pipeline_spans_per_s": round(total / elapsed),
+        "pipeline_spans_per_s_without_spool": round(no_spool),
+        "spool_on_vs_off": round(total / elapsed / no_spool, 3),
         "collector_peak_rss_mb_sustained": round(vm_hwm_mb(proc.pid or 0), 1),
     }
     if overload_s > 0:
@@ -176,7 +209,7 @@ def main(spans: int, batch: int, senders: int, overload_s: float) -> dict[str, A
         results["dropped_rows"] = metric(http_port, "flowscope_collector_dropped_rows_total")
     stop.set()
     proc.join(60)
-    raw = raw_insert_rate(payloads, data_dir)
+    raw = raw_insert_rate(payloads, f"{data_dir}/ch")
     results["raw_insert_spans_per_s"] = round(raw)
     results["pipeline_vs_raw"] = round(results["pipeline_spans_per_s"] / raw, 3)
     return results
