@@ -16,10 +16,20 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
 from collector.convert import CONVERTERS, Columns, Converted
 from collector.spool import Spool, SpoolFull
 from collector.telemetry import SelfMetrics
 from collector.types import Signal, StreamSubscriber, Unsubscribe
+
+_REQUESTS: dict[Signal, Any] = {
+    Signal.TRACES: ExportTraceServiceRequest,
+    Signal.METRICS: ExportMetricsServiceRequest,
+    Signal.LOGS: ExportLogsServiceRequest,
+}
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +118,11 @@ class Pipeline:
         self._store_ok = True
         self._last_error: str | None = None
         self._flush_requested = False
+        # Spilling: once memory is full, records live only in the spool until the writer
+        # reads them back, oldest first, [spill_next, spill_last].
+        self._spill_next = 0
+        self._spill_last = 0
+        self._spill_inflight: tuple[int, int] | None = None
         self.metrics.queue_capacity.set(self.max_queue_rows)
         self._thread = threading.Thread(target=self._run, name="flowscope-writer", daemon=True)
         self._thread.start()
@@ -131,7 +146,10 @@ class Pipeline:
             if self._closing:
                 self.metrics.refused.labels(signal.value, "shutting_down").inc()
                 raise Backpressure("collector is shutting down", retry_after_s=2.0)
-            if self._queued_rows + rows > self.max_queue_rows and self._queued_rows > 0:
+            memory_full = self._queued_rows + rows > self.max_queue_rows and self._queued_rows > 0
+            if self.spool is not None and (memory_full or self._spilling):
+                return self._spill(signal, request, payload, converted)
+            if memory_full:
                 reason = "storage unavailable" if not self._store_ok else "queue full"
                 self.metrics.refused.labels(signal.value, reason.replace(" ", "_")).inc()
                 raise Backpressure(f"{reason}: {self._queued_rows} rows waiting (bound {self.max_queue_rows})")
@@ -162,17 +180,73 @@ class Pipeline:
             self.spool.wait_durable(seq)
         return converted
 
-    def restore(self, inflight: list[Entry], rest: list[Entry]) -> None:
-        """Queue replayed spool records: the interrupted round first, re-formed as it was."""
+    @property
+    def _spilling(self) -> bool:
+        return self._spill_next != 0 and self._spill_next <= self._spill_last
+
+    def _spill(self, signal: Signal, request: Any, payload: bytes, converted: Converted) -> Converted:
+        """Accept into the spool only (called with the lock held); the writer reads it back later."""
+        assert self.spool is not None
+        try:
+            seq = self.spool.append(signal, payload)
+        except SpoolFull as exc:
+            self.metrics.refused.labels(signal.value, "spool_full").inc()
+            raise Backpressure(str(exc)) from exc
+        if not self._spilling:
+            self._spill_next = seq
+        self._spill_last = seq
+        self.metrics.accepted.labels(signal.value).inc(converted.accepted)
+        self.metrics.spilled.inc()
+        for subscriber in self._subscribers:
+            try:
+                subscriber(signal, request)
+            except Exception:
+                self.metrics.subscriber_errors.inc()
+                logger.exception("stream subscriber %r failed", subscriber)
+        self._cond.release()
+        try:
+            self.spool.wait_durable(seq)
+        finally:
+            self._cond.acquire()
+        return converted
+
+    def resume_from_spool(self) -> int:
+        """After a restart: everything past the checkpoint is read back from the spool, the
+        interrupted round first and exactly as it was. Returns how many records wait."""
+        assert self.spool is not None
+        checkpoint = self.spool.checkpoint
         with self._cond:
-            if inflight:
-                self._rounds.append(_Round(inflight))
-            self._incoming[:0] = rest
-            restored = sum(e.rows for e in inflight) + sum(e.rows for e in rest)
-            self._incoming_rows += sum(e.rows for e in rest)
-            self._queued_rows += restored
+            if self.spool.last_seq > checkpoint.written:
+                self._spill_next = checkpoint.written + 1
+                self._spill_last = self.spool.last_seq
+                self._spill_inflight = checkpoint.inflight
+                self._cond.notify_all()
+            return max(0, self.spool.last_seq - checkpoint.written)
+
+    def _load_spilled(self) -> _Round | None:
+        """Read the next spilled records back (called by the writer, lock not held)."""
+        assert self.spool is not None
+        with self._cond:
+            start, last, inflight = self._spill_next, self._spill_last, self._spill_inflight
+        entries: list[Entry] = []
+        rows = 0
+        stop = inflight[1] if inflight is not None and inflight[0] <= start <= inflight[1] else last
+        for record in self.spool.records_from(start):
+            if record.seq > stop:
+                break
+            converted = CONVERTERS[record.signal](_REQUESTS[record.signal].FromString(record.payload))
+            entries.append(Entry(record.seq, converted.tables, converted.rows))
+            rows += converted.rows
+            if inflight is None and rows >= self.max_batch_rows:
+                break
+        if not entries:
+            return None
+        with self._cond:
+            self._spill_next = entries[-1].seq + 1
+            self._spill_inflight = None
+            self._queued_rows += rows
             self.metrics.queue_rows.set(self._queued_rows)
-            self._cond.notify_all()
+        return _Round(entries)
 
     def subscribe(self, subscriber: StreamSubscriber) -> Unsubscribe:
         with self._cond:
@@ -205,7 +279,7 @@ class Pipeline:
         with self._cond:
             self._flush_requested = True
             self._cond.notify_all()
-            while self._queued_rows > 0:
+            while self._queued_rows > 0 or self._spilling:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -236,7 +310,13 @@ class Pipeline:
 
     def _next_round(self, next_flush: float) -> tuple[_Round | None, bool]:
         with self._cond:
-            while not (self._rounds or self._closing or self._flush_requested):
+            spilled_ready = self._spilling and not self._incoming and not self._rounds
+        if spilled_ready:
+            loaded = self._load_spilled()
+            if loaded is not None:
+                return loaded, self._closing
+        with self._cond:
+            while not (self._rounds or self._closing or self._flush_requested or self._spilling):
                 if self._incoming and (self._incoming_rows >= self.max_batch_rows or time.monotonic() >= next_flush):
                     break
                 wait = next_flush - time.monotonic()

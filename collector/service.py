@@ -15,10 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from collector.batcher import Entry, Pipeline, Writer
-from collector.convert import CONVERTERS
+from collector.batcher import Pipeline, Writer
 from collector.forward import OtlpForwarder
-from collector.receiver import SPECS, GrpcReceiver, http_routes
+from collector.receiver import GrpcReceiver, http_routes
 from collector.schema import SchemaOptions
 from collector.serving import serve_asgi
 from collector.spool import Spool
@@ -95,7 +94,9 @@ class Collector:
             spool=spool,
         )
         if spool is not None:
-            self.replayed = self._replay(spool, self.pipeline)
+            self.replayed = self.pipeline.resume_from_spool()
+            if self.replayed:
+                logger.warning("replaying %d spooled requests into ClickHouse", self.replayed)
         self._grpc = GrpcReceiver(
             self.pipeline.consume,
             host=self.config.host,
@@ -111,22 +112,6 @@ class Collector:
             self.pipeline.subscribe(forwarder)
 
     replayed = 0
-
-    @staticmethod
-    def _replay(spool: Spool, pipeline: Pipeline) -> int:
-        """Queue what the spool holds beyond the last checkpoint; returns how many records."""
-        inflight_range = spool.checkpoint.inflight
-        inflight: list[Entry] = []
-        rest: list[Entry] = []
-        for record in spool.replay():
-            converted = CONVERTERS[record.signal](SPECS[record.signal].request.FromString(record.payload))
-            entry = Entry(record.seq, converted.tables, converted.rows)
-            in_flight = inflight_range is not None and inflight_range[0] <= record.seq <= inflight_range[1]
-            (inflight if in_flight else rest).append(entry)
-        pipeline.restore(inflight, rest)
-        if inflight or rest:
-            logger.warning("replaying %d spooled requests into ClickHouse", len(inflight) + len(rest))
-        return len(inflight) + len(rest)
 
     def subscribe(self, subscriber: StreamSubscriber) -> Unsubscribe:
         if self.pipeline is None:

@@ -115,10 +115,30 @@ class Spool:
 
     def replay(self) -> Iterator[Record]:
         """Records not yet known to be in ClickHouse, in seq order."""
-        for _, path in list(self._segments):
+        return self.records_from(self.checkpoint.written + 1)
+
+    def records_from(self, seq: int, limit: int | None = None) -> Iterator[Record]:
+        """Durable records with seq >= `seq`, in order (at most `limit`)."""
+        with self._cond:
+            segments = list(self._segments)
+            durable = self._durable_seq
+            self._file.flush()
+        count = 0
+        for index, (_first, path) in enumerate(segments):
+            next_first = segments[index + 1][0] if index + 1 < len(segments) else None
+            if next_first is not None and next_first <= seq:
+                continue
             for record, _end in self._read(path):
-                if record.seq > self.checkpoint.written:
-                    yield record
+                if record.seq < seq:
+                    continue
+                if record.seq > durable or (limit is not None and count >= limit):
+                    return
+                count += 1
+                yield record
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
 
     # -- appending ------------------------------------------------------------------------------
 

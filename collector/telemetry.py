@@ -54,6 +54,11 @@ class SelfMetrics:
             ["endpoint"],
             registry=r,
         )
+        self.spilled = Counter(
+            "flowscope_collector_spilled_requests",
+            "Requests accepted into the spool only (memory queue full), written later",
+            registry=r,
+        )
         self.subscriber_errors = Counter(
             "flowscope_collector_subscriber_errors", "Stream subscribers that raised", registry=r
         )

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -121,3 +122,42 @@ def test_unreachable_server_dsn_is_a_clear_error(database: str) -> None:
 def test_bad_dsn_scheme_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unsupported DSN scheme 'mysql'"):
         Collector(CollectorConfig(dsn="mysql://x"))
+
+
+async def test_outage_with_spool_accepts_beyond_memory_then_drains_exactly_once(
+    chdb_dsn: str, database: str, tmp_path: Path
+) -> None:
+    writers: list[OutageWriter] = []
+
+    def factory(dsn: Dsn, db: str) -> OutageWriter:
+        writers.append(OutageWriter(dsn, db))
+        writers[-1].down.set()
+        return writers[-1]
+
+    config = CollectorConfig(
+        dsn=chdb_dsn, schema=SchemaOptions(database=database), grpc_port=0, http_port=0,
+        max_queue_rows=100, flush_interval_s=0.02, spool_dir=tmp_path / "spool", spool_max_bytes=60_000,
+    )  # fmt: skip
+    async with Collector(config, factory).running() as collector:
+        assert collector.pipeline is not None
+        accepted = 0
+        refused: httpx.Response | None = None
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{collector.http_port}") as client:
+            for batch in range(200):
+                response = await client.post(
+                    "/v1/traces", content=request_body(batch), headers={"content-type": "application/json"}
+                )
+                if response.status_code != 200:
+                    refused = response
+                    break
+                accepted += 10
+                assert collector.pipeline.queued_rows <= 100, "memory stays within its bound"
+            assert accepted > 100, "the spool takes what memory cannot"
+            assert refused is not None and refused.status_code == 503
+            assert "spool is full" in refused.json()["message"]
+            metrics = (await client.get("/metrics")).text
+            assert "flowscope_collector_spilled_requests_total" in metrics
+            writers[0].down.clear()
+            assert await asyncio.to_thread(collector.pipeline.flush, 60.0)
+    rows = query(collector, "SELECT count(), uniqExact(SpanId) FROM {db}.otel_traces")
+    assert rows == [(accepted, accepted)]
