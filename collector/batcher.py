@@ -8,11 +8,12 @@ dropped silently.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,6 +42,7 @@ _RETRY_MAX_S = 5.0
 # A batch ClickHouse keeps refusing for reasons other than reachability is
 # poison (a bug, not an outage): after this many attempts it is dropped and counted.
 _MAX_POISON_ATTEMPTS = 8
+_RECENT_REQUESTS = 50_000
 
 
 class Backpressure(Exception):
@@ -123,6 +125,9 @@ class Pipeline:
         self._spill_next = 0
         self._spill_last = 0
         self._spill_inflight: tuple[int, int] | None = None
+        # Hashes of recently spooled requests: an exporter retrying a request whose
+        # acknowledgement was lost (a crash after the fsync) must not store it twice.
+        self._recent: OrderedDict[bytes, None] = OrderedDict()
         self.metrics.queue_capacity.set(self.max_queue_rows)
         self._thread = threading.Thread(target=self._run, name="flowscope-writer", daemon=True)
         self._thread.start()
@@ -142,7 +147,11 @@ class Pipeline:
         if rows == 0:
             return converted
         payload = request.SerializeToString() if self.spool is not None else b""
+        digest = hashlib.blake2b(payload, digest_size=16).digest() if self.spool is not None else b""
         with self._cond:
+            if digest and digest in self._recent:
+                self.metrics.duplicate_requests.inc()
+                return converted
             if self._closing:
                 self.metrics.refused.labels(signal.value, "shutting_down").inc()
                 raise Backpressure("collector is shutting down", retry_after_s=2.0)
@@ -159,6 +168,7 @@ class Pipeline:
                 except SpoolFull as exc:
                     self.metrics.refused.labels(signal.value, "spool_full").inc()
                     raise Backpressure(str(exc)) from exc
+                self._remember(digest)
             else:
                 self._seq += 1
                 seq = self._seq
@@ -180,6 +190,11 @@ class Pipeline:
             self.spool.wait_durable(seq)
         return converted
 
+    def _remember(self, digest: bytes) -> None:
+        self._recent[digest] = None
+        if len(self._recent) > _RECENT_REQUESTS:
+            self._recent.popitem(last=False)
+
     @property
     def _spilling(self) -> bool:
         return self._spill_next != 0 and self._spill_next <= self._spill_last
@@ -192,6 +207,7 @@ class Pipeline:
         except SpoolFull as exc:
             self.metrics.refused.labels(signal.value, "spool_full").inc()
             raise Backpressure(str(exc)) from exc
+        self._remember(hashlib.blake2b(payload, digest_size=16).digest())
         if not self._spilling:
             self._spill_next = seq
         self._spill_last = seq
@@ -215,6 +231,8 @@ class Pipeline:
         interrupted round first and exactly as it was. Returns how many records wait."""
         assert self.spool is not None
         checkpoint = self.spool.checkpoint
+        for record in self.spool.records_from(max(1, checkpoint.written - _RECENT_REQUESTS)):
+            self._remember(hashlib.blake2b(record.payload, digest_size=16).digest())
         with self._cond:
             if self.spool.last_seq > checkpoint.written:
                 self._spill_next = checkpoint.written + 1

@@ -54,6 +54,11 @@ class SelfMetrics:
             ["endpoint"],
             registry=r,
         )
+        self.duplicate_requests = Counter(
+            "flowscope_collector_duplicate_requests",
+            "Byte-identical retries of requests already spooled: acknowledged, not stored again",
+            registry=r,
+        )
         self.spilled = Counter(
             "flowscope_collector_spilled_requests",
             "Requests accepted into the spool only (memory queue full), written later",

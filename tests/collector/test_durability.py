@@ -8,18 +8,24 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
 
 ROOT = Path(__file__).parents[2]
 CLI = [sys.executable, "-m", "flowscope.cli"]
@@ -51,10 +57,10 @@ def request(spans: int) -> tuple[bytes, list[str]]:
     return message.SerializeToString(), [s.span_id.hex() for s in built]
 
 
-async def start_up(data: Path, spool: Path, flush_s: str) -> tuple[asyncio.subprocess.Process, int]:
+async def start_up(data: Path, spool: Path, flush_s: str, grpc_port: int = 0) -> tuple[asyncio.subprocess.Process, int]:
     process = await asyncio.create_subprocess_exec(
         *CLI, "up", "--data-dir", str(data), "--spool-dir", str(spool),
-        "--http-port", "0", "--otlp-grpc-port", "0", "--otlp-http-port", "0",
+        "--http-port", "0", "--otlp-grpc-port", str(grpc_port), "--otlp-http-port", "0",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(FLOWSCOPE_FLUSH_INTERVAL_S=flush_s), cwd=ROOT,
     )  # fmt: skip
     assert process.stdout is not None
@@ -124,3 +130,63 @@ async def test_kill_9_loses_nothing_acknowledged_and_duplicates_nothing(tmp_path
     assert duplicates == 0, f"{duplicates} duplicate rows after replay"
     leftover = json.loads((spool / "checkpoint.json").read_text())
     assert leftover["inflight"] is None
+
+
+class CountingExporter(OTLPSpanExporter):
+    """The SDK's gRPC exporter, recording which spans the collector acknowledged."""
+
+    def __init__(self, acked: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.acked = acked
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = super().export(spans)
+        if result is SpanExportResult.SUCCESS:
+            self.acked.extend(format(s.context.span_id, "016x") for s in spans if s.context is not None)
+        return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.mark.slow
+async def test_kill_9_under_the_sdk_exporter_keeps_acknowledged_spans_exactly_once(tmp_path: Path) -> None:
+    data, spool, port = tmp_path / "data", tmp_path / "spool", free_port()
+    first, _ = await start_up(data, spool, "0.2", grpc_port=port)
+    acked: list[str] = []
+    exporter = CountingExporter(acked, endpoint=f"http://127.0.0.1:{port}", insecure=True, timeout=60)
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=20, max_export_batch_size=200))
+    tracer = provider.get_tracer("durability")
+    stop, enough = threading.Event(), threading.Event()
+
+    def produce() -> None:
+        while not stop.is_set():
+            for _ in range(100):
+                tracer.start_span("load").end()
+            if len(acked) >= 3_000:
+                enough.set()
+            time.sleep(0.005)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    assert await asyncio.to_thread(enough.wait, 60)
+    first.send_signal(signal.SIGKILL)
+    await first.wait()
+    # The exporter keeps retrying what was not acknowledged; the collector comes back on the same port.
+    second, _ = await start_up(data, spool, "0.05", grpc_port=port)
+    stop.set()
+    await asyncio.to_thread(producer.join)
+    assert await asyncio.to_thread(provider.force_flush, 90_000)
+    await asyncio.to_thread(provider.shutdown)
+    second.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(second.communicate(), 120)
+    assert second.returncode == 0, err.decode()
+    stored = await stored_span_ids(data)
+    missing = set(acked) - set(stored)
+    assert not missing, f"{len(missing)} acknowledged spans lost of {len(acked)}"
+    assert len(stored) == len(set(stored)), f"{len(stored) - len(set(stored))} duplicate rows"
