@@ -133,16 +133,20 @@ def raw_insert_rate(payloads: list[bytes], data_dir: str) -> float:
     return merged.rows / elapsed
 
 
-def sustained(payloads: list[bytes], batch: int, senders: int, spool: bool) -> float:
-    """Spans/s through a fresh collector process (with or without the spool)."""
+def start_collector(spool: bool) -> tuple[Any, Any, Any, str]:
+    """A collector process on a fresh data directory: (process, ports, stop event, data dir)."""
     data_dir = tempfile.mkdtemp(prefix="flowscope-bench-")
     ctx = mp.get_context("spawn")
-    manager = ctx.Manager()
-    ports = manager.dict()
+    ports = ctx.Manager().dict()
     ready, stop = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=run_collector, args=(data_dir, ready, stop, ports, spool))
     proc.start()
     assert ready.wait(60), "collector did not start"
+    return proc, ports, stop, data_dir
+
+
+def push_all(ports: Any, payloads: list[bytes], batch: int, senders: int) -> float:
+    """Send every payload once over `senders` threads; spans/s until all are written."""
     counts = {"ok": 0, "refused": 0}
     started = time.perf_counter()
     threads = [
@@ -154,43 +158,26 @@ def sustained(payloads: list[bytes], batch: int, senders: int, spool: bool) -> f
         t.join()
     while metric(ports["http"], "flowscope_collector_written_rows_total") < len(payloads) * batch:
         time.sleep(0.05)
-    rate = len(payloads) * batch / (time.perf_counter() - started)
-    stop.set()
-    proc.join(60)
-    return rate
+    return len(payloads) * batch / (time.perf_counter() - started)
 
 
 def main(spans: int, batch: int, senders: int, overload_s: float) -> dict[str, Any]:
     payloads = [make_request(batch, seed) for seed in range(max(1, spans // batch))]
-    no_spool = sustained(payloads, batch, senders, spool=False)
-    data_dir = tempfile.mkdtemp(prefix="flowscope-bench-")
-    ctx = mp.get_context("spawn")
-    manager = ctx.Manager()
-    ports = manager.dict()
-    ready, stop = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=run_collector, args=(data_dir, ready, stop, ports, True))
-    proc.start()
-    assert ready.wait(60), "collector did not start"
+    proc, ports, stop, _ = start_collector(spool=False)
+    no_spool = push_all(ports, payloads, batch, senders)
+    stop.set()
+    proc.join(60)
+    proc, ports, stop, data_dir = start_collector(spool=True)
     grpc_port, http_port = ports["grpc"], ports["http"]
-    counts = {"ok": 0, "refused": 0}
-    shares = [payloads[i::senders] for i in range(senders)]
-    started = time.perf_counter()
-    threads = [threading.Thread(target=send, args=(grpc_port, share, None, counts)) for share in shares]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    rate = push_all(ports, payloads, batch, senders)
     total = len(payloads) * batch
-    while metric(http_port, "flowscope_collector_written_rows_total") < total:
-        time.sleep(0.05)
-    elapsed = time.perf_counter() - started
     results: dict[str, Any] = {
         "spans": total,
         "batch": batch,
         "senders": senders,
-        "pipeline_spans_per_s": round(total / elapsed),
+        "pipeline_spans_per_s": round(rate),
         "pipeline_spans_per_s_without_spool": round(no_spool),
-        "spool_on_vs_off": round(total / elapsed / no_spool, 3),
+        "spool_on_vs_off": round(rate / no_spool, 3),
         "collector_peak_rss_mb_sustained": round(vm_hwm_mb(proc.pid or 0), 1),
     }
     if overload_s > 0:

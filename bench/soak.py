@@ -8,14 +8,12 @@ Not part of CI.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import tempfile
 import threading
 import time
 
 import grpc
 
-from bench.collector_ingest import make_request, metric, run_collector
+from bench.collector_ingest import make_request, metric, start_collector
 
 
 def rss_mb(pid: int) -> float:
@@ -28,13 +26,7 @@ def rss_mb(pid: int) -> float:
 
 def main(minutes: float, spans_per_s: int, spool: bool) -> None:
     batch = 500
-    ctx = mp.get_context("spawn")
-    manager = ctx.Manager()
-    ports = manager.dict()
-    ready, stop = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=run_collector, args=(tempfile.mkdtemp(prefix="soak-"), ready, stop, ports, spool))
-    proc.start()
-    assert ready.wait(60)
+    proc, ports, stop, _ = start_collector(spool)
     done = threading.Event()
     refused = [0]
 

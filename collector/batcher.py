@@ -177,18 +177,21 @@ class Pipeline:
             self._queued_rows += rows
             self.metrics.queue_rows.set(self._queued_rows)
             self.metrics.accepted.labels(signal.value).inc(converted.accepted)
-            # Fan-out under the lock keeps subscribers in acceptance order.
-            for subscriber in self._subscribers:
-                try:
-                    subscriber(signal, request)
-                except Exception:
-                    self.metrics.subscriber_errors.inc()
-                    logger.exception("stream subscriber %r failed", subscriber)
+            self._fan_out(signal, request)
             if self._incoming_rows >= self.max_batch_rows:
                 self._cond.notify_all()
         if self.spool is not None:
             self.spool.wait_durable(seq)
         return converted
+
+    def _fan_out(self, signal: Signal, request: Any) -> None:
+        """Called with the lock held: subscribers see requests in acceptance order."""
+        for subscriber in self._subscribers:
+            try:
+                subscriber(signal, request)
+            except Exception:
+                self.metrics.subscriber_errors.inc()
+                logger.exception("stream subscriber %r failed", subscriber)
 
     def _remember(self, digest: bytes) -> None:
         self._recent[digest] = None
@@ -213,12 +216,7 @@ class Pipeline:
         self._spill_last = seq
         self.metrics.accepted.labels(signal.value).inc(converted.accepted)
         self.metrics.spilled.inc()
-        for subscriber in self._subscribers:
-            try:
-                subscriber(signal, request)
-            except Exception:
-                self.metrics.subscriber_errors.inc()
-                logger.exception("stream subscriber %r failed", subscriber)
+        self._fan_out(signal, request)
         self._cond.release()
         try:
             self.spool.wait_durable(seq)

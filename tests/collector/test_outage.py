@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -36,6 +37,17 @@ class OutageWriter(ClickHouseWriter):
         super().insert(columns, dedup_token)
 
 
+def outage_factory(writers: list[OutageWriter]) -> Callable[[Dsn, str], OutageWriter]:
+    """Writers that start with ClickHouse unreachable; the test switches them back on."""
+
+    def factory(dsn: Dsn, db: str) -> OutageWriter:
+        writers.append(OutageWriter(dsn, db))
+        writers[-1].down.set()
+        return writers[-1]
+
+    return factory
+
+
 def request_body(batch: int) -> bytes:
     spans = [span(spanId=os.urandom(8).hex(), name=f"op-{batch}-{i}") for i in range(10)]
     return json.dumps(json_spans(*spans)).encode()
@@ -43,11 +55,7 @@ def request_body(batch: int) -> bytes:
 
 async def test_outage_pushes_back_then_recovers_without_loss(chdb_dsn: str, database: str) -> None:
     writers: list[OutageWriter] = []
-
-    def factory(dsn: Dsn, db: str) -> OutageWriter:
-        writers.append(OutageWriter(dsn, db))
-        writers[-1].down.set()
-        return writers[-1]
+    factory = outage_factory(writers)
 
     config = CollectorConfig(
         dsn=chdb_dsn, schema=SchemaOptions(database=database), grpc_port=0, http_port=0,
@@ -128,11 +136,7 @@ async def test_outage_with_spool_accepts_beyond_memory_then_drains_exactly_once(
     chdb_dsn: str, database: str, tmp_path: Path
 ) -> None:
     writers: list[OutageWriter] = []
-
-    def factory(dsn: Dsn, db: str) -> OutageWriter:
-        writers.append(OutageWriter(dsn, db))
-        writers[-1].down.set()
-        return writers[-1]
+    factory = outage_factory(writers)
 
     config = CollectorConfig(
         dsn=chdb_dsn, schema=SchemaOptions(database=database), grpc_port=0, http_port=0,
