@@ -156,6 +156,16 @@ def _hex_id(raw: bytes, size: int, what: str) -> str:
 
 
 _ZEROS = {16: bytes(16), 8: bytes(8)}
+# DateTime64(9) is a signed 64-bit count of nanoseconds: OTLP's fixed64 can exceed it.
+_MAX_NS = (1 << 63) - 1
+
+
+def _ns(value: int, what: str) -> int:
+    if value > _MAX_NS:
+        raise InvalidData(f"{what} {value} is beyond the year 2262")
+    return value
+
+
 _EMPTY: list[Any] = []
 
 
@@ -184,6 +194,10 @@ def convert_traces(request: Any) -> Converted:
                     trace_id = _hex_id(span.trace_id, 16, "traceId")
                     span_id = _hex_id(span.span_id, 8, "spanId")
                     parent = _optional_id(span.parent_span_id, 8, "parentSpanId")
+                    start = _ns(span.start_time_unix_nano, "startTimeUnixNano")
+                    end = _ns(span.end_time_unix_nano, "endTimeUnixNano")
+                    for event in span.events:
+                        _ns(event.time_unix_nano, "event timeUnixNano")
                     span_links = span.links
                     links = (
                         [
@@ -198,7 +212,6 @@ def convert_traces(request: Any) -> Converted:
                     if len(reasons) < 5:
                         reasons.append(f"span {span.name!r}: {exc}")
                     continue
-                start = span.start_time_unix_nano
                 ts.append(start)
                 trace_ids.append(trace_id)
                 span_ids.append(span_id)
@@ -211,7 +224,6 @@ def convert_traces(request: Any) -> Converted:
                 scope_names.append(scope_name)
                 scope_versions.append(scope_version)
                 span_attrs.append(attributes(span.attributes))
-                end = span.end_time_unix_nano
                 durations.append(end - start if end > start else 0)
                 status = span.status
                 code = status.code
@@ -257,17 +269,19 @@ def convert_logs(request: Any) -> Converted:
                 try:
                     trace_id = _optional_id(record.trace_id, 16, "traceId")
                     span_id = _optional_id(record.span_id, 8, "spanId")
+                    when = _ns(record.time_unix_nano or record.observed_time_unix_nano, "timeUnixNano")
                 except InvalidData as exc:
                     rejected += 1
                     if len(reasons) < 5:
                         reasons.append(f"log record: {exc}")
                     continue
-                ts.append(record.time_unix_nano or record.observed_time_unix_nano)
+                ts.append(when)
                 trace_ids.append(trace_id)
                 span_ids.append(span_id)
                 flags.append(record.flags & 0xFF)
                 sev_text.append(record.severity_text)
-                sev_num.append(record.severity_number)
+                # uint8(SeverityNumber), as the contrib exporter stores it.
+                sev_num.append(record.severity_number & 0xFF)
                 services.append(service)
                 bodies.append(any_value(record.body))
                 res_urls.append(rl.schema_url)
@@ -301,7 +315,8 @@ def _number(point: Any) -> float:
 
 def convert_metrics(request: Any) -> Converted:
     tables = {name: Columns(name, names) for name, names in METRIC_COLUMNS.items()}
-    accepted = 0
+    accepted = rejected = 0
+    reasons: list[str] = []
     for rm in request.resource_metrics:
         resource = attributes(rm.resource.attributes)
         service = resource.get("service.name", "")
@@ -319,6 +334,16 @@ def convert_metrics(request: Any) -> Converted:
                 ]  # fmt: skip
                 data = getattr(metric, kind)
                 for point in data.data_points:
+                    try:
+                        _ns(point.start_time_unix_nano, "startTimeUnixNano")
+                        _ns(point.time_unix_nano, "timeUnixNano")
+                        for exemplar in getattr(point, "exemplars", ()):
+                            _ns(exemplar.time_unix_nano, "exemplar timeUnixNano")
+                    except InvalidData as exc:
+                        rejected += 1
+                        if len(reasons) < 5:
+                            reasons.append(f"metric {metric.name!r}: {exc}")
+                        continue
                     row = [
                         *common,
                         attributes(point.attributes),
@@ -351,7 +376,7 @@ def convert_metrics(request: Any) -> Converted:
                     for column, value in zip(table.data, row, strict=True):
                         column.append(value)
                     accepted += 1
-    return Converted([t for t in tables.values() if t.rows], accepted, 0, [])
+    return Converted([t for t in tables.values() if t.rows], accepted, rejected, reasons)
 
 
 _METRIC_TABLE = {

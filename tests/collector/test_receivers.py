@@ -268,3 +268,14 @@ async def test_bad_grpc_input_is_invalid_argument(collector: Collector) -> None:
     response = await export(ok.SerializeToString())
     assert response.partial_success.rejected_spans == 0
     await channel.close()
+
+
+async def test_timestamps_beyond_datetime64_are_rejected_not_poisoning_the_batch(collector: Collector) -> None:
+    late = span(spanId="00f067aa0ba902b8", startTimeUnixNano=str(2**63 + 5))
+    body = json.dumps(json_spans(span(), late)).encode()
+    response = await post(collector, "/v1/traces", body, "application/json")
+    assert response.status_code == 200
+    assert response.json()["partialSuccess"]["rejectedSpans"] == "1"
+    assert "beyond the year 2262" in response.json()["partialSuccess"]["errorMessage"]
+    await flushed(collector)
+    assert query(collector, "SELECT SpanId FROM {db}.otel_traces") == [(SPAN_ID,)]
