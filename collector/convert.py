@@ -101,6 +101,19 @@ class Converted:
         return sum(c.rows for c in self.tables)
 
 
+@dataclass
+class _Rejections:
+    """Items refused as invalid: all counted, the first few explained to the client."""
+
+    count: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, reason: str) -> None:
+        self.count += 1
+        if len(self.reasons) < 5:
+            self.reasons.append(reason)
+
+
 def any_value(value: Any) -> str:
     """An AnyValue as the contrib exporter stringifies it (pdata's AsString)."""
     kind = value.WhichOneof("value")
@@ -182,8 +195,8 @@ def convert_traces(request: Any) -> Converted:
     (ts, trace_ids, span_ids, parents, states, names, kinds, services, res_attrs, scope_names, scope_versions,
      span_attrs, durations, status_codes, status_msgs, ev_ts, ev_names, ev_attrs, ln_trace, ln_span, ln_state,
      ln_attrs) = cols.data  # fmt: skip
-    accepted = rejected = 0
-    reasons: list[str] = []
+    accepted = 0
+    rejections = _Rejections()
     for rs in request.resource_spans:
         resource = attributes(rs.resource.attributes)
         service = resource.get("service.name", "")
@@ -208,9 +221,7 @@ def convert_traces(request: Any) -> Converted:
                         else None
                     )
                 except InvalidData as exc:
-                    rejected += 1
-                    if len(reasons) < 5:
-                        reasons.append(f"span {span.name!r}: {exc}")
+                    rejections.add(f"span {span.name!r}: {exc}")
                     continue
                 ts.append(start)
                 trace_ids.append(trace_id)
@@ -250,15 +261,15 @@ def convert_traces(request: Any) -> Converted:
                     ln_state.append(_EMPTY)
                     ln_attrs.append(_EMPTY)
                 accepted += 1
-    return Converted([cols] if accepted else [], accepted, rejected, reasons)
+    return Converted([cols] if accepted else [], accepted, rejections.count, rejections.reasons)
 
 
 def convert_logs(request: Any) -> Converted:
     cols = Columns("otel_logs", LOG_COLUMNS)
     (ts, trace_ids, span_ids, flags, sev_text, sev_num, services, bodies, res_urls, res_attrs, scope_urls,
      scope_names, scope_versions, scope_attrs, log_attrs, event_names) = cols.data  # fmt: skip
-    accepted = rejected = 0
-    reasons: list[str] = []
+    accepted = 0
+    rejections = _Rejections()
     for rl in request.resource_logs:
         resource = attributes(rl.resource.attributes)
         service = resource.get("service.name", "")
@@ -271,9 +282,7 @@ def convert_logs(request: Any) -> Converted:
                     span_id = _optional_id(record.span_id, 8, "spanId")
                     when = _ns(record.time_unix_nano or record.observed_time_unix_nano, "timeUnixNano")
                 except InvalidData as exc:
-                    rejected += 1
-                    if len(reasons) < 5:
-                        reasons.append(f"log record: {exc}")
+                    rejections.add(f"log record: {exc}")
                     continue
                 ts.append(when)
                 trace_ids.append(trace_id)
@@ -293,7 +302,7 @@ def convert_logs(request: Any) -> Converted:
                 log_attrs.append(attributes(record.attributes))
                 event_names.append(record.event_name)
                 accepted += 1
-    return Converted([cols] if accepted else [], accepted, rejected, reasons)
+    return Converted([cols] if accepted else [], accepted, rejections.count, rejections.reasons)
 
 
 def _exemplar_columns(
@@ -315,8 +324,8 @@ def _number(point: Any) -> float:
 
 def convert_metrics(request: Any) -> Converted:
     tables = {name: Columns(name, names) for name, names in METRIC_COLUMNS.items()}
-    accepted = rejected = 0
-    reasons: list[str] = []
+    accepted = 0
+    rejections = _Rejections()
     for rm in request.resource_metrics:
         resource = attributes(rm.resource.attributes)
         service = resource.get("service.name", "")
@@ -340,9 +349,7 @@ def convert_metrics(request: Any) -> Converted:
                         for exemplar in getattr(point, "exemplars", ()):
                             _ns(exemplar.time_unix_nano, "exemplar timeUnixNano")
                     except InvalidData as exc:
-                        rejected += 1
-                        if len(reasons) < 5:
-                            reasons.append(f"metric {metric.name!r}: {exc}")
+                        rejections.add(f"metric {metric.name!r}: {exc}")
                         continue
                     row = [
                         *common,
@@ -376,7 +383,7 @@ def convert_metrics(request: Any) -> Converted:
                     for column, value in zip(table.data, row, strict=True):
                         column.append(value)
                     accepted += 1
-    return Converted([t for t in tables.values() if t.rows], accepted, rejected, reasons)
+    return Converted([t for t in tables.values() if t.rows], accepted, rejections.count, rejections.reasons)
 
 
 _METRIC_TABLE = {
