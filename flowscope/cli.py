@@ -295,6 +295,9 @@ def run(file: Path, input_json: str | None, otlp_endpoint: str | None, standalon
     from engine import Engine, EventType, WorkflowValidationError, load_workflow
     from engine.telemetry import setup, shutdown
 
+    # `module:function` references resolve from the current directory, as with `python -m`.
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     try:
         workflow = load_workflow(file)
         payload = json.loads(input_json) if input_json else None

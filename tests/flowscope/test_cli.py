@@ -112,6 +112,17 @@ async def test_schema_print_matches_the_collector_schema() -> None:
     assert "TTL toDateTime(Timestamp) + toIntervalDay(30)" in printed.stdout
 
 
+async def test_installed_script_resolves_references_from_the_working_directory() -> None:
+    script = Path(sys.executable).parent / "flowscope"
+    process = await asyncio.create_subprocess_exec(
+        str(script), "run", "examples/etl.yaml", "--standalone",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(PYTHONPATH=""), cwd=ROOT,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 90)
+    assert process.returncode == 0, err.decode()
+    assert "success" in out.decode()
+
+
 async def test_run_standalone_prints_console_telemetry(tmp_path: Path) -> None:
     flow = tmp_path / "flow.yaml"
     flow.write_text(WORKFLOW)
