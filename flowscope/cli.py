@@ -83,7 +83,7 @@ def _stack_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--otlp-http-port", type=int, help="OTLP/HTTP port (default 4318)."),
             click.option("--no-auth", is_flag=True, default=None, help="Serve without auth on a public address."),
             click.option(
-                "--spool-dir", type=click.Path(path_type=Path), help="Write-ahead spool (default .flowscope/spool)."
+                "--spool-dir", type=click.Path(path_type=Path), help="Write-ahead spool (default <data dir>.spool)."
             ),
             click.option("--no-spool", is_flag=True, help="Acknowledge from memory only (faster, not crash-safe)."),
         ]
@@ -97,11 +97,9 @@ def _settings(**flags: Any) -> Settings:
     if flags.get("no_spool"):
         spool_dir = None
     else:
-        spool_dir = (
-            flags.get("spool_dir")
-            or settings.spool_dir
-            or (flags.get("data_dir") or settings.data_dir).parent / "spool"
-        )
+        # The spool belongs to one data directory: replaying it into another would be wrong.
+        data_dir = flags.get("data_dir") or settings.data_dir
+        spool_dir = flags.get("spool_dir") or settings.spool_dir or data_dir.with_name(f"{data_dir.name}.spool")
     return replace(settings, spool_dir=spool_dir).with_overrides(
         data_dir=flags.get("data_dir"),
         clickhouse_dsn=flags.get("dsn"),
