@@ -112,12 +112,13 @@ function executionView(id) {
   const progressText = h("div", { class: "meta", id: "progress-text" });
   const dagEl = h("div", { class: "dag", id: "dag" });
   const warnEl = h("ul", { class: "warnings", id: "warnings" });
+  const noWarnings = h("p", { class: "empty", id: "no-warnings" }, "No node has passed its time threshold.");
   const errorEl = h("div", { id: "error" });
   const linksEl = h("div", { class: "links", id: "links" });
   const logEl = h("div", { class: "log", id: "log", role: "log" });
   app.replaceChildren(h("p", {}, h("a", { href: `/${TOKEN ? `?token=${TOKEN}` : ""}` }, "← all executions")),
     h("h1", { id: "title" }, `Execution ${id}`), metaEl, h("div", { class: "progress", role: "progressbar", "aria-label": "progress" }, bar), progressText,
-    linksEl, errorEl, h("h2", {}, "Graph"), dagEl, h("h2", {}, "Performance"), warnEl, h("h2", {}, "Event log"), logEl);
+    linksEl, errorEl, h("h2", {}, "Graph"), dagEl, h("h2", {}, "Performance"), noWarnings, warnEl, h("h2", {}, "Event log"), logEl);
 
   const node = (nid) => {
     if (!state.nodes.has(nid)) { state.nodes.set(nid, { id: nid, label: nid, type: "", dependsOn: [], state: "pending", attempts: 0, durationMs: null, error: null }); state.order.push(nid); }
@@ -189,6 +190,7 @@ function executionView(id) {
     if (msg.derived) {
       if (msg.type.startsWith("performance.")) {
         const level = msg.type.split(".")[1];
+        noWarnings.remove();
         warnEl.append(h("li", { class: level, "data-node": msg.nodeId },
           `${level === "critical" ? "Critical" : "Slow"}: ${msg.nodeId} ${d.running ? "has been running" : "took"} ${fmtMs(d.actualMs)} (threshold ${fmtMs(d.thresholdMs)})`));
       }
