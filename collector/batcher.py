@@ -157,7 +157,7 @@ class Pipeline:
                 raise Backpressure("collector is shutting down", retry_after_s=2.0)
             memory_full = self._queued_rows + rows > self.max_queue_rows and self._queued_rows > 0
             if self.spool is not None and (memory_full or self._spilling):
-                return self._spill(signal, request, payload, converted)
+                return self._spill(signal, request, payload, digest, converted)
             if memory_full:
                 reason = "storage unavailable" if not self._store_ok else "queue full"
                 self.metrics.refused.labels(signal.value, reason.replace(" ", "_")).inc()
@@ -202,7 +202,7 @@ class Pipeline:
     def _spilling(self) -> bool:
         return self._spill_next != 0 and self._spill_next <= self._spill_last
 
-    def _spill(self, signal: Signal, request: Any, payload: bytes, converted: Converted) -> Converted:
+    def _spill(self, signal: Signal, request: Any, payload: bytes, digest: bytes, converted: Converted) -> Converted:
         """Accept into the spool only (called with the lock held); the writer reads it back later."""
         assert self.spool is not None
         try:
@@ -210,7 +210,7 @@ class Pipeline:
         except SpoolFull as exc:
             self.metrics.refused.labels(signal.value, "spool_full").inc()
             raise Backpressure(str(exc)) from exc
-        self._remember(hashlib.blake2b(payload, digest_size=16).digest())
+        self._remember(digest)
         if not self._spilling:
             self._spill_next = seq
         self._spill_last = seq

@@ -32,11 +32,6 @@ class EventType(StrEnum):
     EXECUTION_LOG = "execution.log"
 
 
-TERMINAL_WORKFLOW_EVENTS = frozenset(
-    {EventType.WORKFLOW_COMPLETED, EventType.WORKFLOW_FAILED, EventType.WORKFLOW_CANCELLED}
-)
-
-
 @dataclass(frozen=True)
 class WorkflowEvent:
     type: EventType

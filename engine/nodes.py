@@ -370,13 +370,3 @@ def _builtin_executors() -> dict[str, NodeExecutor]:
         "wait": WaitExecutor(),
         "subworkflow": SubworkflowExecutor(),
     }
-
-
-_DEFAULT: NodeRegistry | None = None
-
-
-def default_registry() -> NodeRegistry:
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = NodeRegistry()
-    return _DEFAULT

@@ -15,6 +15,7 @@ from starlette.schemas import SchemaGenerator
 
 from collector.history import ExecutionQuery, History, HistoryError, SqlError
 from ws_bridge.auth import Authenticator, AuthError, Principal
+from ws_bridge.events import user_of_events
 
 SCHEMAS = SchemaGenerator(
     {
@@ -151,7 +152,7 @@ def api_routes(history: History | None, auth: Authenticator, links: Links) -> li
             exists = await run_in_threadpool(assert_history().get_execution, execution_id)
             if exists is None:
                 return _error(404, f"no execution {execution_id!r}")
-        elif not principal.may_see(events[0], _user(events)):
+        elif not principal.may_see(events[0], user_of_events(events)):
             return _error(404, f"no execution {execution_id!r}")
         return JSONResponse({"items": events})
 
@@ -249,14 +250,6 @@ def _restrict(query: ExecutionQuery, principal: Principal) -> ExecutionQuery:
 def _visible(principal: Principal, execution: dict[str, Any]) -> bool:
     event = {"workflowId": execution["workflowId"], "executionId": execution["executionId"]}
     return principal.may_see(event, execution.get("userId"))
-
-
-def _user(events: list[dict[str, Any]]) -> str | None:
-    for event in events:
-        if event["type"] == "workflow.started":
-            user = event["data"].get("userId")
-            return str(user) if user else None
-    return None
 
 
 def _time(value: str | None, name: str) -> dt.datetime | None:

@@ -21,6 +21,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ws_bridge.auth import Principal
+from ws_bridge.events import user_of_events
 from ws_bridge.rooms import Hub, Subscription
 from ws_bridge.types import LiveEvent, Message
 
@@ -281,7 +282,7 @@ class Connection:
                     merged = {int(e["seq"]): e for e in stored}
                     for event in self.hub.recent_events(execution_id, max(1, from_seq)):
                         merged.setdefault(int(event["seq"]), event)
-                    user = self.hub.user_of(execution_id) or _user_from(merged.values())
+                    user = self.hub.user_of(execution_id) or user_of_events(merged.values())
                     backlog.extend((merged[s], user) for s in sorted(merged))
             if since is not None:
                 backlog.extend(await self._events_since(sub, since))
@@ -367,14 +368,6 @@ def _parse_since(value: Any, sub_id: str) -> dt.datetime | None:
     except ValueError as exc:
         raise ProtocolError("bad_request", f"'since' is not an ISO-8601 timestamp: {value!r}", sub_id) from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
-
-
-def _user_from(events: Any) -> str | None:
-    for event in events:
-        if event["type"] == "workflow.started":
-            user = event["data"].get("userId")
-            return str(user) if user else None
-    return None
 
 
 def _now_iso() -> str:

@@ -52,7 +52,6 @@ class ExecutionTrack:
     types: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, NodeTrack] = field(default_factory=dict)
     last_seq: int = 0
-    finished: bool = False
 
     def close(self) -> None:
         for node in self.nodes.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from collector.convert import any_value
@@ -53,6 +54,15 @@ def events_from_logs(request: Any) -> list[LiveEvent]:
                     }
                 )
     return out
+
+
+def user_of_events(events: Iterable[LiveEvent]) -> str | None:
+    """The end user of an execution, from its workflow.started event."""
+    for event in events:
+        if event["type"] == "workflow.started":
+            user = event["data"].get("userId")
+            return str(user) if user else None
+    return None
 
 
 def _text(value: Any) -> str:

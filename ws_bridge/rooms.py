@@ -157,7 +157,6 @@ class Hub:
                 track.types[spec["id"]] = spec.get("type", "")
             return []
         if kind in _TERMINAL:
-            track.finished = True
             track.close()
             return []
         state = NODE_STATES.get(kind)
