@@ -134,7 +134,7 @@ class Pipeline:
 
     # -- intake ------------------------------------------------------------------------------
 
-    def consume(self, signal: Signal, request: Any) -> Converted:
+    def consume(self, signal: Signal, request: Any, raw: bytes | None = None) -> Converted:
         """Convert and queue one OTLP request; raises Backpressure when it cannot be taken now.
 
         With a spool, returns only once the request is fsync'd: acknowledged means durable.
@@ -146,7 +146,8 @@ class Pipeline:
         rows = converted.rows
         if rows == 0:
             return converted
-        payload = request.SerializeToString() if self.spool is not None else b""
+        # The spool stores the bytes the receiver already holds; only OTLP/JSON needs encoding.
+        payload = (raw if raw is not None else request.SerializeToString()) if self.spool is not None else b""
         digest = hashlib.blake2b(payload, digest_size=16).digest() if self.spool is not None else b""
         with self._cond:
             if digest and digest in self._recent:

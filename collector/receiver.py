@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -77,7 +77,11 @@ SPECS = {
     ),
 }
 
-Consume = Callable[[Signal, Any], Converted]
+
+class Consume(Protocol):
+    """Takes a parsed request; `raw` is its protobuf encoding when the receiver already has it."""
+
+    def __call__(self, signal: Signal, request: Any, raw: bytes | None = None) -> Converted: ...
 
 
 class RejectedError(ValueError):
@@ -140,7 +144,7 @@ class GrpcReceiver:
                 self._count_refusal(spec.signal, "malformed")
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed OTLP protobuf: {exc}")
             try:
-                return build_response(spec, self._consume(spec.signal, request))
+                return build_response(spec, self._consume(spec.signal, request, raw))
             except Backpressure as bp:
                 context.set_trailing_metadata((("google.rpc.retryinfo-bin", _retry_info(bp.retry_after_s)),))
                 context.abort(grpc.StatusCode.UNAVAILABLE, bp.reason)
@@ -202,7 +206,8 @@ def http_routes(
                 refuse(spec.signal, "malformed")
                 return _status(400, f"malformed OTLP request: {exc}", content_type)
             try:
-                converted = await run_in_threadpool(consume, spec.signal, message)
+                raw = body if content_type == _PROTOBUF else None
+                converted = await run_in_threadpool(consume, spec.signal, message, raw)
                 response = build_response(spec, converted)
             except Backpressure as bp:
                 code = 503

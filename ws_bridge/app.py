@@ -76,7 +76,7 @@ class Bridge:
         if events:
             self._loop.call_soon_threadsafe(self.hub.publish, events)
 
-    def _consume_remote(self, signal: Signal, request: Any) -> Converted:
+    def _consume_remote(self, signal: Signal, request: Any, raw: bytes | None = None) -> Converted:
         self.feed(signal, request)
         return Converted([], accepted=_count(signal, request), rejected=0, reasons=[])
 
