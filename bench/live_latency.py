@@ -3,10 +3,16 @@
 Run: .venv/bin/python bench/live_latency.py [--subscribers 1,100,1000] [--rate 2000] [--seconds 10]
 
 Three processes, as in production: the embedded stack (`flowscope up`), an engine exporting
-OTLP/gRPC at about --rate events/s, and this process holding the subscribers (each
-subscribed to `all`, so each receives every event). Latency = receive time − the event's
-`ts` (set by the engine when it emitted the event; one machine, one clock). The budget
-includes the SDK's export batch delay (100 ms by default; --batch-delay-ms sets it).
+OTLP/gRPC at about --rate events/s, and this process holding the subscribers. Latency =
+receive time − the event's `ts` (set by the engine when it emitted the event; one machine,
+one clock). The budget includes the SDK's export batch delay (--batch-delay-ms; default:
+what `engine.telemetry.setup()` picks).
+
+--room says what each subscriber watches:
+- `all`: the firehose; every subscriber receives every event (deliveries = subscribers × rate).
+- `workflow`: the engine runs one workflow per subscriber, round-robin, and subscriber k
+  watches `workflow:latency-k` — a thousand people each following their own runs
+  (deliveries = rate).
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ def run_stack(data_dir: str, ready: Any, stop: Any, ports: Any) -> None:
     asyncio.run(main())
 
 
-def run_engine(grpc_port: int, rate: float, seconds: float, batch_delay_ms: int, emitted: Any) -> None:
+def run_engine(
+    grpc_port: int, rate: float, seconds: float, batch_delay_ms: int | None, workflows: int, emitted: Any
+) -> None:
     from engine import Engine, NodeContext, WorkflowBuilder
     from engine.telemetry import setup, shutdown
 
@@ -50,17 +58,19 @@ def run_engine(grpc_port: int, rate: float, seconds: float, batch_delay_ms: int,
 
     async def main() -> None:
         engine = Engine(setup(endpoint=f"http://127.0.0.1:{grpc_port}", schedule_delay_millis=batch_delay_ms))
-        builder = WorkflowBuilder("latency", "Latency").code("n0", step)
-        for i in range(1, 5):
-            builder.code(f"n{i}", step, depends_on=[f"n{i - 1}"])
-        wf = builder.build()
+        flows = []
+        for k in range(workflows):
+            builder = WorkflowBuilder(f"latency-{k}", "Latency").code("n0", step)
+            for i in range(1, 5):
+                builder.code(f"n{i}", step, depends_on=[f"n{i - 1}"])
+            flows.append(builder.build())
         per_run = 13  # started, 5 x (node.started + node.completed), ~1 progress, completed
         interval = per_run / rate
         deadline = time.monotonic() + seconds
         tasks = set()
         count = 0
         while time.monotonic() < deadline:
-            task = asyncio.ensure_future(engine.run(wf))
+            task = asyncio.ensure_future(engine.run(flows[count % workflows]))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             count += 1
@@ -73,33 +83,26 @@ def run_engine(grpc_port: int, rate: float, seconds: float, batch_delay_ms: int,
     asyncio.run(main())
 
 
-async def subscribe_all(url: str, n: int, seconds: float) -> tuple[list[float], int]:
-    latencies: list[float] = []
-    received = 0
+async def connect_all(url: str, n: int, room: str) -> list[Any]:
     sockets = [await connect(url, max_size=None, open_timeout=30) for _ in range(n)]
-    for ws in sockets:
-        await ws.send(json.dumps({"op": "subscribe", "id": "b", "rooms": ["all"]}))
-
-    async def reader(ws: Any) -> None:
-        nonlocal received
-        async for raw in ws:
-            now = time.time()
-            message = json.loads(raw)
-            ts = message.get("ts")
-            if "seq" in message and ts and not message.get("derived"):
-                received += 1
-                sent = dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-                latencies.append((now - sent) * 1000)
-
-    readers = [asyncio.create_task(reader(ws)) for ws in sockets]
-    await asyncio.sleep(seconds)
-    for ws in sockets:
-        await ws.close()
-    await asyncio.gather(*readers, return_exceptions=True)
-    return latencies, received
+    for k, ws in enumerate(sockets):
+        rooms = ["all"] if room == "all" else [f"workflow:latency-{k}"]
+        await ws.send(json.dumps({"op": "subscribe", "id": "b", "rooms": rooms}))
+        assert json.loads(await ws.recv())["type"] == "subscribed"
+    return sockets
 
 
-def measure(subscribers: int, rate: float, seconds: float, batch_delay_ms: int) -> dict[str, Any]:
+async def read(ws: Any, latencies: list[float]) -> None:
+    async for raw in ws:
+        now = time.time()
+        message = json.loads(raw)
+        ts = message.get("ts")
+        if "seq" in message and ts and not message.get("derived"):
+            sent = dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+            latencies.append((now - sent) * 1000)
+
+
+def measure(subscribers: int, room: str, rate: float, seconds: float, batch_delay_ms: int | None) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
     ports = manager.dict()
@@ -109,24 +112,34 @@ def measure(subscribers: int, rate: float, seconds: float, batch_delay_ms: int) 
     stack.start()
     assert ready.wait(60)
     url = f"ws://127.0.0.1:{ports['http']}/ws"
-    engine = ctx.Process(target=run_engine, args=(ports["grpc"], rate, seconds, batch_delay_ms, emitted))
+    workflows = 1 if room == "all" else subscribers
+    engine = ctx.Process(target=run_engine, args=(ports["grpc"], rate, seconds, batch_delay_ms, workflows, emitted))
+    latencies: list[float] = []
+    elapsed = 0.0
 
-    async def go() -> tuple[list[float], int]:
-        subs = asyncio.create_task(subscribe_all(url, subscribers, seconds + 3))
-        await asyncio.sleep(1.0)
+    async def go() -> None:
+        nonlocal elapsed
+        # Every subscriber is in its room before the first event is emitted.
+        sockets = await connect_all(url, subscribers, room)
+        readers = [asyncio.create_task(read(ws, latencies)) for ws in sockets]
+        started = time.perf_counter()
         engine.start()
-        return await subs
+        await asyncio.to_thread(engine.join, seconds + 60)
+        elapsed = time.perf_counter() - started
+        await asyncio.sleep(2.0)  # what is still in flight
+        for ws in sockets:
+            await ws.close()
+        await asyncio.gather(*readers, return_exceptions=True)
 
-    started = time.perf_counter()
-    latencies, received = asyncio.run(go())
-    elapsed = time.perf_counter() - started
-    engine.join(60)
+    asyncio.run(go())
+    received = len(latencies)
     stop.set()
     stack.join(60)
     latencies.sort()
     pick = (lambda q: round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)) if latencies else None
     return {
         "subscribers": subscribers,
+        "room": room,
         "target_events_per_s": rate,
         "events_emitted": emitted.value,
         "deliveries": received,
@@ -143,7 +156,10 @@ if __name__ == "__main__":
     parser.add_argument("--subscribers", default="1,100")
     parser.add_argument("--rate", type=float, default=2000)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--batch-delay-ms", type=int, default=100)
+    parser.add_argument("--room", choices=["all", "workflow"], default="all")
+    parser.add_argument("--batch-delay-ms", type=int, default=None)
     args = parser.parse_args()
-    results = [measure(int(n), args.rate, args.seconds, args.batch_delay_ms) for n in args.subscribers.split(",")]
+    results = [
+        measure(int(n), args.room, args.rate, args.seconds, args.batch_delay_ms) for n in args.subscribers.split(",")
+    ]
     print(json.dumps(results, indent=2))

@@ -1,4 +1,4 @@
-"""Forwards the accepted event stream over OTLP/gRPC to remote bridges (the distributed path).
+"""Forwards the accepted events and spans over OTLP/gRPC to remote bridges (the distributed path).
 
 A stream subscriber must never slow the receiver: requests go through a bounded queue to a
 worker thread; when a bridge cannot keep up, the oldest requests are dropped for it and
@@ -29,7 +29,7 @@ class OtlpForwarder:
         endpoint: str,
         metrics: SelfMetrics,
         *,
-        signals: frozenset[Signal] = frozenset({Signal.LOGS}),
+        signals: frozenset[Signal] = frozenset({Signal.LOGS, Signal.TRACES}),
         max_queue: int = _DEFAULT_QUEUE,
     ) -> None:
         self.endpoint = endpoint.removeprefix("http://")

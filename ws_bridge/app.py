@@ -27,7 +27,7 @@ from ws_bridge.api import Links, api_routes, openapi_route
 from ws_bridge.auth import AuthConfig, Authenticator, AuthError, require_auth_on_public_bind
 from ws_bridge.connection import Connection, ConnectionLimits, close_quietly
 from ws_bridge.derive import MedianCache, Thresholds
-from ws_bridge.events import events_from_logs
+from ws_bridge.events import events_from_logs, facts_from_spans
 from ws_bridge.rooms import Hub
 
 logger = logging.getLogger(__name__)
@@ -69,12 +69,17 @@ class Bridge:
         self._loop = loop or asyncio.get_running_loop()
 
     def feed(self, signal: Signal, request: Any) -> None:
-        """A collector StreamSubscriber: called from receiver threads, hands events to the loop."""
-        if signal is not Signal.LOGS or self._loop is None:
+        """A collector StreamSubscriber: called from receiver threads, hands events and span facts to the loop."""
+        if self._loop is None:
             return
-        events = events_from_logs(request)
-        if events:
-            self._loop.call_soon_threadsafe(self.hub.publish, events)
+        if signal is Signal.LOGS:
+            events = events_from_logs(request)
+            if events:
+                self._loop.call_soon_threadsafe(self.hub.publish, events)
+        elif signal is Signal.TRACES:
+            facts = facts_from_spans(request)
+            if facts:
+                self._loop.call_soon_threadsafe(self.hub.observe_spans, facts)
 
     def _consume_remote(self, signal: Signal, request: Any, raw: bytes | None = None) -> Converted:
         self.feed(signal, request)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -16,6 +18,9 @@ _DEFAULT_WARNING_MS = 5_000.0
 _DEFAULT_CRITICAL_MS = 30_000.0
 _MEDIANS_TTL_S = 60.0
 _EMPTY_MEDIANS_TTL_S = 1.0
+_MAX_WORKFLOWS = 10_000
+_MAX_LIVE_NODES = 10_000
+_LIVE_SAMPLES = 20
 
 
 @dataclass(frozen=True)
@@ -32,8 +37,11 @@ class Thresholds:
 @dataclass
 class NodeTrack:
     state: str = "pending"
+    attempt: int = 1
     started: float | None = None
-    warned: set[str] = field(default_factory=set)
+    # (attempt, level): an attempt is warned once per level, whichever of its
+    # running timer, its end event or its span noticed first.
+    warned: set[tuple[int, str]] = field(default_factory=set)
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
     def cancel(self) -> None:
@@ -47,6 +55,7 @@ class ExecutionTrack:
     """What the bridge knows of one execution: enough to derive ETA and warnings."""
 
     workflow_id: str
+    workflow_name: str = ""
     user_id: str | None = None
     dag: dict[str, list[str]] = field(default_factory=dict)
     types: dict[str, str] = field(default_factory=dict)
@@ -95,11 +104,15 @@ _PENDING = NodeTrack()
 
 
 class MedianCache:
-    """Median node durations per workflow from history, refreshed in the background."""
+    """Median node durations per workflow: history, refreshed in the background, overlaid
+    with the durations of successful node spans seen live (so a workflow's ETA is known
+    from its first finished run, before ClickHouse has it, and follows recent behaviour)."""
 
     def __init__(self, fetch: Callable[[str], dict[str, float]] | None) -> None:
         self._fetch = fetch
         self._values: dict[str, tuple[float, dict[str, float]]] = {}
+        self._live: OrderedDict[str, dict[str, deque[float]]] = OrderedDict()
+        self._merged: dict[str, dict[str, float]] = {}
         self._pending: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -109,7 +122,32 @@ class MedianCache:
         ttl = _MEDIANS_TTL_S if cached and cached[1] else _EMPTY_MEDIANS_TTL_S
         if self._fetch is not None and (cached is None or time.monotonic() - cached[0] > ttl):
             self._refresh(workflow_id)
-        return cached[1] if cached else {}
+        merged = self._merged.get(workflow_id)
+        if merged is None:
+            live = self._live.get(workflow_id, {})
+            merged = {**(cached[1] if cached else {}), **{n: statistics.median(d) for n, d in live.items()}}
+            self._merged[workflow_id] = merged
+            if len(self._merged) > _MAX_WORKFLOWS:
+                self._merged.pop(next(iter(self._merged)))
+        return merged
+
+    def observe(self, workflow_id: str, node_id: str, duration_ms: float) -> None:
+        """One successful node attempt seen live."""
+        nodes = self._live.get(workflow_id)
+        if nodes is None:
+            nodes = self._live[workflow_id] = {}
+            if len(self._live) > _MAX_WORKFLOWS:
+                evicted, _ = self._live.popitem(last=False)
+                self._merged.pop(evicted, None)
+        else:
+            self._live.move_to_end(workflow_id)
+        samples = nodes.get(node_id)
+        if samples is None:
+            if len(nodes) >= _MAX_LIVE_NODES:
+                return
+            samples = nodes[node_id] = deque(maxlen=_LIVE_SAMPLES)
+        samples.append(duration_ms)
+        self._merged.pop(workflow_id, None)
 
     async def ensure(self, workflow_id: str) -> dict[str, float]:
         """Load (or reload) the medians now and return them."""
@@ -130,8 +168,11 @@ class MedianCache:
         try:
             medians = await asyncio.to_thread(self._fetch, workflow_id)
             self._values[workflow_id] = (time.monotonic(), medians)
-            if len(self._values) > 10_000:
-                self._values.pop(next(iter(self._values)))
+            self._merged.pop(workflow_id, None)
+            if len(self._values) > _MAX_WORKFLOWS:
+                evicted = next(iter(self._values))
+                self._values.pop(evicted)
+                self._merged.pop(evicted, None)
         except Exception:
             logger.exception("loading node duration medians for %s failed", workflow_id)
         finally:

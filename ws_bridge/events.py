@@ -1,10 +1,11 @@
-"""OTLP log records carrying workflow events → live events in the wire format."""
+"""OTLP log records carrying workflow events → live events in the wire format; spans → run facts."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from collector.convert import any_value
@@ -12,6 +13,8 @@ from ws_bridge.types import LiveEvent
 
 EXECUTION_ID = "workflow.execution.id"
 SEQ = "workflow.event.seq"
+_SPAN_KEYS = frozenset({EXECUTION_ID, "workflow.id", "workflow.node.id", "workflow.node.type",
+                        "workflow.node.attempt", "workflow.node.result"})  # fmt: skip
 
 
 def iso_from_ns(ns: int) -> str:
@@ -67,3 +70,48 @@ def user_of_events(events: Iterable[LiveEvent]) -> str | None:
 
 def _text(value: Any) -> str:
     return any_value(value) if value is not None else ""
+
+
+@dataclass(frozen=True)
+class SpanFact:
+    """What an ended run or node-attempt span tells the bridge (spans carry no seq)."""
+
+    execution_id: str
+    workflow_id: str | None  # run spans
+    node_id: str | None  # node attempt spans
+    node_type: str | None
+    attempt: int
+    result: str
+    duration_ms: float
+    end_ts: str
+    trace_id: str
+    span_id: str
+
+
+def facts_from_spans(request: Any) -> list[SpanFact]:
+    """The workflow spans of an ExportTraceServiceRequest; every other span is skipped cheaply."""
+    out: list[SpanFact] = []
+    for resource_spans in request.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                attrs = {kv.key: kv.value for kv in span.attributes if kv.key in _SPAN_KEYS}
+                execution = attrs.get(EXECUTION_ID)
+                if execution is None:
+                    continue
+                node_id = _text(attrs.get("workflow.node.id")) or None
+                attempt = attrs.get("workflow.node.attempt")
+                out.append(
+                    SpanFact(
+                        execution_id=any_value(execution),
+                        workflow_id=None if node_id else _text(attrs.get("workflow.id")) or None,
+                        node_id=node_id,
+                        node_type=_text(attrs.get("workflow.node.type")) or None,
+                        attempt=int(attempt.int_value) if attempt is not None else 1,
+                        result=_text(attrs.get("workflow.node.result")),
+                        duration_ms=max(0, span.end_time_unix_nano - span.start_time_unix_nano) / 1e6,
+                        end_ts=iso_from_ns(span.end_time_unix_nano),
+                        trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(),
+                    )
+                )
+    return out

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from collector.history import NODE_STATES
 from ws_bridge.derive import ExecutionTrack, MedianCache, NodeTrack, Thresholds, estimate_eta_ms, performance_event
+from ws_bridge.events import SpanFact
 from ws_bridge.types import LiveEvent
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 _DEFAULT_MAX_EXECUTIONS = 2_000
 _DEFAULT_MAX_RECENT_EVENTS = 200_000
 _MAX_SEEN_PER_EXECUTION = 20_000
+_MAX_ORPHANS_PER_EXECUTION = 1_000
 _TERMINAL = frozenset({"workflow.completed", "workflow.failed", "workflow.cancelled"})
 
 
@@ -77,6 +79,10 @@ class Hub:
         self._rooms: dict[str, set[Subscription]] = {}
         self.duplicates_dropped = 0
         self.events_in = 0
+        self.spans_in = 0
+        # Run spans name their workflow; node spans only their execution. Bounded like the buffers.
+        self._workflow_of: OrderedDict[str, str] = OrderedDict()
+        self._orphans: OrderedDict[str, list[SpanFact]] = OrderedDict()
 
     # -- subscriptions ----------------------------------------------------------------------
 
@@ -123,11 +129,75 @@ class Hub:
         self.dispatch(event, track)
         for extra in derived:
             self.dispatch(extra, track)
+        if execution_id in self._orphans:
+            self._adopt_orphans(execution_id)
+
+    def observe_spans(self, facts: Iterable[SpanFact]) -> None:
+        """Ended spans: run spans map executions to workflows, successful node spans teach
+        the ETA medians, and a node span past its threshold warns if nothing else already
+        did for that attempt (its events may have been dropped by a full export queue).
+        Spans and events travel in separate requests, so a node span can arrive before
+        anything names its workflow: it waits (bounded) until something does."""
+        facts = list(facts)
+        self.spans_in += len(facts)
+        for fact in facts:
+            if fact.workflow_id:
+                self._workflow_of[fact.execution_id] = fact.workflow_id
+                if len(self._workflow_of) > self._max_executions:
+                    self._workflow_of.popitem(last=False)
+        for fact in facts:
+            if fact.node_id is not None:
+                self._node_span(fact)
+        for fact in facts:
+            if fact.workflow_id:
+                self._adopt_orphans(fact.execution_id)
+
+    def _node_span(self, fact: SpanFact) -> None:
+        assert fact.node_id is not None
+        buffer = self._buffers.get(fact.execution_id)
+        workflow_id = buffer.track.workflow_id if buffer else self._workflow_of.get(fact.execution_id)
+        if not workflow_id:
+            orphans = self._orphans.setdefault(fact.execution_id, [])
+            if len(orphans) < _MAX_ORPHANS_PER_EXECUTION:
+                orphans.append(fact)
+            while len(self._orphans) > self._max_executions:
+                self._orphans.popitem(last=False)
+            return
+        if fact.result == "success":
+            self.medians.observe(workflow_id, fact.node_id, fact.duration_ms)
+        if buffer is not None:
+            self._warn_from_span(buffer.track, fact)
+
+    def _adopt_orphans(self, execution_id: str) -> None:
+        for fact in self._orphans.pop(execution_id, []):
+            self._node_span(fact)
+
+    def _warn_from_span(self, track: ExecutionTrack, fact: SpanFact) -> None:
+        assert fact.node_id is not None
+        node = track.nodes.setdefault(fact.node_id, NodeTrack())
+        if fact.attempt == node.attempt and node.state in ("running", "waiting"):
+            node.cancel()  # the span says this attempt ended; its running timers are moot
+        base: LiveEvent = {
+            "seq": track.last_seq,
+            "ts": fact.end_ts,
+            "executionId": fact.execution_id,
+            "workflowId": track.workflow_id,
+            "workflowName": track.workflow_name,
+            "nodeId": fact.node_id,
+            "nodeType": fact.node_type or track.types.get(fact.node_id),
+            "traceId": fact.trace_id,
+            "spanId": fact.span_id,
+        }
+        for level, limit in zip(("warning", "critical"), self.thresholds.for_type(base["nodeType"]), strict=True):
+            if fact.duration_ms >= limit and (fact.attempt, level) not in node.warned:
+                node.warned.add((fact.attempt, level))
+                self.dispatch(performance_event(base, level, limit, fact.duration_ms, running=False), track)
 
     def _buffer(self, execution_id: str, event: LiveEvent) -> _Buffer:
         buffer = self._buffers.get(execution_id)
         if buffer is None:
-            buffer = _Buffer(ExecutionTrack(workflow_id=event.get("workflowId") or ""))
+            track = ExecutionTrack(event.get("workflowId") or "", event.get("workflowName") or "")
+            buffer = _Buffer(track)
             self._buffers[execution_id] = buffer
             while len(self._buffers) > self._max_executions:
                 self._evict()
@@ -166,10 +236,11 @@ class Hub:
         node = track.nodes.setdefault(node_id, NodeTrack())
         node.state = state
         warn_ms, critical_ms = self.thresholds.for_type(event.get("nodeType"))
+        attempt = int(data.get("attempt") or node.attempt)
         if kind == "node.started":
             node.cancel()
+            node.attempt = attempt
             node.started = time.monotonic()
-            node.warned.clear()
             loop = asyncio.get_running_loop()
             for level, limit in (("warning", warn_ms), ("critical", critical_ms)):
                 node.timers.append(loop.call_later(limit / 1000, self._still_running, track, node, event, level, limit))
@@ -178,25 +249,26 @@ class Hub:
             node.cancel()
             actual = float(data.get("durationMs") or 0.0)
             return [
-                self._warned(node, event, level, limit, actual, running=False)
+                self._warned(node, attempt, event, level, limit, actual, running=False)
                 for level, limit in (("warning", warn_ms), ("critical", critical_ms))
-                if actual >= limit and level not in node.warned
+                if actual >= limit and (attempt, level) not in node.warned
             ]
         return []
 
     def _still_running(
         self, track: ExecutionTrack, node: NodeTrack, started: LiveEvent, level: str, limit: float
     ) -> None:
-        if node.state not in ("running", "waiting") or level in node.warned or node.started is None:
+        if node.state not in ("running", "waiting") or (node.attempt, level) in node.warned or node.started is None:
             return
         actual = (time.monotonic() - node.started) * 1000
-        event = self._warned(node, {**started, "seq": track.last_seq}, level, limit, actual, running=True)
+        base = {**started, "seq": track.last_seq}
+        event = self._warned(node, node.attempt, base, level, limit, actual, running=True)
         self.dispatch(event, track)
 
     def _warned(
-        self, node: NodeTrack, base: LiveEvent, level: str, limit: float, actual: float, running: bool
+        self, node: NodeTrack, attempt: int, base: LiveEvent, level: str, limit: float, actual: float, running: bool
     ) -> LiveEvent:
-        node.warned.add(level)
+        node.warned.add((attempt, level))
         return performance_event(base, level, limit, actual, running)
 
     # -- routing ---------------------------------------------------------------------------
@@ -247,5 +319,6 @@ class Hub:
             "recentEvents": self._recent_total,
             "subscriptions": self.subscription_count,
             "eventsIn": self.events_in,
+            "spansIn": self.spans_in,
             "duplicatesDropped": self.duplicates_dropped,
         }
