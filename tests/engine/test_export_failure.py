@@ -13,6 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from engine import Engine, NodeContext, Result, Telemetry, WorkflowBuilder
+from engine.telemetry import batch_delays_millis
 
 
 async def step(ctx: NodeContext) -> int:
@@ -61,3 +62,10 @@ async def test_unreachable_collector_never_stops_workflows_and_drops_are_counted
     assert dropped > 0, "a full export queue must be counted, not silent"
     tracer_provider.shutdown()
     await engine.aclose()
+
+
+def test_batch_delays_are_short_events_shorter_and_overridable() -> None:
+    assert batch_delays_millis(None, {}) == (100, 50)
+    env = {"OTEL_BSP_SCHEDULE_DELAY": "250", "OTEL_BLRP_SCHEDULE_DELAY": "20"}
+    assert batch_delays_millis(None, env) == (250, 20)
+    assert batch_delays_millis(10, env) == (10, 10)
