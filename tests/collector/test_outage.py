@@ -12,11 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 from clickhouse_connect.driver.exceptions import OperationalError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from collector.convert import Columns
+from collector import otlp_json
+from collector.convert import Columns, convert_traces
 from collector.schema import SchemaOptions
 from collector.service import Collector, CollectorConfig
-from collector.store import Dsn, StoreError
+from collector.store import Dsn, StoreError, connect, migrate
 from collector.writer import ClickHouseWriter
 from tests.collector.test_end_to_end import query
 from tests.collector.test_receivers import json_spans, span
@@ -165,3 +167,21 @@ async def test_outage_with_spool_accepts_beyond_memory_then_drains_exactly_once(
             assert await asyncio.to_thread(collector.pipeline.flush, 60.0)
     rows = query(collector, "SELECT count(), uniqExact(SpanId) FROM {db}.otel_traces")
     assert rows == [(accepted, accepted)]
+
+
+def test_the_embedded_writer_hands_freed_memory_back(chdb_dsn: str, database: str) -> None:
+    dsn = Dsn.parse(chdb_dsn)
+    client = connect(dsn)
+    migrate(client, SchemaOptions(database=database))
+    writer = ClickHouseWriter(dsn, database)
+    try:
+        body = json_spans(*[span(spanId=os.urandom(8).hex(), name=f"op-{i}") for i in range(50)])
+        request = otlp_json.parse(json.dumps(body).encode(), ExportTraceServiceRequest)
+        writer.insert(convert_traces(request).tables[0])
+        # The embedded engine supports the purge (else the writer would have stopped asking).
+        assert writer.purges == 1
+        rows = client.query(f"SELECT count() FROM {database}.otel_traces").result_rows
+        assert rows == [(50,)]
+    finally:
+        writer.close()
+        client.close()
