@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from clickhouse_connect.driver.exceptions import OperationalError
+from clickhouse_connect.driver.insert import InsertContext
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from collector import otlp_json
@@ -180,6 +182,8 @@ def test_the_embedded_writer_hands_freed_memory_back(chdb_dsn: str, database: st
         writer.insert(convert_traces(request).tables[0])
         # The embedded engine supports the purge (else the writer would have stopped asking).
         assert writer.purges == 1
+        # And the batch did not stay behind in clickhouse-connect's self-referencing context.
+        assert not [o for o in gc.get_objects() if isinstance(o, InsertContext)]
         rows = client.query(f"SELECT count() FROM {database}.otel_traces").result_rows
         assert rows == [(50,)]
     finally:
