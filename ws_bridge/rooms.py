@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 _DEFAULT_MAX_EXECUTIONS = 2_000
 _DEFAULT_MAX_RECENT_EVENTS = 200_000
 _MAX_SEEN_PER_EXECUTION = 20_000
-_MAX_ORPHANS_PER_EXECUTION = 1_000
+# Node spans waiting for their workflow to be named: a batch's worth, not a history.
+_MAX_ORPHAN_EXECUTIONS = 256
+_MAX_ORPHANS_PER_EXECUTION = 256
 _TERMINAL = frozenset({"workflow.completed", "workflow.failed", "workflow.cancelled"})
 
 
@@ -160,7 +162,7 @@ class Hub:
             orphans = self._orphans.setdefault(fact.execution_id, [])
             if len(orphans) < _MAX_ORPHANS_PER_EXECUTION:
                 orphans.append(fact)
-            while len(self._orphans) > self._max_executions:
+            while len(self._orphans) > _MAX_ORPHAN_EXECUTIONS:
                 self._orphans.popitem(last=False)
             return
         if fact.result == "success":
