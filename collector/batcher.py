@@ -164,12 +164,7 @@ class Pipeline:
                 self.metrics.refused.labels(signal.value, reason.replace(" ", "_")).inc()
                 raise Backpressure(f"{reason}: {self._queued_rows} rows waiting (bound {self.max_queue_rows})")
             if self.spool is not None:
-                try:
-                    seq = self.spool.append(signal, payload)
-                except SpoolFull as exc:
-                    self.metrics.refused.labels(signal.value, "spool_full").inc()
-                    raise Backpressure(str(exc)) from exc
-                self._remember(digest)
+                seq = self._append_to_spool(signal, payload, digest)
             else:
                 self._seq += 1
                 seq = self._seq
@@ -194,6 +189,17 @@ class Pipeline:
                 self.metrics.subscriber_errors.inc()
                 logger.exception("stream subscriber %r failed", subscriber)
 
+    def _append_to_spool(self, signal: Signal, payload: bytes, digest: bytes) -> int:
+        """Called with the lock held: the request is durable-to-be once this returns its seq."""
+        assert self.spool is not None
+        try:
+            seq = self.spool.append(signal, payload)
+        except SpoolFull as exc:
+            self.metrics.refused.labels(signal.value, "spool_full").inc()
+            raise Backpressure(str(exc)) from exc
+        self._remember(digest)
+        return seq
+
     def _remember(self, digest: bytes) -> None:
         self._recent[digest] = None
         if len(self._recent) > _RECENT_REQUESTS:
@@ -206,12 +212,7 @@ class Pipeline:
     def _spill(self, signal: Signal, request: Any, payload: bytes, digest: bytes, converted: Converted) -> Converted:
         """Accept into the spool only (called with the lock held); the writer reads it back later."""
         assert self.spool is not None
-        try:
-            seq = self.spool.append(signal, payload)
-        except SpoolFull as exc:
-            self.metrics.refused.labels(signal.value, "spool_full").inc()
-            raise Backpressure(str(exc)) from exc
-        self._remember(digest)
+        seq = self._append_to_spool(signal, payload, digest)
         if not self._spilling:
             self._spill_next = seq
         self._spill_last = seq
