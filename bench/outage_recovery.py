@@ -36,6 +36,11 @@ class SwitchableWriter(ClickHouseWriter):
             raise OperationalError("Connection refused (outage)")
         super().insert(columns, dedup_token)
 
+    def insert_otlp(self, payloads: list[bytes], dedup_token: str | None = None) -> None:
+        if self.down.is_set():
+            raise OperationalError("Connection refused (outage)")
+        super().insert_otlp(payloads, dedup_token)
+
 
 async def main(outage_s: float, spans_per_s: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="outage-"))

@@ -8,12 +8,14 @@ dropped silently.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,6 +24,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from collector.convert import CONVERTERS, Columns, Converted
+from collector.intake import INTAKE_TABLE, fast_path_spans
 from collector.spool import Spool, SpoolFull
 from collector.telemetry import SelfMetrics
 from collector.types import Signal, StreamSubscriber, Unsubscribe
@@ -57,6 +60,8 @@ class Backpressure(Exception):
 class Writer(Protocol):
     def insert(self, columns: Columns, dedup_token: str | None = None) -> None: ...
 
+    def insert_otlp(self, payloads: list[bytes], dedup_token: str | None = None) -> None: ...
+
     def is_transient(self, error: Exception) -> bool: ...
 
     def close(self) -> None: ...
@@ -64,11 +69,13 @@ class Writer(Protocol):
 
 @dataclass
 class Entry:
-    """The rows of one accepted request, with its spool (or intake) sequence number."""
+    """The rows of one accepted request, with its spool (or intake) sequence number: converted
+    to columns, or, for valid trace requests, its protobuf bytes for ClickHouse to convert."""
 
     seq: int
     tables: list[Columns]
     rows: int
+    otlp: bytes = b""
 
 
 @dataclass
@@ -139,15 +146,15 @@ class Pipeline:
 
         With a spool, returns only once the request is fsync'd: acknowledged means durable.
         """
-        converted = CONVERTERS[signal](request)
+        converted, otlp = _convert(signal, request)
         self.metrics.received.labels(signal.value).inc(converted.accepted + converted.rejected)
         if converted.rejected:
             self.metrics.rejected.labels(signal.value, "invalid").inc(converted.rejected)
-        rows = converted.rows
+        rows = converted.accepted if otlp else converted.rows
         if rows == 0:
             return converted
-        # The spool stores the bytes the receiver already holds; only OTLP/JSON needs encoding.
-        payload = (raw if raw is not None else request.SerializeToString()) if self.spool is not None else b""
+        # The spool and the intake take the bytes the receiver already holds; only OTLP/JSON needs encoding.
+        payload = (raw if raw is not None else request.SerializeToString()) if self.spool is not None or otlp else b""
         digest = hashlib.blake2b(payload, digest_size=16).digest() if self.spool is not None else b""
         with self._cond:
             if digest and digest in self._recent:
@@ -168,7 +175,7 @@ class Pipeline:
             else:
                 self._seq += 1
                 seq = self._seq
-            self._incoming.append(Entry(seq, converted.tables, rows))
+            self._incoming.append(Entry(seq, converted.tables, rows, payload if otlp else b""))
             self._incoming_rows += rows
             self._queued_rows += rows
             self.metrics.queue_rows.set(self._queued_rows)
@@ -252,9 +259,10 @@ class Pipeline:
         for record in self.spool.records_from(start):
             if record.seq > stop:
                 break
-            converted = CONVERTERS[record.signal](_REQUESTS[record.signal].FromString(record.payload))
-            entries.append(Entry(record.seq, converted.tables, converted.rows))
-            rows += converted.rows
+            converted, otlp = _convert(record.signal, _REQUESTS[record.signal].FromString(record.payload))
+            count = converted.accepted if otlp else converted.rows
+            entries.append(Entry(record.seq, converted.tables, count, record.payload if otlp else b""))
+            rows += count
             if inflight is None and rows >= self.max_batch_rows:
                 break
         if not entries:
@@ -368,20 +376,34 @@ class Pipeline:
         if self.spool is not None:
             self.spool.mark_inflight(current.first, current.last)
         merged: dict[str, Columns] = {}
+        otlp: list[bytes] = []
+        otlp_rows = 0
         for entry in current.entries:
+            if entry.otlp:
+                otlp.append(entry.otlp)
+                otlp_rows += entry.rows
             for columns in entry.tables:
                 target = merged.get(columns.table)
                 if target is None:
                     merged[columns.table] = target = Columns(columns.table, columns.names)
                 target.extend(columns)
-        for table in sorted(merged):
-            for index, chunk in enumerate(merged[table].split(self.max_batch_rows)):
-                if (table, index) in current.done:
-                    continue
-                token = f"{current.first}-{current.last}:{table}:{index}" if self.spool is not None else None
-                if not self._write_with_retry(chunk, token):
-                    return False
-                current.done.add((table, index))
+        # (insert target, chunk index, table the rows land in, rows, the insert)
+        writes: list[tuple[str, int, str, int, Callable[[str | None], None]]] = [
+            (table, index, table, chunk.rows, functools.partial(self._writer.insert, chunk))
+            for table in sorted(merged)
+            for index, chunk in enumerate(merged[table].split(self.max_batch_rows))
+        ]
+        if otlp:
+            writes.append(
+                (INTAKE_TABLE, 0, "otel_traces", otlp_rows, functools.partial(self._writer.insert_otlp, otlp))
+            )
+        for into, index, table, rows, write in writes:
+            if (into, index) in current.done:
+                continue
+            token = f"{current.first}-{current.last}:{into}:{index}" if self.spool is not None else None
+            if not self._write_with_retry(table, rows, write, token):
+                return False
+            current.done.add((into, index))
         with self._cond:
             self._queued_rows -= current.rows
             self.metrics.queue_rows.set(self._queued_rows)
@@ -390,16 +412,16 @@ class Pipeline:
             self.spool.mark_written(current.last)
         return True
 
-    def _write_with_retry(self, chunk: Columns, token: str | None) -> bool:
+    def _write_with_retry(self, table: str, rows: int, write: Callable[[str | None], None], token: str | None) -> bool:
         """True when the chunk is done with (written, or dropped as poison and counted)."""
         delay = _RETRY_INITIAL_S
         poison_attempts = 0
         while True:
             started = time.perf_counter()
             try:
-                self._writer.insert(chunk, token)
+                write(token)
             except Exception as exc:
-                self.metrics.insert_errors.labels(chunk.table).inc()
+                self.metrics.insert_errors.labels(table).inc()
                 self._last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 if self._writer.is_transient(exc):
                     if self._store_ok:
@@ -407,9 +429,9 @@ class Pipeline:
                     self._store_ok = False
                 else:
                     poison_attempts += 1
-                    logger.exception("ClickHouse refused %d rows for %s", chunk.rows, chunk.table)
+                    logger.exception("ClickHouse refused %d rows for %s", rows, table)
                     if poison_attempts >= _MAX_POISON_ATTEMPTS:
-                        self.metrics.dropped.labels(chunk.table).inc(chunk.rows)
+                        self.metrics.dropped.labels(table).inc(rows)
                         return True
                 if self._closing and time.monotonic() >= self._drain_deadline:
                     return False
@@ -418,10 +440,20 @@ class Pipeline:
                     self._cond.wait(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
-            self.metrics.insert_seconds.labels(chunk.table).observe(time.perf_counter() - started)
-            self.metrics.written.labels(chunk.table).inc(chunk.rows)
+            self.metrics.insert_seconds.labels(table).observe(time.perf_counter() - started)
+            self.metrics.written.labels(table).inc(rows)
             if not self._store_ok:
                 logger.warning("ClickHouse available again")
             self._store_ok = True
             self._last_error = None
             return True
+
+
+def _convert(signal: Signal, request: Any) -> tuple[Converted, bool]:
+    """Converted rows, or (for a trace request whose every span is valid) just its count and
+    True: ClickHouse converts those from the request's bytes (collector/intake.py)."""
+    if signal is Signal.TRACES:
+        spans = fast_path_spans(request)
+        if spans is not None:
+            return Converted([], spans, 0, []), True
+    return CONVERTERS[signal](request), False

@@ -143,13 +143,29 @@ def _raw(value: Any) -> Any:
     return None
 
 
+def float_text(value: float) -> str:
+    """A double as text: whole numbers exactly, others shortest round-trip, as ClickHouse's
+    toString writes them (fixed down to 1e-6, exponent below), so the SQL intake
+    (collector/intake.py) and this converter agree to the character."""
+    if not math.isfinite(value):
+        return repr(value)
+    if value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    mantissa, _, exponent = repr(value).partition("e")
+    if not exponent:
+        return mantissa
+    power = int(exponent)
+    if power >= 0 or power < -6:
+        return f"{mantissa}e{power}"
+    sign, digits = ("-", mantissa[1:]) if mantissa.startswith("-") else ("", mantissa)
+    return f"{sign}0.{'0' * (-power - 1)}{digits.replace('.', '')}"
+
+
 def _as_json_text(raw: Any, top: bool = False) -> str:
     if isinstance(raw, bool):
         return "true" if raw else "false"
     if isinstance(raw, float):
-        if math.isfinite(raw) and raw.is_integer() and abs(raw) < 1e21:
-            return str(int(raw))
-        return repr(raw)
+        return float_text(raw)
     if isinstance(raw, int | str) and top:
         return str(raw)
     return json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
@@ -170,11 +186,11 @@ def _hex_id(raw: bytes, size: int, what: str) -> str:
 
 _ZEROS = {16: bytes(16), 8: bytes(8)}
 # DateTime64(9) is a signed 64-bit count of nanoseconds: OTLP's fixed64 can exceed it.
-_MAX_NS = (1 << 63) - 1
+MAX_NS = (1 << 63) - 1
 
 
 def _ns(value: int, what: str) -> int:
-    if value > _MAX_NS:
+    if value > MAX_NS:
         raise InvalidData(f"{what} {value} is beyond the year 2262")
     return value
 

@@ -452,11 +452,18 @@ def _dedup_window(o: SchemaOptions) -> list[str]:
     ]
 
 
+def _trace_intake(o: SchemaOptions) -> list[str]:
+    from collector.intake import intake_statements
+
+    return intake_statements(o.database)
+
+
 # Append-only: a released migration is never edited; later changes get a new number.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "OpenTelemetry contrib exporter tables", _otel_tables),
     Migration(2, "workflow tables and their materialized views", _workflow_tables),
     Migration(3, "insert deduplication window for idempotent spool replay", _dedup_window),
+    Migration(4, "OTLP trace intake converted inside ClickHouse (Null table and view into otel_traces)", _trace_intake),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -8,8 +8,10 @@ import time
 
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from collector.convert import Columns
+from collector.convert import Columns, convert_traces
+from collector.intake import INSERT_SETTINGS, INTAKE_TABLE, frame
 from collector.store import Dsn, StoreError, connect
 
 logger = logging.getLogger(__name__)
@@ -17,6 +19,10 @@ logger = logging.getLogger(__name__)
 # ClickHouse error codes that mean "try again" rather than "this data is wrong":
 # timeouts, too many parts/queries, memory, network, readonly replicas, shutdown.
 TRANSIENT_CODES = frozenset({159, 164, 202, 203, 209, 210, 241, 242, 252, 319, 394, 425, 999, 1000})
+
+# The intake itself is missing (a server older than format_schema_source, or a schema
+# not yet migrated): unknown setting, table or format. Converting in Python from then on.
+_NO_INTAKE_CODES = frozenset({60, 73, 115})
 
 # How often the writer hands memory back after inserts; see _release_memory.
 _RELEASE_INTERVAL_S = 1.0
@@ -30,30 +36,75 @@ class ClickHouseWriter:
         self._released_at = 0.0
         self._purge = dsn.embedded
         self.purges = 0
+        self.intake = True
+        self.intake_fallbacks = 0
 
     def insert(self, columns: Columns, dedup_token: str | None = None) -> None:
-        if self._client is None:
-            self._client = connect(self._dsn)
-        settings = (
-            {"insert_deduplication_token": dedup_token, "deduplicate_blocks_in_dependent_materialized_views": 1}
-            if dedup_token
-            else None
-        )
+        client = self._connected()
         try:
-            self._client.insert(
+            client.insert(
                 f"{self._database}.{columns.table}",
                 columns.data,
                 column_names=list(columns.names),
                 column_oriented=True,
-                settings=settings,
+                settings=_dedup(dedup_token),
             )
         except Exception:
-            # A broken HTTP session is not reused; the next attempt reconnects.
-            if not self._dsn.embedded:
-                self._reset()
+            self._failed()
             raise
+        self._inserted(client)
+
+    def insert_otlp(self, payloads: list[bytes], dedup_token: str | None = None) -> None:
+        """OTLP trace requests (protobuf) converted by ClickHouse (collector/intake.py), or,
+        when it cannot, by `convert_traces` here: same rows either way."""
+        if self.intake:
+            client = self._connected()
+            try:
+                client.raw_insert(
+                    f"{self._database}.{INTAKE_TABLE}",
+                    None,
+                    frame(payloads),
+                    settings={**INSERT_SETTINGS, **(_dedup(dedup_token) or {})},
+                    fmt="Protobuf",
+                )
+            except Exception as exc:
+                if self.is_transient(exc):
+                    self._failed()
+                    raise
+                # The view raised before storing anything (nested attribute values), or the
+                # engine read the bytes differently from upb: this batch goes the Python way.
+                self.intake_fallbacks += 1
+                if getattr(exc, "code", None) in _NO_INTAKE_CODES:
+                    self.intake = False
+                    logger.warning("ClickHouse cannot convert OTLP itself; converting in Python: %s", exc)
+                else:
+                    logger.info("batch converted in Python: %s", str(exc).splitlines()[0] if str(exc) else exc)
+            else:
+                self._inserted(client)
+                return
+        merged: Columns | None = None
+        for payload in payloads:
+            for columns in convert_traces(ExportTraceServiceRequest.FromString(payload)).tables:
+                if merged is None:
+                    merged = columns
+                else:
+                    merged.extend(columns)
+        if merged is not None:
+            self.insert(merged, dedup_token)
+
+    def _connected(self) -> Client:
+        if self._client is None:
+            self._client = connect(self._dsn)
+        return self._client
+
+    def _failed(self) -> None:
+        # A broken HTTP session is not reused; the next attempt reconnects.
+        if not self._dsn.embedded:
+            self._reset()
+
+    def _inserted(self, client: Client) -> None:
         if time.monotonic() - self._released_at >= _RELEASE_INTERVAL_S:
-            self._release_memory(self._client)
+            self._release_memory(client)
 
     def _release_memory(self, client: Client) -> None:
         """Two kinds of memory outlive an insert, and only an explicit step returns them.
@@ -92,3 +143,9 @@ class ClickHouseWriter:
 
     def close(self) -> None:
         self._reset()
+
+
+def _dedup(token: str | None) -> dict[str, str | int] | None:
+    if not token:
+        return None
+    return {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}

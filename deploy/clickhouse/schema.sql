@@ -1,4 +1,4 @@
--- flowscope schema version 3, database otel
+-- flowscope schema version 4, database otel
 
 CREATE DATABASE IF NOT EXISTS otel;
 
@@ -505,3 +505,91 @@ ALTER TABLE otel.workflow_executions MODIFY SETTING non_replicated_deduplication
 ALTER TABLE otel.node_executions MODIFY SETTING non_replicated_deduplication_window = 1000;
 
 INSERT INTO otel.flowscope_schema_migrations (Version, Description) VALUES (3, 'insert deduplication window for idempotent spool replay');
+
+-- migration 4: OTLP trace intake converted inside ClickHouse (Null table and view into otel_traces)
+
+CREATE TABLE IF NOT EXISTS otel.otlp_traces_intake (
+    resource_spans Array(Tuple(
+        resource Tuple(attributes Array(Tuple(key String, value Tuple(value Enum8('none' = 0, 'string_value' = 1, 'bool_value' = 2, 'int_value' = 3, 'double_value' = 4, 'array_value' = 5, 'kvlist_value' = 6, 'bytes_value' = 7), string_value String, bool_value Bool, int_value Int64, double_value Float64, array_value String, kvlist_value String, bytes_value String)))),
+        scope_spans Array(Tuple(
+            scope Tuple(name String, version String),
+            spans Array(Tuple(
+                trace_id String, span_id String, trace_state String, parent_span_id String, name String,
+                kind Int32, start_time_unix_nano UInt64, end_time_unix_nano UInt64,
+                attributes Array(Tuple(key String, value Tuple(value Enum8('none' = 0, 'string_value' = 1, 'bool_value' = 2, 'int_value' = 3, 'double_value' = 4, 'array_value' = 5, 'kvlist_value' = 6, 'bytes_value' = 7), string_value String, bool_value Bool, int_value Int64, double_value Float64, array_value String, kvlist_value String, bytes_value String))),
+                events Array(Tuple(time_unix_nano UInt64, name String, attributes Array(Tuple(key String, value Tuple(value Enum8('none' = 0, 'string_value' = 1, 'bool_value' = 2, 'int_value' = 3, 'double_value' = 4, 'array_value' = 5, 'kvlist_value' = 6, 'bytes_value' = 7), string_value String, bool_value Bool, int_value Int64, double_value Float64, array_value String, kvlist_value String, bytes_value String))))),
+                links Array(Tuple(trace_id String, span_id String, trace_state String, attributes Array(Tuple(key String, value Tuple(value Enum8('none' = 0, 'string_value' = 1, 'bool_value' = 2, 'int_value' = 3, 'double_value' = 4, 'array_value' = 5, 'kvlist_value' = 6, 'bytes_value' = 7), string_value String, bool_value Bool, int_value Int64, double_value Float64, array_value String, kvlist_value String, bytes_value String))))),
+                status Tuple(message String, code Int32)))))))
+) ENGINE = Null;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS otel.otlp_traces_intake_mv TO otel.otel_traces AS
+SELECT
+    fromUnixTimestamp64Nano(toInt64(s.start_time_unix_nano)) AS Timestamp,
+    lower(hex(s.trace_id)) AS TraceId,
+    lower(hex(s.span_id)) AS SpanId,
+    lower(hex(s.parent_span_id)) AS ParentSpanId,
+    s.trace_state AS TraceState,
+    s.name AS SpanName,
+    if(s.kind BETWEEN 0 AND 5,
+       ['Unspecified', 'Internal', 'Server', 'Client', 'Producer', 'Consumer'][s.kind + 1], 'Unspecified') AS SpanKind,
+    ResourceAttributes['service.name'] AS ServiceName,
+    CAST(arrayReverse(arrayFilter((kv, first) -> first = 1, arrayReverse(arrayMap(kv -> (kv.key, multiIf(
+    kv.value.value = 'string_value', kv.value.string_value,
+    kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
+    kv.value.value = 'int_value', toString(kv.value.int_value),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
+        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
+            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
+    kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
+        'flowscope intake: nested attribute value')),
+    '')), rs.resource.attributes)), arrayEnumerateUniq(arrayReverse(arrayMap(kv -> kv.key, rs.resource.attributes))))), 'Map(LowCardinality(String), String)') AS ResourceAttributes,
+    ss.scope.name AS ScopeName,
+    ss.scope.version AS ScopeVersion,
+    CAST(arrayReverse(arrayFilter((kv, first) -> first = 1, arrayReverse(arrayMap(kv -> (kv.key, multiIf(
+    kv.value.value = 'string_value', kv.value.string_value,
+    kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
+    kv.value.value = 'int_value', toString(kv.value.int_value),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
+        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
+            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
+    kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
+        'flowscope intake: nested attribute value')),
+    '')), s.attributes)), arrayEnumerateUniq(arrayReverse(arrayMap(kv -> kv.key, s.attributes))))), 'Map(LowCardinality(String), String)') AS SpanAttributes,
+    if(s.end_time_unix_nano > s.start_time_unix_nano, s.end_time_unix_nano - s.start_time_unix_nano, 0) AS Duration,
+    if(s.status.code BETWEEN 0 AND 2, ['Unset', 'Ok', 'Error'][s.status.code + 1], 'Unset') AS StatusCode,
+    s.status.message AS StatusMessage,
+    arrayMap(e -> fromUnixTimestamp64Nano(toInt64(e.time_unix_nano)), s.events) AS `Events.Timestamp`,
+    arrayMap(e -> e.name, s.events) AS `Events.Name`,
+    arrayMap(e -> CAST(arrayReverse(arrayFilter((kv, first) -> first = 1, arrayReverse(arrayMap(kv -> (kv.key, multiIf(
+    kv.value.value = 'string_value', kv.value.string_value,
+    kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
+    kv.value.value = 'int_value', toString(kv.value.int_value),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
+        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
+            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
+    kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
+        'flowscope intake: nested attribute value')),
+    '')), e.attributes)), arrayEnumerateUniq(arrayReverse(arrayMap(kv -> kv.key, e.attributes))))), 'Map(LowCardinality(String), String)'), s.events) AS `Events.Attributes`,
+    arrayMap(l -> lower(hex(l.trace_id)), s.links) AS `Links.TraceId`,
+    arrayMap(l -> lower(hex(l.span_id)), s.links) AS `Links.SpanId`,
+    arrayMap(l -> l.trace_state, s.links) AS `Links.TraceState`,
+    arrayMap(l -> CAST(arrayReverse(arrayFilter((kv, first) -> first = 1, arrayReverse(arrayMap(kv -> (kv.key, multiIf(
+    kv.value.value = 'string_value', kv.value.string_value,
+    kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
+    kv.value.value = 'int_value', toString(kv.value.int_value),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
+        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
+            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
+    kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
+        'flowscope intake: nested attribute value')),
+    '')), l.attributes)), arrayEnumerateUniq(arrayReverse(arrayMap(kv -> kv.key, l.attributes))))), 'Map(LowCardinality(String), String)'), s.links) AS `Links.Attributes`
+FROM otel.otlp_traces_intake
+ARRAY JOIN resource_spans AS rs
+ARRAY JOIN rs.scope_spans AS ss
+ARRAY JOIN ss.spans AS s;
+
+INSERT INTO otel.flowscope_schema_migrations (Version, Description) VALUES (4, 'OTLP trace intake converted inside ClickHouse (Null table and view into otel_traces)');

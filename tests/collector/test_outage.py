@@ -40,6 +40,12 @@ class OutageWriter(ClickHouseWriter):
             raise OperationalError("Connection refused (simulated network outage)")
         super().insert(columns, dedup_token)
 
+    def insert_otlp(self, payloads: list[bytes], dedup_token: str | None = None) -> None:
+        if self.down.is_set():
+            self.failures += 1
+            raise OperationalError("Connection refused (simulated network outage)")
+        super().insert_otlp(payloads, dedup_token)
+
 
 def outage_factory(writers: list[OutageWriter]) -> Callable[[Dsn, str], OutageWriter]:
     """Writers that start with ClickHouse unreachable; the test switches them back on."""
