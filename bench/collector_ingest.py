@@ -145,9 +145,18 @@ def start_collector(spool: bool) -> tuple[Any, Any, Any, str]:
     return proc, ports, stop, data_dir
 
 
-def push_all(ports: Any, payloads: list[bytes], batch: int, senders: int) -> float:
-    """Send every payload once over `senders` threads; spans/s until all are written."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads, the embedded engine's included)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def push_all(ports: Any, payloads: list[bytes], batch: int, senders: int, pid: int = 0) -> tuple[float, float]:
+    """Send every payload once over `senders` threads: (spans/s until all are written,
+    spans per second of the collector's CPU time — its rate on one core)."""
     counts = {"ok": 0, "refused": 0}
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     started = time.perf_counter()
     threads = [
         threading.Thread(target=send, args=(ports["grpc"], payloads[i::senders], None, counts)) for i in range(senders)
@@ -158,18 +167,20 @@ def push_all(ports: Any, payloads: list[bytes], batch: int, senders: int) -> flo
         t.join()
     while metric(ports["http"], "flowscope_collector_written_rows_total") < len(payloads) * batch:
         time.sleep(0.05)
-    return len(payloads) * batch / (time.perf_counter() - started)
+    spans = len(payloads) * batch
+    cpu = cpu_seconds(pid) - cpu_before if pid else 0.0
+    return spans / (time.perf_counter() - started), spans / cpu if cpu else 0.0
 
 
 def main(spans: int, batch: int, senders: int, overload_s: float) -> dict[str, Any]:
     payloads = [make_request(batch, seed) for seed in range(max(1, spans // batch))]
     proc, ports, stop, _ = start_collector(spool=False)
-    no_spool = push_all(ports, payloads, batch, senders)
+    no_spool, no_spool_cpu = push_all(ports, payloads, batch, senders, proc.pid or 0)
     stop.set()
     proc.join(60)
     proc, ports, stop, data_dir = start_collector(spool=True)
     grpc_port, http_port = ports["grpc"], ports["http"]
-    rate = push_all(ports, payloads, batch, senders)
+    rate, rate_cpu = push_all(ports, payloads, batch, senders, proc.pid or 0)
     total = len(payloads) * batch
     results: dict[str, Any] = {
         "spans": total,
@@ -178,6 +189,8 @@ def main(spans: int, batch: int, senders: int, overload_s: float) -> dict[str, A
         "pipeline_spans_per_s": round(rate),
         "pipeline_spans_per_s_without_spool": round(no_spool),
         "spool_on_vs_off": round(rate / no_spool, 3),
+        "pipeline_spans_per_cpu_s": round(rate_cpu),
+        "pipeline_spans_per_cpu_s_without_spool": round(no_spool_cpu),
         "collector_peak_rss_mb_sustained": round(vm_hwm_mb(proc.pid or 0), 1),
     }
     if overload_s > 0:
