@@ -146,11 +146,10 @@ class Pipeline:
 
         With a spool, returns only once the request is fsync'd: acknowledged means durable.
         """
-        converted, otlp = _convert(signal, request)
+        converted, rows, otlp = _convert(signal, request)
         self.metrics.received.labels(signal.value).inc(converted.accepted + converted.rejected)
         if converted.rejected:
             self.metrics.rejected.labels(signal.value, "invalid").inc(converted.rejected)
-        rows = converted.accepted if otlp else converted.rows
         if rows == 0:
             return converted
         # The spool and the intake take the bytes the receiver already holds; only OTLP/JSON needs encoding.
@@ -259,8 +258,7 @@ class Pipeline:
         for record in self.spool.records_from(start):
             if record.seq > stop:
                 break
-            converted, otlp = _convert(record.signal, _REQUESTS[record.signal].FromString(record.payload))
-            count = converted.accepted if otlp else converted.rows
+            converted, count, otlp = _convert(record.signal, _REQUESTS[record.signal].FromString(record.payload))
             entries.append(Entry(record.seq, converted.tables, count, record.payload if otlp else b""))
             rows += count
             if inflight is None and rows >= self.max_batch_rows:
@@ -449,11 +447,13 @@ class Pipeline:
             return True
 
 
-def _convert(signal: Signal, request: Any) -> tuple[Converted, bool]:
-    """Converted rows, or (for a trace request whose every span is valid) just its count and
-    True: ClickHouse converts those from the request's bytes (collector/intake.py)."""
+def _convert(signal: Signal, request: Any) -> tuple[Converted, int, bool]:
+    """(outcome, rows to queue, whether ClickHouse converts the request's bytes itself).
+
+    A trace request whose every span is valid is only counted: collector/intake.py."""
     if signal is Signal.TRACES:
         spans = fast_path_spans(request)
         if spans is not None:
-            return Converted([], spans, 0, []), True
-    return CONVERTERS[signal](request), False
+            return Converted([], spans, 0, []), spans, True
+    converted = CONVERTERS[signal](request)
+    return converted, converted.rows, False
