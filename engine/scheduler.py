@@ -564,8 +564,8 @@ class Execution:
         if options.capture_io:
             input_preview = preview(inputs or self.workflow_input, options.max_io_chars, secret_keys=secret_keys)
             attrs[t.NODE_INPUT] = input_preview
-        span = self._tel.start_span(
-            executor.span_name(node), parent=self._run_context, kind=executor.kind, attributes=attrs
+        span = self._tel.start_child_span(
+            executor.span_name(node), self._run_context, self._span.get_span_context(), executor.kind, attrs
         )
         span_ctx = trace.set_span_in_context(span, self._run_context)
         ctx = NodeContext(node, attempt_no, inputs, self.workflow_input, span, span_ctx, self)

@@ -17,9 +17,10 @@ from opentelemetry import trace
 from opentelemetry._logs import Logger, LoggerProvider, NoOpLoggerProvider, SeverityNumber
 from opentelemetry.context import Context
 from opentelemetry.metrics import MeterProvider, NoOpMeterProvider
-from opentelemetry.trace import Link, NoOpTracerProvider, Span, SpanKind, TracerProvider
+from opentelemetry.trace import Link, NoOpTracerProvider, Span, SpanContext, SpanKind, TracerProvider
 
 from engine.dag import Node
+from engine.sdk_direct import DirectRecords
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class Telemetry:
         logger_provider: LoggerProvider | None = None,
         meter_provider: MeterProvider | None = None,
         options: TelemetryOptions | None = None,
+        *,
+        direct_records: bool = True,
     ) -> None:
         from opentelemetry import _logs, metrics
 
@@ -86,6 +89,8 @@ class Telemetry:
         mp = meter_provider or metrics.get_meter_provider()
         self.tracer = tp.get_tracer(SCOPE)
         self.events: Logger = lp.get_logger(SCOPE)
+        # Node spans and events skip the SDK's per-value validation when the providers are the SDK's.
+        self.direct = DirectRecords.for_sdk(self.tracer, self.events) if direct_records else None
         meter = mp.get_meter(SCOPE)
         self.run_duration = meter.create_histogram(
             "workflow.run.duration", unit="s", description="Duration of workflow runs"
@@ -127,6 +132,14 @@ class Telemetry:
             name, context=parent, kind=kind, attributes=attributes, links=links, start_time=start_time_ns
         )
 
+    def start_child_span(
+        self, name: str, parent: Context, parent_span: SpanContext, kind: SpanKind, attributes: dict[str, Any]
+    ) -> Span:
+        """A node attempt's span under the run's span (`parent_span`, the span in `parent`)."""
+        if self.direct is not None and parent_span.is_valid:
+            return self.direct.start_span(name, parent, parent_span, kind, attributes)
+        return self.tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
+
     def emit(
         self,
         event_name: str,
@@ -143,14 +156,19 @@ class Telemetry:
             attributes[NODE_ID] = node.id
             attributes[NODE_TYPE] = node.type
         failed = event_name.endswith(".failed")
+        # The event payload travels as JSON text in the body: OTLP attributes
+        # are flat, and every collector stores a string body unchanged.
+        body = json.dumps(data, default=str, separators=(",", ":")) if data else "{}"
+        if self.direct is not None:
+            severity = SeverityNumber.ERROR if failed else SeverityNumber.INFO
+            self.direct.emit(event_name, ts_ns, context, severity, body, attributes)
+            return
         self.events.emit(
             timestamp=ts_ns,
             context=context,
             severity_number=SeverityNumber.ERROR if failed else SeverityNumber.INFO,
             severity_text="ERROR" if failed else "INFO",
-            # The event payload travels as JSON text in the body: OTLP attributes
-            # are flat, and every collector stores a string body unchanged.
-            body=json.dumps(data, default=str, separators=(",", ":")) if data else "{}",
+            body=body,
             attributes=attributes,
             event_name=event_name,
         )
