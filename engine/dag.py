@@ -70,7 +70,18 @@ class Workflow:
 
 
 def structural_problems(workflow: Workflow) -> list[str]:
-    """Duplicate ids, dangling dependencies and cycles, all at once."""
+    """Duplicate ids, dangling dependencies and cycles, all at once.
+
+    Computed once per workflow: it depends only on frozen fields, and every run validates.
+    """
+    cached: tuple[str, ...] | None = workflow.__dict__.get("_structural_problems")
+    if cached is None:
+        cached = tuple(_structural_problems(workflow))
+        object.__setattr__(workflow, "_structural_problems", cached)
+    return list(cached)
+
+
+def _structural_problems(workflow: Workflow) -> list[str]:
     problems: list[str] = []
     if not workflow.id:
         problems.append("workflow id is empty")
