@@ -59,6 +59,10 @@ TIME_TO_FIRST_TOKEN = "workflow.llm.time_to_first_token"
 EVENT_SEQ = "workflow.event.seq"
 
 
+# One encoder for every event body: json.dumps with options builds a new encoder per call.
+_BODY_JSON = json.JSONEncoder(default=str, separators=(",", ":"))
+
+
 @dataclass(frozen=True)
 class TelemetryOptions:
     capture_io: bool = False
@@ -158,7 +162,7 @@ class Telemetry:
         failed = event_name.endswith(".failed")
         # The event payload travels as JSON text in the body: OTLP attributes
         # are flat, and every collector stores a string body unchanged.
-        body = json.dumps(data, default=str, separators=(",", ":")) if data else "{}"
+        body = _BODY_JSON.encode(data) if data else "{}"
         if self.direct is not None:
             severity = SeverityNumber.ERROR if failed else SeverityNumber.INFO
             self.direct.emit(event_name, ts_ns, context, severity, body, attributes)
