@@ -261,6 +261,24 @@ async def test_cancellation_reaches_every_running_node(engine: Engine, captured:
     assert_seq_contiguous(captured, result.execution_id)
 
 
+async def test_node_cancelled_by_its_own_code_ends_the_run_as_cancellation(engine: Engine, captured: Captured) -> None:
+    async def gives_up(ctx: NodeContext) -> None:
+        raise asyncio.CancelledError
+
+    async def slow(ctx: NodeContext) -> None:
+        await asyncio.Event().wait()
+
+    wf = WorkflowBuilder("self-cancel").code("a", gives_up).code("b", slow).build()
+    result = await engine.run(wf)
+    assert result.result is Result.CANCELLATION
+    assert result.error == "node 'a' was cancelled"
+    # The sibling still running is cancelled with the run, not left behind.
+    assert result.node_states["b"] is NodeState.CANCELLED
+    types = [t for t, _ in captured.event_types(result.execution_id)]
+    assert types[-1] == "workflow.cancelled"
+    assert_seq_contiguous(captured, result.execution_id)
+
+
 async def test_resume_reuses_successful_outputs_and_links(engine: Engine, captured: Captured) -> None:
     calls: dict[str, int] = {"extract": 0}
     broken = True
