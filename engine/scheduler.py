@@ -416,8 +416,8 @@ class Execution:
         cancel_waiter = asyncio.ensure_future(self._cancel_requested.wait())
         try:
             self._launch([n.id for n in wf.nodes if not n.depends_on])
-            if not self._tasks and not self._settled.done():
-                self._settled.set_result((Result.SUCCESS, None))
+            if not self._tasks:
+                self._settle(Result.SUCCESS, None)
             timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
             waiters: list[asyncio.Future[Any]] = [self._settled, cancel_waiter]
             done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
