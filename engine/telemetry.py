@@ -275,14 +275,15 @@ def shutdown() -> None:
 
 def _otlp_exporters(protocol: str, endpoint: str | None) -> tuple[Any, Any, Any]:
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        from engine.otlp_encoding import GrpcLogExporter, GrpcSpanExporter
 
         insecure = None if endpoint is None else endpoint.startswith("http://")
+        # The SDK's exporters, encoding spans and events in place (engine/otlp_encoding.py).
         return (
-            OTLPSpanExporter(endpoint=endpoint, insecure=insecure),
-            OTLPLogExporter(endpoint=endpoint, insecure=insecure),
+            GrpcSpanExporter(endpoint=endpoint, insecure=insecure),
+            GrpcLogExporter(endpoint=endpoint, insecure=insecure),
             OTLPMetricExporter(endpoint=endpoint, insecure=insecure),
         )
     if protocol in {"http/protobuf", "http"}:
