@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
+from clickhouse_connect.driver.insert import InsertContext
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from collector.convert import Columns, convert_traces
@@ -33,6 +33,9 @@ class ClickHouseWriter:
         self._dsn = dsn
         self._database = database
         self._client: Client | None = None
+        # One insert context per table, reused: it holds the column types, so ClickHouse
+        # is not asked to describe the table before every insert.
+        self._contexts: dict[str, InsertContext] = {}
         self._released_at = 0.0
         self._purge = dsn.embedded
         self.purges = 0
@@ -41,18 +44,27 @@ class ClickHouseWriter:
 
     def insert(self, columns: Columns, dedup_token: str | None = None) -> None:
         client = self._connected()
+        context = self._context(client, columns)
+        context.settings = _dedup(dedup_token) or {}
         try:
-            client.insert(
-                f"{self._database}.{columns.table}",
-                columns.data,
-                column_names=list(columns.names),
-                column_oriented=True,
-                settings=_dedup(dedup_token),
-            )
+            client.insert(context=context, data=columns.data)
         except Exception:
             self._failed()
             raise
+        finally:
+            # The context refers to itself (it keeps one of its own bound methods), so
+            # whatever it holds waits for a full garbage collection unless let go here:
+            # under overload that was ≈ 500 MB of batches (bench/README.md, memory).
+            context.data = None
         self._inserted(client)
+
+    def _context(self, client: Client, columns: Columns) -> InsertContext:
+        table = f"{self._database}.{columns.table}"
+        context = self._contexts.get(table)
+        if context is None or list(context.column_names) != list(columns.names):
+            context = client.create_insert_context(table, list(columns.names), column_oriented=True)
+            self._contexts[table] = context
+        return context
 
     def insert_otlp(self, payloads: list[bytes], dedup_token: str | None = None) -> None:
         """OTLP trace requests (protobuf) converted by ClickHouse (collector/intake.py), or,
@@ -107,16 +119,9 @@ class ClickHouseWriter:
             self._release_memory(client)
 
     def _release_memory(self, client: Client) -> None:
-        """Two kinds of memory outlive an insert, and only an explicit step returns them.
-
-        clickhouse-connect's InsertContext refers to itself (it stores one of its own bound
-        methods), so each insert leaves its whole batch in a reference cycle that only a
-        full collection frees: under overload 8 M such blocks (≈ 500 MB) waited for one.
-        And the embedded engine's jemalloc keeps freed pages for reuse (measured: 585 →
-        443 MB after 100k spans once purged).
-        """
+        """The embedded engine's jemalloc keeps freed pages for reuse; ask it to hand them
+        back (measured: 585 → 443 MB after 100k spans once purged)."""
         self._released_at = time.monotonic()
-        gc.collect()
         if not self._purge:
             return
         try:
@@ -135,6 +140,7 @@ class ClickHouseWriter:
 
     def _reset(self) -> None:
         client, self._client = self._client, None
+        self._contexts.clear()
         if client is not None:
             try:
                 client.close()
