@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -36,6 +37,18 @@ class Endpoints:
     @property
     def otlp_http(self) -> str:
         return f"http://{self.host}:{self.otlp_http_port}"
+
+
+def freeze_startup_heap() -> None:
+    """Move everything alive after start-up out of the garbage collector's view.
+
+    A long-running server's full collections otherwise walk every module, class and
+    function imported at start (grpc, protobuf, ClickHouse client, Starlette, OTel):
+    measured in the embedded stack, 90–100 ms with every thread stopped, a full stall of
+    live delivery each time. What start-up built lives as long as the process anyway.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class Stack:
@@ -96,6 +109,7 @@ class Stack:
                     ):
                         collector.http_port = otlp_http_port
                         self.endpoints = Endpoints(s.host, collector.grpc_port, otlp_http_port, http_port)
+                        freeze_startup_heap()
                         yield self
                 finally:
                     unsubscribe()
