@@ -22,6 +22,8 @@ import asyncio
 import datetime as dt
 import json
 import multiprocessing as mp
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -48,7 +50,13 @@ def run_stack(data_dir: str, ready: Any, stop: Any, ports: Any) -> None:
 
 
 def run_engine(
-    grpc_port: int, rate: float, seconds: float, batch_delay_ms: int | None, workflows: int, emitted: Any
+    grpc_port: int,
+    rate: float,
+    seconds: float,
+    batch_delay_ms: int | None,
+    workflows: int,
+    emitted: Any,
+    cpu: Any,
 ) -> None:
     from engine import Engine, NodeContext, WorkflowBuilder
     from engine.telemetry import setup, shutdown
@@ -81,6 +89,19 @@ def run_engine(
         shutdown()
 
     asyncio.run(main())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu.value = usage.ru_utime + usage.ru_stime
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def connect_all(url: str, n: int, room: str) -> list[Any]:
@@ -107,15 +128,19 @@ def measure(subscribers: int, room: str, rate: float, seconds: float, batch_dela
     manager = ctx.Manager()
     ports = manager.dict()
     emitted = manager.Value("i", 0)
+    engine_cpu = manager.Value("d", 0.0)
     ready, stop = ctx.Event(), ctx.Event()
     stack = ctx.Process(target=run_stack, args=(tempfile.mkdtemp(prefix="flowscope-live-"), ready, stop, ports))
     stack.start()
     assert ready.wait(60)
     url = f"ws://127.0.0.1:{ports['http']}/ws"
     workflows = 1 if room == "all" else subscribers
-    engine = ctx.Process(target=run_engine, args=(ports["grpc"], rate, seconds, batch_delay_ms, workflows, emitted))
+    engine = ctx.Process(
+        target=run_engine, args=(ports["grpc"], rate, seconds, batch_delay_ms, workflows, emitted, engine_cpu)
+    )
     latencies: list[float] = []
     elapsed = 0.0
+    stack_cpu, own_cpu = [0.0, 0.0], [0.0, 0.0]
 
     async def go() -> None:
         nonlocal elapsed
@@ -123,9 +148,11 @@ def measure(subscribers: int, room: str, rate: float, seconds: float, batch_dela
         sockets = await connect_all(url, subscribers, room)
         readers = [asyncio.create_task(read(ws, latencies)) for ws in sockets]
         started = time.perf_counter()
+        stack_cpu[0], own_cpu[0] = cpu_seconds(stack.pid or 0), own_cpu_seconds()
         engine.start()
         await asyncio.to_thread(engine.join, seconds + 60)
         elapsed = time.perf_counter() - started
+        stack_cpu[1], own_cpu[1] = cpu_seconds(stack.pid or 0), own_cpu_seconds()
         await asyncio.sleep(2.0)  # what is still in flight
         for ws in sockets:
             await ws.close()
@@ -148,6 +175,10 @@ def measure(subscribers: int, room: str, rate: float, seconds: float, batch_dela
         "p99_ms": pick(0.99) if pick else None,
         "max_ms": round(latencies[-1], 1) if latencies else None,
         "mean_ms": round(statistics.fmean(latencies), 1) if latencies else None,
+        # Share of one core each process used while the engine ran: 2 cores in all here.
+        "cpu_cores_stack": round((stack_cpu[1] - stack_cpu[0]) / elapsed, 2),
+        "cpu_cores_engine": round(engine_cpu.value / elapsed, 2),
+        "cpu_cores_subscribers": round((own_cpu[1] - own_cpu[0]) / elapsed, 2),
     }
 
 
