@@ -10,7 +10,7 @@ import base64
 import datetime as dt
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,16 +258,29 @@ class History:
 
     def node_duration_medians(self, workflow_id: str, runs: int = 50) -> dict[str, float]:
         """Median duration per node over recent successful runs: the basis of ETA estimates."""
+        return self.node_duration_medians_of([workflow_id], runs).get(workflow_id, {})
+
+    def node_duration_medians_of(self, workflow_ids: Sequence[str], runs: int = 50) -> dict[str, dict[str, float]]:
+        """`node_duration_medians` for several workflows in one query; a workflow without
+        successful runs is absent."""
+        if not workflow_ids:
+            return {}
         rows = self._rows(
-            "SELECT NodeId, quantile(0.5)(DurationMs) AS median FROM {db}.node_executions FINAL"
-            " WHERE Status = 'success' AND ExecutionId IN ("
-            " SELECT ExecutionId FROM {db}.workflow_executions FINAL"
-            " WHERE WorkflowId = {workflow:String} AND Status = 'success' ORDER BY StartTime DESC LIMIT {runs:UInt32})"
-            " GROUP BY NodeId",
-            workflow=workflow_id,
+            "WITH recent AS (SELECT ExecutionId, WorkflowId FROM {db}.workflow_executions FINAL"
+            " WHERE WorkflowId IN {workflows:Array(String)} AND Status = 'success'"
+            " ORDER BY StartTime DESC LIMIT {runs:UInt32} BY WorkflowId)"
+            " SELECT r.WorkflowId AS WorkflowId, n.NodeId AS NodeId, quantile(0.5)(n.DurationMs) AS median"
+            " FROM {db}.node_executions AS n FINAL INNER JOIN recent AS r ON n.ExecutionId = r.ExecutionId"
+            # The IN repeats the join so the primary key (ExecutionId first) narrows the read.
+            " WHERE n.Status = 'success' AND n.ExecutionId IN (SELECT ExecutionId FROM recent)"
+            " GROUP BY WorkflowId, NodeId",
+            workflows=list(workflow_ids),
             runs=runs,
         )
-        return {r["NodeId"]: float(r["median"]) for r in rows}
+        medians: dict[str, dict[str, float]] = {}
+        for r in rows:
+            medians.setdefault(r["WorkflowId"], {})[r["NodeId"]] = float(r["median"])
+        return medians
 
     # -- user SQL ----------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ class Bridge:
         self.config = config
         self.history = history
         self.auth = Authenticator(config.auth)
-        self.medians = MedianCache(history.node_duration_medians if history else None)
+        self.medians = MedianCache(history.node_duration_medians_of if history else None)
         self.hub = Hub(config.thresholds, self.medians)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[Connection] = set()

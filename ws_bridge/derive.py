@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import statistics
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ws_bridge.types import LiveEvent
@@ -21,6 +22,8 @@ _EMPTY_MEDIANS_TTL_S = 1.0
 _MAX_WORKFLOWS = 10_000
 _MAX_LIVE_NODES = 10_000
 _LIVE_SAMPLES = 20
+# Workflows per history query.
+_FETCH_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -106,15 +109,20 @@ _PENDING = NodeTrack()
 class MedianCache:
     """Median node durations per workflow: history, refreshed in the background, overlaid
     with the durations of successful node spans seen live (so a workflow's ETA is known
-    from its first finished run, before ClickHouse has it, and follows recent behaviour)."""
+    from its first finished run, before ClickHouse has it, and follows recent behaviour).
 
-    def __init__(self, fetch: Callable[[str], dict[str, float]] | None) -> None:
+    History is asked in batches, one query at a time, whatever the number of workflows
+    running: a thousand workflows each on its own query would be a thousand queries in
+    the stack's process, measured as most of its CPU (bench/README.md, live latency)."""
+
+    def __init__(self, fetch: Callable[[Sequence[str]], dict[str, dict[str, float]]] | None) -> None:
         self._fetch = fetch
         self._values: dict[str, tuple[float, dict[str, float]]] = {}
         self._live: OrderedDict[str, dict[str, deque[float]]] = OrderedDict()
         self._merged: dict[str, dict[str, float]] = {}
-        self._pending: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Workflows waiting for the next batch, in the order they were asked for.
+        self._wanted: dict[str, None] = {}
+        self._loader: asyncio.Task[None] | None = None
 
     def get(self, workflow_id: str) -> dict[str, float]:
         cached = self._values.get(workflow_id)
@@ -152,36 +160,45 @@ class MedianCache:
     async def ensure(self, workflow_id: str) -> dict[str, float]:
         """Load (or reload) the medians now and return them."""
         if self._fetch is not None:
-            await self._load(workflow_id)
+            await self._load([workflow_id])
         return self.get(workflow_id)
 
     def _refresh(self, workflow_id: str) -> None:
-        if workflow_id in self._pending or len(self._pending) > 64:
+        if workflow_id in self._wanted or len(self._wanted) >= _MAX_WORKFLOWS:
             return
-        self._pending.add(workflow_id)
-        task = asyncio.get_running_loop().create_task(self._load(workflow_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._wanted[workflow_id] = None
+        if self._loader is None or self._loader.done():
+            self._loader = asyncio.get_running_loop().create_task(self._load_wanted())
 
-    async def _load(self, workflow_id: str) -> None:
+    async def _load_wanted(self) -> None:
+        while self._wanted:
+            batch = list(itertools.islice(self._wanted, _FETCH_BATCH))
+            for workflow_id in batch:
+                del self._wanted[workflow_id]
+            await self._load(batch)
+
+    async def _load(self, workflow_ids: list[str]) -> None:
         assert self._fetch is not None
         try:
-            medians = await asyncio.to_thread(self._fetch, workflow_id)
-            self._values[workflow_id] = (time.monotonic(), medians)
-            self._merged.pop(workflow_id, None)
-            if len(self._values) > _MAX_WORKFLOWS:
-                evicted = next(iter(self._values))
-                self._values.pop(evicted)
-                self._merged.pop(evicted, None)
+            found = await asyncio.to_thread(self._fetch, workflow_ids)
         except Exception:
-            logger.exception("loading node duration medians for %s failed", workflow_id)
-        finally:
-            self._pending.discard(workflow_id)
+            logger.exception("loading node duration medians for %d workflows failed", len(workflow_ids))
+            # Keep what was known, and ask again only when its time to live has passed.
+            found = {w: self._values[w][1] for w in workflow_ids if w in self._values}
+        now = time.monotonic()
+        for workflow_id in workflow_ids:
+            self._values[workflow_id] = (now, found.get(workflow_id, {}))
+            self._merged.pop(workflow_id, None)
+        while len(self._values) > _MAX_WORKFLOWS:
+            evicted = next(iter(self._values))
+            self._values.pop(evicted)
+            self._merged.pop(evicted, None)
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        loader, self._loader = self._loader, None
+        if loader is not None:
+            loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
 
 
 def performance_event(base: LiveEvent, level: str, threshold_ms: float, actual_ms: float, running: bool) -> LiveEvent:

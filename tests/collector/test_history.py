@@ -84,6 +84,8 @@ async def test_history_queries(collector: Collector) -> None:
     assert sum(b["runs"] for b in stats["byTime"]) == 7
     medians = history.node_duration_medians("daily")
     assert set(medians) == {"a", "b"}
+    # Several workflows in one query give what one query each gives; no runs, no entry.
+    assert history.node_duration_medians_of(["daily", "fragile", "never-ran"]) == {"daily": medians}
 
     with pytest.raises(HistoryError, match="unknown sort"):
         history.list_executions(ExecutionQuery(sort="name"))
