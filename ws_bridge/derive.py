@@ -37,20 +37,20 @@ class Thresholds:
         return self.by_type.get(node_type or "", (self.warning_ms, self.critical_ms))
 
 
-@dataclass
+@dataclass(eq=False)
 class NodeTrack:
     state: str = "pending"
     attempt: int = 1
     started: float | None = None
-    # (attempt, level): an attempt is warned once per level, whichever of its
-    # running timer, its end event or its span noticed first.
+    # The node.started event of the attempt still watched for passing its thresholds.
+    watched: LiveEvent | None = None
+    # (attempt, level): an attempt is warned once per level, whichever of the running
+    # sweep, its end event or its span noticed first.
     warned: set[tuple[int, str]] = field(default_factory=set)
-    timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
     def cancel(self) -> None:
-        for timer in self.timers:
-            timer.cancel()
-        self.timers.clear()
+        """Stop watching the running attempt (the hub's sweep lets go of it)."""
+        self.watched = None
 
 
 @dataclass
