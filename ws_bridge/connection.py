@@ -21,7 +21,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ws_bridge.auth import Principal
-from ws_bridge.events import user_of_events
+from ws_bridge.events import user_of_events, wire_json
 from ws_bridge.rooms import Hub, Subscription
 from ws_bridge.types import LiveEvent, Message
 
@@ -337,17 +337,9 @@ class Connection:
             task.cancel()
 
 
-_WIRE = "_wire"
-
-
 def _wire(event: LiveEvent, sub_id: str) -> str:
-    """The event as JSON, serialised once however many connections send it."""
-    base = event.get(_WIRE)
-    if base is None:
-        base = json.dumps(event, separators=(",", ":"), default=str)
-        # Cached on the shared event: the hub and every connection hold the same dict.
-        event[_WIRE] = base
-    return f'{base[:-1]},"sub":{json.dumps(sub_id)}}}'
+    """The event as this subscription receives it: the shared JSON with its `sub` added."""
+    return f'{wire_json(event)[:-1]},"sub":{json.dumps(sub_id)}}}'
 
 
 def _string_set(value: Any, name: str, sub_id: str) -> frozenset[str] | None:

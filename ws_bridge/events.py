@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from collector.convert import any_value
 from ws_bridge.types import LiveEvent
 
@@ -15,6 +17,34 @@ EXECUTION_ID = "workflow.execution.id"
 SEQ = "workflow.event.seq"
 _SPAN_KEYS = frozenset({EXECUTION_ID, "workflow.id", "workflow.node.id", "workflow.node.type",
                         "workflow.node.attempt", "workflow.node.result"})  # fmt: skip
+
+
+# Where an event's JSON is cached on its dict: the hub and every connection share the dict.
+WIRE = "_wire"
+
+
+def wire_json(event: LiveEvent) -> str:
+    """The event as JSON, serialised once however many connections send it or replay it.
+
+    orjson because this runs for every event the bridge sees: 5–10× the standard
+    library's encoder, which was a fifth of the bridge's time at 2,000 events/s.
+    """
+    base = event.get(WIRE)
+    if base is None:
+        try:
+            base = orjson.dumps(event, default=str).decode()
+        except TypeError:
+            # Integers beyond 64 bits (a node's captured output may hold one): the slow way.
+            base = json.dumps(event, separators=(",", ":"), default=str)
+        event[WIRE] = base
+    return base
+
+
+def event_from_wire(wire: str) -> LiveEvent:
+    """An event back from its JSON, the JSON kept so it is not serialised again."""
+    event: LiveEvent = orjson.loads(wire)
+    event[WIRE] = wire
+    return event
 
 
 def iso_from_ns(ns: int) -> str:

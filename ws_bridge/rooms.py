@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from collector.history import NODE_STATES
 from ws_bridge.derive import ExecutionTrack, MedianCache, NodeTrack, Thresholds, estimate_eta_ms, performance_event
-from ws_bridge.events import SpanFact
+from ws_bridge.events import SpanFact, event_from_wire, wire_json
 from ws_bridge.types import LiveEvent
 
 if TYPE_CHECKING:
@@ -63,7 +63,10 @@ class Subscription:
 @dataclass
 class _Buffer:
     track: ExecutionTrack
-    events: list[LiveEvent] = field(default_factory=list)
+    # (seq, ts, JSON) per recent event. Tuples of strings and integers drop out of the
+    # garbage collector's view; the events as dicts, 200,000 of them at the bound, made
+    # each full collection a stall of 100–300 ms for every connection.
+    events: list[tuple[int, str, str]] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
 
 
@@ -215,7 +218,7 @@ class Hub:
         return buffer
 
     def _remember(self, buffer: _Buffer, event: LiveEvent) -> None:
-        buffer.events.append(event)
+        buffer.events.append((int(event["seq"]), event["ts"], wire_json(event)))
         self._recent_total += 1
         while self._recent_total > self._max_recent and len(self._buffers) > 1:
             self._evict()
@@ -321,7 +324,7 @@ class Hub:
         buffer = self._buffers.get(execution_id)
         if buffer is None:
             return []
-        return [e for e in buffer.events if int(e["seq"]) >= from_seq]
+        return [event_from_wire(wire) for seq, _, wire in buffer.events if seq >= from_seq]
 
     def recent_since(self, since_iso: str, *, workflow_id: str | None, user_id: str | None) -> list[LiveEvent]:
         out: list[LiveEvent] = []
@@ -331,7 +334,7 @@ class Hub:
                 continue
             if user_id is not None and track.user_id != user_id:
                 continue
-            out.extend(e for e in buffer.events if e["ts"] >= since_iso)
+            out.extend(event_from_wire(wire) for _, ts, wire in buffer.events if ts >= since_iso)
         return out
 
     def close(self) -> None:
