@@ -218,7 +218,7 @@ def demo(runs: int | None, interval: float, exit_after: bool, **flags: Any) -> N
 def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no_auth: bool | None) -> None:
     """Run the live bridge alone: fed over OTLP by a collector tier, history from a ClickHouse server."""
     from collector.serving import serve_asgi
-    from flowscope.stack import freeze_startup_heap
+    from flowscope.stack import server_gc
     from ws_bridge.api import Links
     from ws_bridge.app import Bridge, BridgeConfig
     from ws_bridge.connection import ConnectionLimits
@@ -244,9 +244,8 @@ def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no
             async with live.running(), serve_asgi(
                 live.app(), settings.host, settings.http_port, ws_ping_interval=20.0, ws_ping_timeout=20.0,
                 ws_per_message_deflate=True,
-            ) as port:  # fmt: skip
+            ) as port, server_gc():  # fmt: skip
                 console.print(f"bridge up: http://{settings.host}:{port}/  OTLP feed on :{live.otlp_port}")
-                freeze_startup_heap()
                 await stop.wait()
         except (StoreError, OSError, ValueError) as exc:
             raise CliError(str(exc), EXIT_UNAVAILABLE) from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -39,16 +40,45 @@ class Endpoints:
         return f"http://{self.host}:{self.otlp_http_port}"
 
 
-def freeze_startup_heap() -> None:
-    """Move everything alive after start-up out of the garbage collector's view.
+# A full collection stops every thread of the process for as long as it walks the heap:
+# 100–250 ms here once a thousand WebSocket connections are open (≈ 200 objects each).
+# CPython starts one whenever a quarter of the long-lived objects is new — every few
+# seconds under live load. The server runs them on its own schedule instead.
+_FULL_COLLECTION_INTERVAL_S = 60.0
+# Young-generation collections stay automatic; only the oldest waits for the schedule.
+_NO_AUTOMATIC_FULL_COLLECTION = 1 << 30
 
-    A long-running server's full collections otherwise walk every module, class and
-    function imported at start (grpc, protobuf, ClickHouse client, Starlette, OTel):
-    measured in the embedded stack, 90–100 ms with every thread stopped, a full stall of
-    live delivery each time. What start-up built lives as long as the process anyway.
+
+@contextlib.asynccontextmanager
+async def server_gc(interval_s: float = _FULL_COLLECTION_INTERVAL_S) -> AsyncIterator[None]:
+    """Garbage collection for a long-running server, for as long as the context lasts.
+
+    What start-up built (every module, class and function of grpc, protobuf, the
+    ClickHouse client, Starlette, OTel) is frozen out of the collector's view: it lives as
+    long as the process. Full collections of the rest run every `interval_s` rather
+    than whenever CPython's heuristic fires, so live delivery stalls once a minute at
+    most. Cyclic garbage still goes: the young generations are collected as usual and
+    the oldest on the schedule. Everything is put back on exit (tests run many stacks
+    in one process).
     """
     gc.collect()
     gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(young, middle, _NO_AUTOMATIC_FULL_COLLECTION)
+
+    async def collect() -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            gc.collect()
+
+    task = asyncio.create_task(collect())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        gc.set_threshold(young, middle, old)
+        gc.unfreeze()
 
 
 class Stack:
@@ -109,8 +139,8 @@ class Stack:
                     ):
                         collector.http_port = otlp_http_port
                         self.endpoints = Endpoints(s.host, collector.grpc_port, otlp_http_port, http_port)
-                        freeze_startup_heap()
-                        yield self
+                        async with server_gc():
+                            yield self
                 finally:
                     unsubscribe()
         finally:
