@@ -69,17 +69,22 @@ class Bridge:
         self._loop = loop or asyncio.get_running_loop()
 
     def feed(self, signal: Signal, request: Any) -> None:
-        """A collector StreamSubscriber: called from receiver threads, hands events and span facts to the loop."""
-        if self._loop is None:
-            return
+        """A collector StreamSubscriber: called from receiver threads, hands the request to the loop.
+
+        Read there, not here: the exporter waits for this thread's answer before its next
+        batch leaves, so every millisecond spent here is added to the next events' delay."""
+        if self._loop is not None and signal in (Signal.LOGS, Signal.TRACES):
+            self._loop.call_soon_threadsafe(self._read, signal, request)
+
+    def _read(self, signal: Signal, request: Any) -> None:
         if signal is Signal.LOGS:
             events = events_from_logs(request)
             if events:
-                self._loop.call_soon_threadsafe(self.hub.publish, events)
-        elif signal is Signal.TRACES:
+                self.hub.publish(events)
+        else:
             facts = facts_from_spans(request)
             if facts:
-                self._loop.call_soon_threadsafe(self.hub.observe_spans, facts)
+                self.hub.observe_spans(facts)
 
     def _consume_remote(self, signal: Signal, request: Any, raw: bytes | None = None) -> Converted:
         self.feed(signal, request)
