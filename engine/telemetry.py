@@ -179,10 +179,11 @@ class Telemetry:
 
 
 _DEFAULT_SCHEDULE_DELAY_MILLIS = 100
-# Events are the live stream: half the span delay halves what a live view waits at the
-# median (bench/live_latency.py: p50 146 → 77 ms at 2,000 events/s) for at most 20
-# exports a second when busy.
-_DEFAULT_LOG_SCHEDULE_DELAY_MILLIS = 50
+# Events are the live stream, and the batch delay is most of what a live view waits
+# (bench/live_latency.py at 2,000 events/s: p50 146 ms at 100 ms, 77 ms at 50, ≈ 35 ms
+# at 20), for at most 50 exports a second when busy — cheap since events are encoded
+# in place (engine/otlp_encoding.py).
+_DEFAULT_LOG_SCHEDULE_DELAY_MILLIS = 20
 _DEFAULT_SERVICE_NAME = "flowscope-engine"
 
 
@@ -209,7 +210,7 @@ def setup(
     """Wire tracer, logger and meter providers with OTLP exporters and install them globally.
 
     Precedence: explicit argument, then the standard OTEL_* variable, then the
-    default. Batch delays are short for live views: 100 ms for spans, 50 ms for
+    default. Batch delays are short for live views: 100 ms for spans, 20 ms for
     the lifecycle events. `console=True` prints telemetry instead of exporting it.
     """
     from opentelemetry import _logs, metrics

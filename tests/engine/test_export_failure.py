@@ -65,7 +65,7 @@ async def test_unreachable_collector_never_stops_workflows_and_drops_are_counted
 
 
 def test_batch_delays_are_short_events_shorter_and_overridable() -> None:
-    assert batch_delays_millis(None, {}) == (100, 50)
-    env = {"OTEL_BSP_SCHEDULE_DELAY": "250", "OTEL_BLRP_SCHEDULE_DELAY": "20"}
-    assert batch_delays_millis(None, env) == (250, 20)
+    assert batch_delays_millis(None, {}) == (100, 20)
+    env = {"OTEL_BSP_SCHEDULE_DELAY": "250", "OTEL_BLRP_SCHEDULE_DELAY": "60"}
+    assert batch_delays_millis(None, env) == (250, 60)
     assert batch_delays_millis(10, env) == (10, 10)
