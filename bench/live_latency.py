@@ -72,21 +72,29 @@ def run_engine(
             for i in range(1, 5):
                 builder.code(f"n{i}", step, depends_on=[f"n{i - 1}"])
             flows.append(builder.build())
-        per_run = 13  # started, 5 x (node.started + node.completed), ~1 progress, completed
+        # workflow.started, 5 x (node.started + node.completed), 2 coalesced progress, completed
+        per_run = 14
         interval = per_run / rate
         started = time.monotonic()
         deadline = started + seconds
-        tasks = set()
+        tasks: set[asyncio.Future[Any]] = set()
+        total = 0
+
+        def finished(task: asyncio.Future[Any]) -> None:
+            nonlocal total
+            tasks.discard(task)
+            total += task.result().events_emitted
+
         count = 0
         while time.monotonic() < deadline:
             task = asyncio.ensure_future(engine.run(flows[count % workflows]))
             tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            task.add_done_callback(finished)
             count += 1
             # Paced on the clock, not by fixed sleeps: the rate holds whatever a launch costs.
             await asyncio.sleep(max(0.0, started + count * interval - time.monotonic()))
-        results = await asyncio.gather(*tasks)
-        emitted.value = sum(r.events_emitted for r in results) + (count - len(results)) * per_run
+        await asyncio.gather(*tasks)
+        emitted.value = total
         await engine.aclose()
         shutdown()
 
