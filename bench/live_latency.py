@@ -3,7 +3,8 @@
 Run: .venv/bin/python bench/live_latency.py [--subscribers 1,100,1000] [--rate 2000] [--seconds 10]
 
 Three processes, as in production: the embedded stack (`flowscope up`), an engine exporting
-OTLP/gRPC at about --rate events/s, and this process holding the subscribers. Latency =
+OTLP/gRPC at --rate events/s (with flowscope.runtime.server_runtime, as `flowscope samples` runs),
+and this process holding the subscribers. Latency =
 receive time − the event's `ts` (set by the engine when it emitted the event; one machine,
 one clock). The budget includes the SDK's export batch delay (--batch-delay-ms; default:
 what `engine.telemetry.setup()` picks).
@@ -60,6 +61,7 @@ def run_engine(
 ) -> None:
     from engine import Engine, NodeContext, WorkflowBuilder
     from engine.telemetry import setup, shutdown
+    from flowscope.runtime import server_runtime
 
     async def step(ctx: NodeContext) -> int:
         return 1
@@ -86,14 +88,16 @@ def run_engine(
             total += task.result().events_emitted
 
         count = 0
-        while time.monotonic() < deadline:
-            task = asyncio.ensure_future(engine.run(flows[count % workflows]))
-            tasks.add(task)
-            task.add_done_callback(finished)
-            count += 1
-            # Paced on the clock, not by fixed sleeps: the rate holds whatever a launch costs.
-            await asyncio.sleep(max(0.0, started + count * interval - time.monotonic()))
-        await asyncio.gather(*tasks)
+        # As flowscope's own long-running engine processes do (`flowscope samples`).
+        async with server_runtime():
+            while time.monotonic() < deadline:
+                task = asyncio.ensure_future(engine.run(flows[count % workflows]))
+                tasks.add(task)
+                task.add_done_callback(finished)
+                count += 1
+                # Paced on the clock, not by fixed sleeps: the rate holds whatever a launch costs.
+                await asyncio.sleep(max(0.0, started + count * interval - time.monotonic()))
+            await asyncio.gather(*tasks)
         emitted.value = total
         await engine.aclose()
         shutdown()

@@ -218,7 +218,7 @@ def demo(runs: int | None, interval: float, exit_after: bool, **flags: Any) -> N
 def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no_auth: bool | None) -> None:
     """Run the live bridge alone: fed over OTLP by a collector tier, history from a ClickHouse server."""
     from collector.serving import serve_asgi
-    from flowscope.stack import server_gc
+    from flowscope.runtime import server_runtime
     from ws_bridge.api import Links
     from ws_bridge.app import Bridge, BridgeConfig
     from ws_bridge.connection import ConnectionLimits
@@ -244,7 +244,7 @@ def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no
             async with live.running(), serve_asgi(
                 live.app(), settings.host, settings.http_port, ws_ping_interval=20.0, ws_ping_timeout=20.0,
                 ws_per_message_deflate=True,
-            ) as port, server_gc():  # fmt: skip
+            ) as port, server_runtime():  # fmt: skip
                 console.print(f"bridge up: http://{settings.host}:{port}/  OTLP feed on :{live.otlp_port}")
                 await stop.wait()
         except (StoreError, OSError, ValueError) as exc:
@@ -264,6 +264,7 @@ def samples(otlp_endpoint: str, runs: int | None, interval: float) -> None:
     from engine import Engine
     from engine.telemetry import TelemetryOptions, setup, shutdown
     from flowscope import samples as sample_workflows
+    from flowscope.runtime import server_runtime
 
     async def go() -> None:
         engine = Engine(
@@ -275,7 +276,8 @@ def samples(otlp_endpoint: str, runs: int | None, interval: float) -> None:
             console.print(f"round {round_no + 1}: " + ", ".join(f"{r.workflow.id}={r.result.value}" for r in results))
 
         try:
-            await sample_workflows.run_rounds(engine, runs, interval, report)
+            async with server_runtime():
+                await sample_workflows.run_rounds(engine, runs, interval, report)
         finally:
             await engine.aclose()
             await asyncio.to_thread(shutdown)

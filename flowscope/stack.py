@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,6 +11,7 @@ from collector.history import History
 from collector.service import Collector, CollectorConfig
 from collector.serving import serve_asgi
 from flowscope.config import Settings
+from flowscope.runtime import server_runtime
 from ws_bridge.api import Links
 from ws_bridge.app import Bridge, BridgeConfig
 from ws_bridge.connection import ConnectionLimits
@@ -38,47 +37,6 @@ class Endpoints:
     @property
     def otlp_http(self) -> str:
         return f"http://{self.host}:{self.otlp_http_port}"
-
-
-# A full collection stops every thread of the process for as long as it walks the heap:
-# 100–250 ms here once a thousand WebSocket connections are open (≈ 200 objects each).
-# CPython starts one whenever a quarter of the long-lived objects is new — every few
-# seconds under live load. The server runs them on its own schedule instead.
-_FULL_COLLECTION_INTERVAL_S = 60.0
-# Young-generation collections stay automatic; only the oldest waits for the schedule.
-_NO_AUTOMATIC_FULL_COLLECTION = 1 << 30
-
-
-@contextlib.asynccontextmanager
-async def server_gc(interval_s: float = _FULL_COLLECTION_INTERVAL_S) -> AsyncIterator[None]:
-    """Garbage collection for a long-running server, for as long as the context lasts.
-
-    What start-up built (every module, class and function of grpc, protobuf, the
-    ClickHouse client, Starlette, OTel) is frozen out of the collector's view: it lives as
-    long as the process. Full collections of the rest run every `interval_s` rather
-    than whenever CPython's heuristic fires, so live delivery stalls once a minute at
-    most. Cyclic garbage still goes: the young generations are collected as usual and
-    the oldest on the schedule. Everything is put back on exit (tests run many stacks
-    in one process).
-    """
-    gc.collect()
-    gc.freeze()
-    young, middle, old = gc.get_threshold()
-    gc.set_threshold(young, middle, _NO_AUTOMATIC_FULL_COLLECTION)
-
-    async def collect() -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            gc.collect()
-
-    task = asyncio.create_task(collect())
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        gc.set_threshold(young, middle, old)
-        gc.unfreeze()
 
 
 class Stack:
@@ -139,7 +97,7 @@ class Stack:
                     ):
                         collector.http_port = otlp_http_port
                         self.endpoints = Endpoints(s.host, collector.grpc_port, otlp_http_port, http_port)
-                        async with server_gc():
+                        async with server_runtime():
                             yield self
                 finally:
                     unsubscribe()

@@ -1,13 +1,14 @@
-"""The server's garbage collection: start-up frozen, full collections on a schedule, all put back."""
+"""The server runtime: start-up frozen, full collections on a schedule, short GIL slices, all put back."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import weakref
 from typing import Any
 
-from flowscope.stack import server_gc
+from flowscope.runtime import server_runtime
 
 
 class Node:
@@ -16,16 +17,17 @@ class Node:
 
 
 async def test_full_collections_run_on_schedule_and_still_free_cycles() -> None:
-    before = gc.get_threshold()
+    before, switch = gc.get_threshold(), sys.getswitchinterval()
     collected = asyncio.Event()
 
     def on_gc(phase: str, info: dict[str, Any]) -> None:
         if phase == "stop" and info["generation"] == 2:
             collected.set()
 
-    async with server_gc(interval_s=0.05):
+    async with server_runtime(interval_s=0.05):
         assert gc.get_freeze_count() > 0
         assert gc.get_threshold()[:2] == before[:2] and gc.get_threshold()[2] > before[2]
+        assert sys.getswitchinterval() < switch
         # Cyclic garbage that only a full collection frees (it is old by the time it dies).
         a, b = Node(), Node()
         a.other, b.other = b, a
@@ -39,5 +41,5 @@ async def test_full_collections_run_on_schedule_and_still_free_cycles() -> None:
         finally:
             gc.callbacks.remove(on_gc)
         assert alive() is None
-    assert gc.get_threshold() == before
+    assert gc.get_threshold() == before and sys.getswitchinterval() == switch
     assert gc.get_freeze_count() == 0
