@@ -25,6 +25,7 @@ from bench.collector_ingest import make_request
 from collector.convert import Columns
 from collector.service import Collector, CollectorConfig
 from collector.store import Dsn
+from collector.types import Signal
 from collector.writer import ClickHouseWriter
 
 
@@ -36,10 +37,12 @@ class SwitchableWriter(ClickHouseWriter):
             raise OperationalError("Connection refused (outage)")
         super().insert(columns, dedup_token)
 
-    def insert_otlp(self, payloads: list[bytes], dedup_token: str | None = None) -> None:
+    def insert_otlp(
+        self, payloads: list[bytes], dedup_token: str | None = None, signal: Signal = Signal.TRACES
+    ) -> None:
         if self.down.is_set():
             raise OperationalError("Connection refused (outage)")
-        super().insert_otlp(payloads, dedup_token)
+        super().insert_otlp(payloads, dedup_token, signal)
 
 
 async def main(outage_s: float, spans_per_s: int) -> dict[str, Any]:

@@ -19,21 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-from collector.convert import CONVERTERS, Columns, Converted
-from collector.intake import INTAKE_TABLE, fast_path_spans
+from collector.convert import CONVERTERS, REQUESTS, Columns, Converted
+from collector.intake import FAST_PATHS, INTAKES
 from collector.spool import Spool, SpoolFull
 from collector.telemetry import SelfMetrics
 from collector.types import Signal, StreamSubscriber, Unsubscribe
-
-_REQUESTS: dict[Signal, Any] = {
-    Signal.TRACES: ExportTraceServiceRequest,
-    Signal.METRICS: ExportMetricsServiceRequest,
-    Signal.LOGS: ExportLogsServiceRequest,
-}
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +50,9 @@ class Backpressure(Exception):
 class Writer(Protocol):
     def insert(self, columns: Columns, dedup_token: str | None = None) -> None: ...
 
-    def insert_otlp(self, payloads: list[bytes], dedup_token: str | None = None) -> None: ...
+    def insert_otlp(
+        self, payloads: list[bytes], dedup_token: str | None = None, signal: Signal = Signal.TRACES
+    ) -> None: ...
 
     def is_transient(self, error: Exception) -> bool: ...
 
@@ -70,12 +62,13 @@ class Writer(Protocol):
 @dataclass
 class Entry:
     """The rows of one accepted request, with its spool (or intake) sequence number: converted
-    to columns, or, for valid trace requests, its protobuf bytes for ClickHouse to convert."""
+    to columns, or, for valid trace and log requests, its protobuf bytes for ClickHouse to convert."""
 
     seq: int
     tables: list[Columns]
     rows: int
     otlp: bytes = b""
+    signal: Signal = Signal.TRACES
 
 
 @dataclass
@@ -174,7 +167,7 @@ class Pipeline:
             else:
                 self._seq += 1
                 seq = self._seq
-            self._incoming.append(Entry(seq, converted.tables, rows, payload if otlp else b""))
+            self._incoming.append(Entry(seq, converted.tables, rows, payload if otlp else b"", signal))
             self._incoming_rows += rows
             self._queued_rows += rows
             self.metrics.queue_rows.set(self._queued_rows)
@@ -258,8 +251,8 @@ class Pipeline:
         for record in self.spool.records_from(start):
             if record.seq > stop:
                 break
-            converted, count, otlp = _convert(record.signal, _REQUESTS[record.signal].FromString(record.payload))
-            entries.append(Entry(record.seq, converted.tables, count, record.payload if otlp else b""))
+            converted, count, otlp = _convert(record.signal, REQUESTS[record.signal].FromString(record.payload))
+            entries.append(Entry(record.seq, converted.tables, count, record.payload if otlp else b"", record.signal))
             rows += count
             if inflight is None and rows >= self.max_batch_rows:
                 break
@@ -374,12 +367,10 @@ class Pipeline:
         if self.spool is not None:
             self.spool.mark_inflight(current.first, current.last)
         merged: dict[str, Columns] = {}
-        otlp: list[bytes] = []
-        otlp_rows = 0
+        otlp: dict[Signal, list[Entry]] = {}
         for entry in current.entries:
             if entry.otlp:
-                otlp.append(entry.otlp)
-                otlp_rows += entry.rows
+                otlp.setdefault(entry.signal, []).append(entry)
             for columns in entry.tables:
                 target = merged.get(columns.table)
                 if target is None:
@@ -391,10 +382,10 @@ class Pipeline:
             for table in sorted(merged)
             for index, chunk in enumerate(merged[table].split(self.max_batch_rows))
         ]
-        if otlp:
-            writes.append(
-                (INTAKE_TABLE, 0, "otel_traces", otlp_rows, functools.partial(self._writer.insert_otlp, otlp))
-            )
+        for signal, entries in sorted(otlp.items()):
+            intake = INTAKES[signal]
+            insert = functools.partial(self._writer.insert_otlp, [e.otlp for e in entries], signal=signal)
+            writes.append((intake.table, 0, intake.target, sum(e.rows for e in entries), insert))
         for into, index, table, rows, write in writes:
             if (into, index) in current.done:
                 continue
@@ -450,10 +441,11 @@ class Pipeline:
 def _convert(signal: Signal, request: Any) -> tuple[Converted, int, bool]:
     """(outcome, rows to queue, whether ClickHouse converts the request's bytes itself).
 
-    A trace request whose every span is valid is only counted: collector/intake.py."""
-    if signal is Signal.TRACES:
-        spans = fast_path_spans(request)
-        if spans is not None:
-            return Converted([], spans, 0, []), spans, True
+    A trace or log request whose every record is valid is only counted: collector/intake.py."""
+    fast_path = FAST_PATHS.get(signal)
+    if fast_path is not None:
+        count = fast_path(request)
+        if count is not None:
+            return Converted([], count, 0, []), count, True
     converted = CONVERTERS[signal](request)
     return converted, converted.rows, False

@@ -11,6 +11,10 @@ identical rows (tests/collector/test_intake.py).
 Array and map attribute values (rare on spans: OTel SDKs emit flat attributes) make the
 view raise before anything is stored, and the writer converts that batch in Python.
 
+Log records take the same road (`otlp_logs_intake` → `otel_logs`, migration 5): the
+events are the live stream's bulk, and converting and serialising them in Python held
+the GIL of the process that also serves the live view (bench/README.md, live latency).
+
 Why a hand-written schema and not the upstream .proto files: ClickHouse cannot map
 recursive messages (AnyValue holds arrays of AnyValue), so this is the OTLP trace
 schema cut to what the view reads, with the same field numbers; nested values are read
@@ -20,22 +24,29 @@ as opaque bytes, only to notice them.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from collector.convert import MAX_NS
+from collector.types import Signal
 
 INTAKE_TABLE = "otlp_traces_intake"
+LOG_INTAKE_TABLE = "otlp_logs_intake"
 
-# Field numbers are opentelemetry-proto's (trace/v1, common/v1, resource/v1).
-PROTO_SCHEMA = re.sub(
-    r"\s+",
-    " ",
-    """
+# Field numbers are opentelemetry-proto's (trace/v1, logs/v1, common/v1, resource/v1).
+_COMMON_PROTO = """
 syntax = "proto3";
 message AnyValue { oneof value { string string_value = 1; bool bool_value = 2; int64 int_value = 3;
   double double_value = 4; bytes array_value = 5; bytes kvlist_value = 6; bytes bytes_value = 7; } }
 message KeyValue { string key = 1; AnyValue value = 2; }
 message Resource { repeated KeyValue attributes = 1; }
+"""
+
+PROTO_SCHEMA = re.sub(
+    r"\s+",
+    " ",
+    _COMMON_PROTO
+    + """
 message InstrumentationScope { string name = 1; string version = 2; }
 message Event { fixed64 time_unix_nano = 1; string name = 2; repeated KeyValue attributes = 3; }
 message Link { bytes trace_id = 1; bytes span_id = 2; string trace_state = 3; repeated KeyValue attributes = 4; }
@@ -49,12 +60,47 @@ message ExportTraceServiceRequest { repeated ResourceSpans resource_spans = 1; }
 """,
 ).strip()
 
-INSERT_SETTINGS = {
-    "format_schema_source": "string",
-    "format_schema": PROTO_SCHEMA,
-    "format_schema_message_name": "ExportTraceServiceRequest",
-    # Fills each AnyValue's `value` enum with the oneof member that was set.
-    "input_format_protobuf_oneof_presence": 1,
+LOGS_PROTO_SCHEMA = re.sub(
+    r"\s+",
+    " ",
+    _COMMON_PROTO
+    + """
+message InstrumentationScope { string name = 1; string version = 2; repeated KeyValue attributes = 3; }
+message LogRecord { fixed64 time_unix_nano = 1; int32 severity_number = 2; string severity_text = 3;
+  AnyValue body = 5; repeated KeyValue attributes = 6; fixed32 flags = 8; bytes trace_id = 9; bytes span_id = 10;
+  fixed64 observed_time_unix_nano = 11; string event_name = 12; }
+message ScopeLogs { InstrumentationScope scope = 1; repeated LogRecord log_records = 2; string schema_url = 3; }
+message ResourceLogs { Resource resource = 1; repeated ScopeLogs scope_logs = 2; string schema_url = 3; }
+message ExportLogsServiceRequest { repeated ResourceLogs resource_logs = 1; }
+""",
+).strip()
+
+
+def _settings(schema: str, message: str) -> dict[str, str | int]:
+    return {
+        "format_schema_source": "string",
+        "format_schema": schema,
+        "format_schema_message_name": message,
+        # Fills each AnyValue's `value` enum with the oneof member that was set.
+        "input_format_protobuf_oneof_presence": 1,
+    }
+
+
+INSERT_SETTINGS = _settings(PROTO_SCHEMA, "ExportTraceServiceRequest")
+
+
+@dataclass(frozen=True)
+class Intake:
+    """Where ClickHouse reads one signal's OTLP requests, and the contrib table its view fills."""
+
+    table: str
+    target: str
+    settings: dict[str, str | int]
+
+
+INTAKES = {
+    Signal.TRACES: Intake(INTAKE_TABLE, "otel_traces", INSERT_SETTINGS),
+    Signal.LOGS: Intake(LOG_INTAKE_TABLE, "otel_logs", _settings(LOGS_PROTO_SCHEMA, "ExportLogsServiceRequest")),
 }
 
 _ANY = (
@@ -144,8 +190,51 @@ ARRAY JOIN rs.scope_spans AS ss
 ARRAY JOIN ss.spans AS s"""
 
 
+_LOG_INTAKE = f"""CREATE TABLE IF NOT EXISTS {{db}}.{LOG_INTAKE_TABLE} (
+    resource_logs Array(Tuple(
+        resource Tuple(attributes {_KVS}),
+        schema_url String,
+        scope_logs Array(Tuple(
+            scope Tuple(name String, version String, attributes {_KVS}),
+            schema_url String,
+            log_records Array(Tuple(
+                time_unix_nano UInt64, observed_time_unix_nano UInt64, severity_number Int32, severity_text String,
+                body {_ANY}, attributes {_KVS}, flags UInt32, trace_id String, span_id String,
+                event_name String))))))
+) ENGINE = Null"""
+
+# Row for row what `collector.convert.convert_logs` writes.
+_LOG_INTAKE_MV = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.{LOG_INTAKE_TABLE}_mv TO {{db}}.otel_logs AS
+SELECT
+    fromUnixTimestamp64Nano(toInt64(if(l.time_unix_nano != 0, l.time_unix_nano, l.observed_time_unix_nano)))
+        AS Timestamp,
+    lower(hex(l.trace_id)) AS TraceId,
+    lower(hex(l.span_id)) AS SpanId,
+    toUInt8(bitAnd(l.flags, 255)) AS TraceFlags,
+    l.severity_text AS SeverityText,
+    toUInt8(bitAnd(l.severity_number, 255)) AS SeverityNumber,
+    ResourceAttributes['service.name'] AS ServiceName,
+    {_TEXT.format(v="l.body")} AS Body,
+    rl.schema_url AS ResourceSchemaUrl,
+    {_attributes("rl.resource.attributes")} AS ResourceAttributes,
+    sl.schema_url AS ScopeSchemaUrl,
+    sl.scope.name AS ScopeName,
+    sl.scope.version AS ScopeVersion,
+    {_attributes("sl.scope.attributes")} AS ScopeAttributes,
+    {_attributes("l.attributes")} AS LogAttributes,
+    l.event_name AS EventName
+FROM {{db}}.{LOG_INTAKE_TABLE}
+ARRAY JOIN resource_logs AS rl
+ARRAY JOIN rl.scope_logs AS sl
+ARRAY JOIN sl.log_records AS l"""
+
+
 def intake_statements(database: str) -> list[str]:
     return [_INTAKE.format(db=database), _INTAKE_MV.format(db=database)]
+
+
+def log_intake_statements(database: str) -> list[str]:
+    return [_LOG_INTAKE.format(db=database), _LOG_INTAKE_MV.format(db=database)]
 
 
 _ZERO_TRACE = bytes(16)
@@ -181,6 +270,24 @@ def fast_path_spans(request: Any) -> int | None:
                         return None
                 count += 1
     return count
+
+
+def fast_path_logs(request: Any) -> int | None:
+    """The request's log record count when `convert_logs` would take every record, else None
+    (then it converts the request and tells the client which records it rejected)."""
+    count = 0
+    for rl in request.resource_logs:
+        for sl in rl.scope_logs:
+            for record in sl.log_records:
+                if len(record.trace_id) not in (0, 16) or len(record.span_id) not in (0, 8):
+                    return None
+                if (record.time_unix_nano or record.observed_time_unix_nano) > MAX_NS:
+                    return None
+                count += 1
+    return count
+
+
+FAST_PATHS = {Signal.TRACES: fast_path_spans, Signal.LOGS: fast_path_logs}
 
 
 def frame(payloads: list[bytes]) -> bytes:

@@ -458,12 +458,19 @@ def _trace_intake(o: SchemaOptions) -> list[str]:
     return intake_statements(o.database)
 
 
+def _log_intake(o: SchemaOptions) -> list[str]:
+    from collector.intake import log_intake_statements
+
+    return log_intake_statements(o.database)
+
+
 # Append-only: a released migration is never edited; later changes get a new number.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "OpenTelemetry contrib exporter tables", _otel_tables),
     Migration(2, "workflow tables and their materialized views", _workflow_tables),
     Migration(3, "insert deduplication window for idempotent spool replay", _dedup_window),
     Migration(4, "OTLP trace intake converted inside ClickHouse (Null table and view into otel_traces)", _trace_intake),
+    Migration(5, "OTLP log intake converted inside ClickHouse (Null table and view into otel_logs)", _log_intake),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

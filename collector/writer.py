@@ -8,11 +8,11 @@ import time
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
 from clickhouse_connect.driver.insert import InsertContext
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from collector.convert import Columns, convert_traces
-from collector.intake import INSERT_SETTINGS, INTAKE_TABLE, frame
+from collector.convert import CONVERTERS, REQUESTS, Columns
+from collector.intake import INTAKES, frame
 from collector.store import Dsn, StoreError, connect
+from collector.types import Signal
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ class ClickHouseWriter:
         self._released_at = 0.0
         self._purge = dsn.embedded
         self.purges = 0
-        self.intake = True
+        # Signals whose intake this ClickHouse lacks: converted in Python from then on.
+        self._no_intake: set[Signal] = set()
         self.intake_fallbacks = 0
 
     def insert(self, columns: Columns, dedup_token: str | None = None) -> None:
@@ -66,17 +67,25 @@ class ClickHouseWriter:
             self._contexts[table] = context
         return context
 
-    def insert_otlp(self, payloads: list[bytes], dedup_token: str | None = None) -> None:
-        """OTLP trace requests (protobuf) converted by ClickHouse (collector/intake.py), or,
-        when it cannot, by `convert_traces` here: same rows either way."""
-        if self.intake:
+    @property
+    def intake(self) -> bool:
+        """Whether ClickHouse converts every signal's OTLP requests itself."""
+        return not self._no_intake
+
+    def insert_otlp(
+        self, payloads: list[bytes], dedup_token: str | None = None, signal: Signal = Signal.TRACES
+    ) -> None:
+        """OTLP requests (protobuf) converted by ClickHouse (collector/intake.py), or, when
+        it cannot, by the Python converter here: same rows either way."""
+        if signal not in self._no_intake:
+            intake = INTAKES[signal]
             client = self._connected()
             try:
                 client.raw_insert(
-                    f"{self._database}.{INTAKE_TABLE}",
+                    f"{self._database}.{intake.table}",
                     None,
                     frame(payloads),
-                    settings={**INSERT_SETTINGS, **(_dedup(dedup_token) or {})},
+                    settings={**intake.settings, **(_dedup(dedup_token) or {})},
                     fmt="Protobuf",
                 )
             except Exception as exc:
@@ -87,8 +96,8 @@ class ClickHouseWriter:
                 # engine read the bytes differently from upb: this batch goes the Python way.
                 self.intake_fallbacks += 1
                 if getattr(exc, "code", None) in _NO_INTAKE_CODES:
-                    self.intake = False
-                    logger.warning("ClickHouse cannot convert OTLP itself; converting in Python: %s", exc)
+                    self._no_intake.add(signal)
+                    logger.warning("ClickHouse cannot convert OTLP %s itself; converting in Python: %s", signal, exc)
                 else:
                     logger.info("batch converted in Python: %s", str(exc).splitlines()[0] if str(exc) else exc)
             else:
@@ -96,7 +105,7 @@ class ClickHouseWriter:
                 return
         merged: Columns | None = None
         for payload in payloads:
-            for columns in convert_traces(ExportTraceServiceRequest.FromString(payload)).tables:
+            for columns in CONVERTERS[signal](REQUESTS[signal].FromString(payload)).tables:
                 if merged is None:
                     merged = columns
                 else:

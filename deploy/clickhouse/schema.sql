@@ -1,4 +1,4 @@
--- flowscope schema version 4, database otel
+-- flowscope schema version 5, database otel
 
 CREATE DATABASE IF NOT EXISTS otel;
 
@@ -593,3 +593,84 @@ ARRAY JOIN rs.scope_spans AS ss
 ARRAY JOIN ss.spans AS s;
 
 INSERT INTO otel.flowscope_schema_migrations (Version, Description) VALUES (4, 'OTLP trace intake converted inside ClickHouse (Null table and view into otel_traces)');
+
+-- migration 5: OTLP log intake converted inside ClickHouse (Null table and view into otel_logs)
+
+CREATE TABLE IF NOT EXISTS otel.otlp_logs_intake (
+    resource_logs Array(Tuple(
+        resource Tuple(attributes Array(Tuple(key String, value Tuple(value Enum8('none' = 0, 'string_value' = 1, 'bool_value' = 2, 'int_value' = 3, 'double_value' = 4, 'array_value' = 5, 'kvlist_value' = 6, 'bytes_value' = 7), string_value String, bool_value Bool, int_value Int64, double_value Float64, array_value String, kvlist_value String, bytes_value String)))),
+        schema_url String,
+        scope_logs Array(Tuple(
+            scope Tuple(name String, version String, attributes Array(Tuple(key String, value Tuple(value Enum8('none' = 0, 'string_value' = 1, 'bool_value' = 2, 'int_value' = 3, 'double_value' = 4, 'array_value' = 5, 'kvlist_value' = 6, 'bytes_value' = 7), string_value String, bool_value Bool, int_value Int64, double_value Float64, array_value String, kvlist_value String, bytes_value String)))),
+            schema_url String,
+            log_records Array(Tuple(
+                time_unix_nano UInt64, observed_time_unix_nano UInt64, severity_number Int32, severity_text String,
+                body Tuple(value Enum8('none' = 0, 'string_value' = 1, 'bool_value' = 2, 'int_value' = 3, 'double_value' = 4, 'array_value' = 5, 'kvlist_value' = 6, 'bytes_value' = 7), string_value String, bool_value Bool, int_value Int64, double_value Float64, array_value String, kvlist_value String, bytes_value String), attributes Array(Tuple(key String, value Tuple(value Enum8('none' = 0, 'string_value' = 1, 'bool_value' = 2, 'int_value' = 3, 'double_value' = 4, 'array_value' = 5, 'kvlist_value' = 6, 'bytes_value' = 7), string_value String, bool_value Bool, int_value Int64, double_value Float64, array_value String, kvlist_value String, bytes_value String))), flags UInt32, trace_id String, span_id String,
+                event_name String))))))
+) ENGINE = Null;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS otel.otlp_logs_intake_mv TO otel.otel_logs AS
+SELECT
+    fromUnixTimestamp64Nano(toInt64(if(l.time_unix_nano != 0, l.time_unix_nano, l.observed_time_unix_nano)))
+        AS Timestamp,
+    lower(hex(l.trace_id)) AS TraceId,
+    lower(hex(l.span_id)) AS SpanId,
+    toUInt8(bitAnd(l.flags, 255)) AS TraceFlags,
+    l.severity_text AS SeverityText,
+    toUInt8(bitAnd(l.severity_number, 255)) AS SeverityNumber,
+    ResourceAttributes['service.name'] AS ServiceName,
+    multiIf(
+    l.body.value = 'string_value', l.body.string_value,
+    l.body.value = 'bool_value', if(l.body.bool_value, 'true', 'false'),
+    l.body.value = 'int_value', toString(l.body.int_value),
+    l.body.value = 'double_value', if(isFinite(l.body.double_value) AND l.body.double_value = floor(l.body.double_value)
+        AND abs(l.body.double_value) < 1e21, if(abs(l.body.double_value) < 9e18, toString(toInt64(l.body.double_value)),
+            toString(toInt128(toInt64(l.body.double_value / 1024)) * 1024)), toString(l.body.double_value)),
+    l.body.value = 'bytes_value', base64Encode(l.body.bytes_value),
+    l.body.value IN ('array_value', 'kvlist_value'), toString(throwIf(l.body.value IN ('array_value', 'kvlist_value'),
+        'flowscope intake: nested attribute value')),
+    '') AS Body,
+    rl.schema_url AS ResourceSchemaUrl,
+    CAST(arrayReverse(arrayFilter((kv, first) -> first = 1, arrayReverse(arrayMap(kv -> (kv.key, multiIf(
+    kv.value.value = 'string_value', kv.value.string_value,
+    kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
+    kv.value.value = 'int_value', toString(kv.value.int_value),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
+        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
+            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
+    kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
+        'flowscope intake: nested attribute value')),
+    '')), rl.resource.attributes)), arrayEnumerateUniq(arrayReverse(arrayMap(kv -> kv.key, rl.resource.attributes))))), 'Map(LowCardinality(String), String)') AS ResourceAttributes,
+    sl.schema_url AS ScopeSchemaUrl,
+    sl.scope.name AS ScopeName,
+    sl.scope.version AS ScopeVersion,
+    CAST(arrayReverse(arrayFilter((kv, first) -> first = 1, arrayReverse(arrayMap(kv -> (kv.key, multiIf(
+    kv.value.value = 'string_value', kv.value.string_value,
+    kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
+    kv.value.value = 'int_value', toString(kv.value.int_value),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
+        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
+            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
+    kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
+        'flowscope intake: nested attribute value')),
+    '')), sl.scope.attributes)), arrayEnumerateUniq(arrayReverse(arrayMap(kv -> kv.key, sl.scope.attributes))))), 'Map(LowCardinality(String), String)') AS ScopeAttributes,
+    CAST(arrayReverse(arrayFilter((kv, first) -> first = 1, arrayReverse(arrayMap(kv -> (kv.key, multiIf(
+    kv.value.value = 'string_value', kv.value.string_value,
+    kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
+    kv.value.value = 'int_value', toString(kv.value.int_value),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
+        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
+            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
+    kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
+        'flowscope intake: nested attribute value')),
+    '')), l.attributes)), arrayEnumerateUniq(arrayReverse(arrayMap(kv -> kv.key, l.attributes))))), 'Map(LowCardinality(String), String)') AS LogAttributes,
+    l.event_name AS EventName
+FROM otel.otlp_logs_intake
+ARRAY JOIN resource_logs AS rl
+ARRAY JOIN rl.scope_logs AS sl
+ARRAY JOIN sl.log_records AS l;
+
+INSERT INTO otel.flowscope_schema_migrations (Version, Description) VALUES (5, 'OTLP log intake converted inside ClickHouse (Null table and view into otel_logs)');

@@ -1,4 +1,4 @@
-"""The trace intake converted by ClickHouse writes the rows the Python converter writes."""
+"""The trace and log intakes converted by ClickHouse write the rows the Python converters write."""
 
 from __future__ import annotations
 
@@ -7,15 +7,24 @@ from typing import Any
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import (
+    AnyValue,
+    ArrayValue,
+    InstrumentationScope,
+    KeyValue,
+    KeyValueList,
+)
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from collector.convert import TRACE_COLUMNS, convert_traces, float_text
-from collector.intake import fast_path_spans
+from collector.convert import LOG_COLUMNS, TRACE_COLUMNS, convert_logs, convert_traces, float_text
+from collector.intake import fast_path_logs, fast_path_spans
 from collector.schema import SchemaOptions
 from collector.store import Dsn, connect, migrate
+from collector.types import Signal
 from collector.writer import ClickHouseWriter
 
 text = st.text(max_size=12)
@@ -194,3 +203,125 @@ def test_invalid_spans_never_take_the_intake() -> None:
         request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[good, bad])])])
         assert fast_path_spans(request) is None
         assert convert_traces(request).rejected == 1
+
+
+log_records = st.builds(
+    LogRecord,
+    time_unix_nano=st.one_of(st.just(0), times),
+    observed_time_unix_nano=times,
+    severity_number=st.integers(-3, 30),
+    severity_text=text,
+    body=scalar,
+    attributes=attributes,
+    flags=st.integers(0, 2**32 - 1),
+    trace_id=st.one_of(st.just(b""), st.binary(min_size=16, max_size=16)),
+    span_id=st.one_of(st.just(b""), st.binary(min_size=8, max_size=8)),
+    event_name=text,
+)
+log_requests = st.builds(
+    ExportLogsServiceRequest,
+    resource_logs=st.lists(
+        st.builds(
+            ResourceLogs,
+            resource=st.builds(Resource, attributes=attributes),
+            schema_url=text,
+            scope_logs=st.lists(
+                st.builds(
+                    ScopeLogs,
+                    scope=st.builds(InstrumentationScope, name=text, version=text, attributes=attributes),
+                    schema_url=text,
+                    log_records=st.lists(log_records, min_size=1, max_size=3),
+                ),
+                min_size=1,
+                max_size=2,
+            ),
+        ),
+        min_size=1,
+        max_size=2,
+    ),
+)
+_LOG_SELECT = ", ".join(f"`{name}`" for name in LOG_COLUMNS)
+
+
+def _log_rows(client: Any, database: str) -> list[Any]:
+    rows = client.query(f"SELECT {_LOG_SELECT} FROM {database}.otel_logs").result_rows
+    return sorted((_comparable(row) for row in rows), key=repr)
+
+
+def test_the_log_intake_and_the_python_converter_write_identical_rows(chdb_dsn: str, database: str) -> None:
+    dsn = Dsn.parse(chdb_dsn)
+    native, python = f"{database}_ln", f"{database}_lp"
+    client = connect(dsn)
+    for db in (native, python):
+        migrate(client, SchemaOptions(database=db))
+    intake_writer, python_writer = ClickHouseWriter(dsn, native), ClickHouseWriter(dsn, python)
+    checked = [0]
+
+    @settings(
+        max_examples=40,
+        deadline=None,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+    @given(request=log_requests)
+    def check(request: ExportLogsServiceRequest) -> None:
+        for db in (native, python):
+            client.command(f"TRUNCATE TABLE {db}.otel_logs")
+        count = fast_path_logs(request)
+        converted = convert_logs(request)
+        assert count == converted.accepted and converted.rejected == 0
+        intake_writer.insert_otlp([request.SerializeToString()], signal=Signal.LOGS)
+        for columns in converted.tables:
+            python_writer.insert(columns)
+        ours, theirs = _log_rows(client, native), _log_rows(client, python)
+        assert len(ours) == len(theirs) == count
+        for mine, reference in zip(ours, theirs, strict=True):
+            diff = {name: (a, b) for name, a, b in zip(LOG_COLUMNS, mine, reference, strict=True) if a != b}
+            assert not diff, diff
+        checked[0] += count
+
+    try:
+        check()
+        assert intake_writer.intake and intake_writer.intake_fallbacks == 0, "every batch took the intake"
+        assert checked[0] > 0
+    finally:
+        intake_writer.close()
+        python_writer.close()
+        client.close()
+
+
+def test_a_structured_log_body_falls_back_to_the_python_converter(chdb_dsn: str, database: str) -> None:
+    dsn = Dsn.parse(chdb_dsn)
+    client = connect(dsn)
+    migrate(client, SchemaOptions(database=database))
+    writer = ClickHouseWriter(dsn, database)
+    structured = AnyValue(kvlist_value=KeyValueList(values=[KeyValue(key="k", value=AnyValue(int_value=2))]))
+    records = [
+        LogRecord(time_unix_nano=1, body=AnyValue(string_value="plain"), event_name="a"),
+        LogRecord(time_unix_nano=2, body=structured, event_name="b"),
+    ]
+    request = ExportLogsServiceRequest(resource_logs=[ResourceLogs(scope_logs=[ScopeLogs(log_records=records)])])
+    try:
+        assert fast_path_logs(request) == 2
+        writer.insert_otlp([request.SerializeToString()], "structured-1", signal=Signal.LOGS)
+        rows = client.query(f"SELECT EventName, Body FROM {database}.otel_logs ORDER BY EventName").result_rows
+        assert rows == [("a", "plain"), ("b", '{"k":2}')]
+        assert writer.intake_fallbacks == 1 and writer.intake, "one batch converted in Python; the intake stays on"
+    finally:
+        writer.close()
+        client.close()
+
+
+def test_log_records_the_converter_rejects_never_take_the_intake() -> None:
+    good = LogRecord(time_unix_nano=1, trace_id=b"\x01" * 16, span_id=b"\x01" * 8)
+    for bad in (
+        LogRecord(time_unix_nano=1, trace_id=b"\x01" * 15),
+        LogRecord(time_unix_nano=1, span_id=b"\x01" * 9),
+        LogRecord(time_unix_nano=1 << 63),
+        LogRecord(observed_time_unix_nano=1 << 63),
+    ):
+        request = ExportLogsServiceRequest(
+            resource_logs=[ResourceLogs(scope_logs=[ScopeLogs(log_records=[good, bad])])]
+        )
+        assert fast_path_logs(request) is None
+        assert convert_logs(request).rejected == 1

@@ -21,6 +21,7 @@ from collector.convert import Columns, convert_traces
 from collector.schema import SchemaOptions
 from collector.service import Collector, CollectorConfig
 from collector.store import Dsn, StoreError, connect, migrate
+from collector.types import Signal
 from collector.writer import ClickHouseWriter
 from tests.collector.test_end_to_end import query
 from tests.collector.test_receivers import json_spans, span
@@ -40,11 +41,13 @@ class OutageWriter(ClickHouseWriter):
             raise OperationalError("Connection refused (simulated network outage)")
         super().insert(columns, dedup_token)
 
-    def insert_otlp(self, payloads: list[bytes], dedup_token: str | None = None) -> None:
+    def insert_otlp(
+        self, payloads: list[bytes], dedup_token: str | None = None, signal: Signal = Signal.TRACES
+    ) -> None:
         if self.down.is_set():
             self.failures += 1
             raise OperationalError("Connection refused (simulated network outage)")
-        super().insert_otlp(payloads, dedup_token)
+        super().insert_otlp(payloads, dedup_token, signal)
 
 
 def outage_factory(writers: list[OutageWriter]) -> Callable[[Dsn, str], OutageWriter]:
