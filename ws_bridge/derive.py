@@ -126,8 +126,11 @@ class MedianCache:
 
     def get(self, workflow_id: str) -> dict[str, float]:
         cached = self._values.get(workflow_id)
-        # No history yet is worth asking again soon: the first runs of a workflow create it.
-        ttl = _MEDIANS_TTL_S if cached and cached[1] else _EMPTY_MEDIANS_TTL_S
+        # No history yet is worth asking again soon — the first runs of a workflow create it —
+        # unless the runs seen live already give medians (a thousand new workflows asked
+        # for again every second cost the stack a third of a core).
+        known = bool(cached and cached[1]) or workflow_id in self._live
+        ttl = _MEDIANS_TTL_S if known else _EMPTY_MEDIANS_TTL_S
         if self._fetch is not None and (cached is None or time.monotonic() - cached[0] > ttl):
             self._refresh(workflow_id)
         merged = self._merged.get(workflow_id)
