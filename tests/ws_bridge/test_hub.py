@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import json
 
-from ws_bridge.events import WIRE, event_from_wire, wire_json
+from ws_bridge.events import WIRE, event_from_wire, iso_from_ns, wire_json
 from ws_bridge.rooms import Hub
 from ws_bridge.types import LiveEvent
 
@@ -57,3 +58,15 @@ def test_wire_json_takes_any_event() -> None:
     assert back[WIRE] == wire and back["data"]["output"]["huge"] == 2**70
     odd = event("e2", 2, "node.completed", when={1, 2})
     assert json.loads(wire_json(odd))["data"]["when"] == str({1, 2})
+
+
+def test_event_times_are_iso_8601_to_the_microsecond() -> None:
+    def reference(ns: int) -> str:
+        seconds, nanos = divmod(ns, 1_000_000_000)
+        stamp = dt.datetime.fromtimestamp(seconds, dt.UTC).replace(microsecond=nanos // 1000)
+        return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    base = 1_795_000_000_000_000_000
+    # Within one second, across the boundary, back again, far apart: the kept second must follow.
+    for ns in (base, base + 999_999_999, base + 1_000_000_000, base + 5, 0, 4_102_444_800_123_456_789, base):
+        assert iso_from_ns(ns) == reference(ns)
