@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -84,12 +85,54 @@ requests = st.builds(
     ),
 )
 
-_COLUMNS = ", ".join(f"`{name}`" for name in TRACE_COLUMNS)
+
+log_records = st.builds(
+    LogRecord,
+    time_unix_nano=st.one_of(st.just(0), times),
+    observed_time_unix_nano=times,
+    severity_number=st.integers(-3, 30),
+    severity_text=text,
+    body=scalar,
+    attributes=attributes,
+    flags=st.integers(0, 2**32 - 1),
+    trace_id=st.one_of(st.just(b""), st.binary(min_size=16, max_size=16)),
+    span_id=st.one_of(st.just(b""), st.binary(min_size=8, max_size=8)),
+    event_name=text,
+)
+log_requests = st.builds(
+    ExportLogsServiceRequest,
+    resource_logs=st.lists(
+        st.builds(
+            ResourceLogs,
+            resource=st.builds(Resource, attributes=attributes),
+            schema_url=text,
+            scope_logs=st.lists(
+                st.builds(
+                    ScopeLogs,
+                    scope=st.builds(InstrumentationScope, name=text, version=text, attributes=attributes),
+                    schema_url=text,
+                    log_records=st.lists(log_records, min_size=1, max_size=3),
+                ),
+                min_size=1,
+                max_size=2,
+            ),
+        ),
+        min_size=1,
+        max_size=2,
+    ),
+)
+
+# signal: (requests, table, its columns, the intake's check, the Python converter)
+_CASES: dict[Signal, tuple[Any, str, tuple[str, ...], Any, Any]] = {
+    Signal.TRACES: (requests, "otel_traces", TRACE_COLUMNS, fast_path_spans, convert_traces),
+    Signal.LOGS: (log_requests, "otel_logs", LOG_COLUMNS, fast_path_logs, convert_logs),
+}
 
 
-def _rows(client: Any, database: str) -> list[Any]:
-    rows = client.query(f"SELECT {_COLUMNS} FROM {database}.otel_traces ORDER BY SpanId, Timestamp").result_rows
-    return [_comparable(row) for row in rows]
+def _rows(client: Any, database: str, table: str, columns: tuple[str, ...]) -> list[Any]:
+    select = ", ".join(f"`{name}`" for name in columns)
+    rows = client.query(f"SELECT {select} FROM {database}.{table}").result_rows
+    return sorted((_comparable(row) for row in rows), key=repr)
 
 
 def _comparable(value: Any) -> Any:
@@ -125,7 +168,9 @@ def _le(value: float) -> bytes:
     return struct.pack("<d", value)
 
 
-def test_the_intake_and_the_python_converter_write_identical_rows(chdb_dsn: str, database: str) -> None:
+@pytest.mark.parametrize("signal", [Signal.TRACES, Signal.LOGS])
+def test_the_intake_and_the_python_converter_write_identical_rows(chdb_dsn: str, database: str, signal: Signal) -> None:
+    strategy, table, columns, fast_path, convert = _CASES[signal]
     dsn = Dsn.parse(chdb_dsn)
     native, python = f"{database}_n", f"{database}_p"
     client = connect(dsn)
@@ -141,20 +186,20 @@ def test_the_intake_and_the_python_converter_write_identical_rows(chdb_dsn: str,
         phases=[Phase.explicit, Phase.reuse, Phase.generate],
         suppress_health_check=[HealthCheck.function_scoped_fixture],
     )
-    @given(request=requests)
-    def check(request: ExportTraceServiceRequest) -> None:
+    @given(request=strategy)
+    def check(request: Any) -> None:
         for db in (native, python):
-            client.command(f"TRUNCATE TABLE {db}.otel_traces")
-        count = fast_path_spans(request)
-        converted = convert_traces(request)
+            client.command(f"TRUNCATE TABLE {db}.{table}")
+        count = fast_path(request)
+        converted = convert(request)
         assert count == converted.accepted and converted.rejected == 0
-        intake_writer.insert_otlp([request.SerializeToString()])
-        for columns in converted.tables:
-            python_writer.insert(columns)
-        ours, theirs = _rows(client, native), _rows(client, python)
+        intake_writer.insert_otlp([request.SerializeToString()], signal=signal)
+        for rows in converted.tables:
+            python_writer.insert(rows)
+        ours, theirs = _rows(client, native, table, columns), _rows(client, python, table, columns)
         assert len(ours) == len(theirs) == count
         for mine, reference in zip(ours, theirs, strict=True):
-            diff = {name: (a, b) for name, a, b in zip(TRACE_COLUMNS, mine, reference, strict=True) if a != b}
+            diff = {name: (a, b) for name, a, b in zip(columns, mine, reference, strict=True) if a != b}
             assert not diff, diff
         checked[0] += count
 
@@ -203,91 +248,6 @@ def test_invalid_spans_never_take_the_intake() -> None:
         request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[good, bad])])])
         assert fast_path_spans(request) is None
         assert convert_traces(request).rejected == 1
-
-
-log_records = st.builds(
-    LogRecord,
-    time_unix_nano=st.one_of(st.just(0), times),
-    observed_time_unix_nano=times,
-    severity_number=st.integers(-3, 30),
-    severity_text=text,
-    body=scalar,
-    attributes=attributes,
-    flags=st.integers(0, 2**32 - 1),
-    trace_id=st.one_of(st.just(b""), st.binary(min_size=16, max_size=16)),
-    span_id=st.one_of(st.just(b""), st.binary(min_size=8, max_size=8)),
-    event_name=text,
-)
-log_requests = st.builds(
-    ExportLogsServiceRequest,
-    resource_logs=st.lists(
-        st.builds(
-            ResourceLogs,
-            resource=st.builds(Resource, attributes=attributes),
-            schema_url=text,
-            scope_logs=st.lists(
-                st.builds(
-                    ScopeLogs,
-                    scope=st.builds(InstrumentationScope, name=text, version=text, attributes=attributes),
-                    schema_url=text,
-                    log_records=st.lists(log_records, min_size=1, max_size=3),
-                ),
-                min_size=1,
-                max_size=2,
-            ),
-        ),
-        min_size=1,
-        max_size=2,
-    ),
-)
-_LOG_SELECT = ", ".join(f"`{name}`" for name in LOG_COLUMNS)
-
-
-def _log_rows(client: Any, database: str) -> list[Any]:
-    rows = client.query(f"SELECT {_LOG_SELECT} FROM {database}.otel_logs").result_rows
-    return sorted((_comparable(row) for row in rows), key=repr)
-
-
-def test_the_log_intake_and_the_python_converter_write_identical_rows(chdb_dsn: str, database: str) -> None:
-    dsn = Dsn.parse(chdb_dsn)
-    native, python = f"{database}_ln", f"{database}_lp"
-    client = connect(dsn)
-    for db in (native, python):
-        migrate(client, SchemaOptions(database=db))
-    intake_writer, python_writer = ClickHouseWriter(dsn, native), ClickHouseWriter(dsn, python)
-    checked = [0]
-
-    @settings(
-        max_examples=40,
-        deadline=None,
-        phases=[Phase.explicit, Phase.reuse, Phase.generate],
-        suppress_health_check=[HealthCheck.function_scoped_fixture],
-    )
-    @given(request=log_requests)
-    def check(request: ExportLogsServiceRequest) -> None:
-        for db in (native, python):
-            client.command(f"TRUNCATE TABLE {db}.otel_logs")
-        count = fast_path_logs(request)
-        converted = convert_logs(request)
-        assert count == converted.accepted and converted.rejected == 0
-        intake_writer.insert_otlp([request.SerializeToString()], signal=Signal.LOGS)
-        for columns in converted.tables:
-            python_writer.insert(columns)
-        ours, theirs = _log_rows(client, native), _log_rows(client, python)
-        assert len(ours) == len(theirs) == count
-        for mine, reference in zip(ours, theirs, strict=True):
-            diff = {name: (a, b) for name, a, b in zip(LOG_COLUMNS, mine, reference, strict=True) if a != b}
-            assert not diff, diff
-        checked[0] += count
-
-    try:
-        check()
-        assert intake_writer.intake and intake_writer.intake_fallbacks == 0, "every batch took the intake"
-        assert checked[0] > 0
-    finally:
-        intake_writer.close()
-        python_writer.close()
-        client.close()
 
 
 def test_a_structured_log_body_falls_back_to_the_python_converter(chdb_dsn: str, database: str) -> None:

@@ -39,8 +39,9 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.span import TraceState
 
-from engine import Engine, NodeContext, RetryPolicy, Telemetry, WorkflowBuilder
+from engine import Engine, Telemetry
 from engine.otlp_encoding import GrpcLogExporter, GrpcSpanExporter, encode_logs, encode_spans
+from tests.engine.test_sdk_direct import providers, workflow
 
 
 def assert_same(ours: Any, theirs: Any) -> None:
@@ -48,45 +49,13 @@ def assert_same(ours: Any, theirs: Any) -> None:
     assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
 
 
-class Flaky:
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def __call__(self, ctx: NodeContext) -> str:
-        self.calls += 1
-        if self.calls == 1:
-            raise ConnectionError("first call fails")
-        ctx.set_attribute("app.list", ["a", "b"])
-        ctx.set_attribute("app.ratio", 0.25)
-        ctx.span.add_event("checkpoint", {"app.flag": True, "app.ints": [1, 2]})
-        return "ok"
-
-
-async def broken(ctx: NodeContext) -> None:
-    raise ValueError("bad input")
-
-
-async def fine(ctx: NodeContext) -> str:
-    return "fine"
-
-
 async def engine_records(direct: bool) -> tuple[list[ReadableSpan], list[ReadableLogRecord]]:
-    spans, logs = InMemorySpanExporter(), InMemoryLogRecordExporter()  # type: ignore[no-untyped-call]
     resource = Resource.create({"service.name": "encoding-check", "deployment.environment": "test"})
-    tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    logger_provider = LoggerProvider(resource=resource)
-    logger_provider.add_log_record_processor(SimpleLogRecordProcessor(logs))
+    tracer_provider, logger_provider, spans, logs = providers(resource)
     engine = Engine(Telemetry(tracer_provider, logger_provider, MeterProvider(), direct_records=direct))
-    flow = (
-        WorkflowBuilder("encoding-check")
-        .code("root", fine)
-        .code("flaky", Flaky(), depends_on=["root"], retry=RetryPolicy(max_attempts=2, initial_delay_s=0.001))
-        .llm("ask", "tiny-1", "hi", depends_on=["root"])
-        .code("broken", broken, depends_on=["flaky", "ask"])
-        .build()
-    )
-    failed = await engine.run(flow)
+    # Parallel branches, a retried node, a failure, a skipped branch, user attributes of
+    # every type, a span event, an LLM node: the direct-path test's workflow.
+    failed = await engine.run(workflow())
     # A resume links its run span to the failed run.
     await engine.resume(failed).result()
     await engine.aclose()
