@@ -62,8 +62,7 @@ def set_value(target: AnyValue, value: Any) -> None:
         target.double_value = value
     elif value is None:
         target.SetInParent()
-    elif isinstance(value, bool):
-        target.bool_value = value
+    # Subclasses (StrEnum, IntEnum…), in the SDK's order; bool has none.
     elif isinstance(value, str):
         target.string_value = value
     elif isinstance(value, int):
