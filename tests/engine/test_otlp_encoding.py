@@ -9,6 +9,7 @@ as messages and as bytes.
 
 from __future__ import annotations
 
+import enum
 import logging
 from typing import Any
 
@@ -173,13 +174,28 @@ def test_a_value_of_unknown_type_is_left_out_as_the_sdk_leaves_it(caplog: pytest
         resource=Resource({"service.name": "a"}),
         instrumentation_scope=InstrumentationScope("lib"),
     )
-    record.log_record.attributes = {"before": 1, "bad": object(), "after": "kept"}  # type: ignore[dict-item]
+    # Enum members encode as their base type, as the SDK's isinstance chain has them.
+    record.log_record.attributes = {
+        "before": 1,
+        "bad": object(),  # type: ignore[dict-item]
+        "after": "kept",
+        "level": Level.HIGH,
+        "mode": Mode.FAST,
+    }
     with caplog.at_level(logging.ERROR):
         ours = encode_logs([record])
     assert_same(ours, sdk_encode_logs([record]))
     keys = [kv.key for kv in ours.resource_logs[0].scope_logs[0].log_records[0].attributes]
-    assert keys == ["before", "after"]
+    assert keys == ["before", "after", "level", "mode"]
     assert any("Failed to encode key bad" in message for message in caplog.messages)
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Mode(enum.StrEnum):
+    FAST = "fast"
 
 
 class Receiver:
