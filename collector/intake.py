@@ -16,9 +16,9 @@ events are the live stream's bulk, and converting and serialising them in Python
 the GIL of the process that also serves the live view (bench/README.md, live latency).
 
 Why a hand-written schema and not the upstream .proto files: ClickHouse cannot map
-recursive messages (AnyValue holds arrays of AnyValue), so this is the OTLP trace
-schema cut to what the view reads, with the same field numbers; nested values are read
-as opaque bytes, only to notice them.
+recursive messages (AnyValue holds arrays of AnyValue), so these are the OTLP trace and
+logs schemas cut to what the views read, with the same field numbers; nested values are
+read as opaque bytes, only to notice them.
 """
 
 from __future__ import annotations
@@ -86,9 +86,6 @@ def _settings(schema: str, message: str) -> dict[str, str | int]:
     }
 
 
-INSERT_SETTINGS = _settings(PROTO_SCHEMA, "ExportTraceServiceRequest")
-
-
 @dataclass(frozen=True)
 class Intake:
     """Where ClickHouse reads one signal's OTLP requests, and the contrib table its view fills."""
@@ -99,7 +96,7 @@ class Intake:
 
 
 INTAKES = {
-    Signal.TRACES: Intake(INTAKE_TABLE, "otel_traces", INSERT_SETTINGS),
+    Signal.TRACES: Intake(INTAKE_TABLE, "otel_traces", _settings(PROTO_SCHEMA, "ExportTraceServiceRequest")),
     Signal.LOGS: Intake(LOG_INTAKE_TABLE, "otel_logs", _settings(LOGS_PROTO_SCHEMA, "ExportLogsServiceRequest")),
 }
 
