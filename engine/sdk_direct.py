@@ -29,7 +29,8 @@ from opentelemetry._logs import LogRecord, SeverityNumber
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.sdk._logs import Logger as SdkLogger
-from opentelemetry.sdk._logs import LogRecordLimits, ReadWriteLogRecord
+from opentelemetry.sdk._logs import LogRecordLimits, ReadableLogRecord, ReadWriteLogRecord
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 # Scalars stored as they are; anything else goes through the SDK's cleaning.
 _PLAIN = (str, bool, int, float)
+_NO_CONTEXT = Context()
 
 
 class StepSpan(trace.Span, ReadableSpan):
@@ -206,6 +208,14 @@ class DirectRecords:
         self._span_limits = getattr(tracer, "_span_limits", None) or SpanLimits()
         self._log_limits = LogRecordLimits()
         self._event_value_limit = self._log_limits.max_attribute_length
+        # Events skip the SDK's per-record copy when the logger's processors are all batch processors.
+        multi = getattr(events, "_multi_log_record_processor", None)
+        direct_queue = all(hasattr(events, a) for a in ("_is_enabled", "_logger_metrics")) and hasattr(
+            multi, "_log_record_processors"
+        )
+        self._multi = multi if direct_queue else None
+        self._processors: tuple[Any, ...] | None = None
+        self._batches: tuple[Any, ...] | None = None
 
     @classmethod
     def for_sdk(cls, tracer: Any, events: Any) -> DirectRecords | None:
@@ -267,11 +277,34 @@ class DirectRecords:
             event_name=event_name,
         )
         events = self._events
-        writable = ReadWriteLogRecord(record, events.resource, events.instrumentation_scope, self._log_limits)
         # Set after construction: ReadWriteLogRecord would re-validate every value, and these are
         # the engine's own strings and integers.
         limit = self._event_value_limit
         if limit is not None:
             attributes = {k: v[:limit] if type(v) is str else v for k, v in attributes.items()}
+        batches = self._batch_processors()
+        if batches is None:
+            writable = ReadWriteLogRecord(record, events.resource, events.instrumentation_scope, self._log_limits)
+            record.attributes = attributes
+            events.emit(cast(LogRecord, writable))
+            return
+        if not events._is_enabled():
+            return
+        # What each BatchLogRecordProcessor.on_emit would queue: the record without its context
+        # (the SDK copies the record to drop it; this record is ours alone, so no copy).
         record.attributes = attributes
-        events.emit(cast(LogRecord, writable))
+        record.context = _NO_CONTEXT
+        readable = ReadableLogRecord(record, events.resource, events.instrumentation_scope, self._log_limits)
+        events._logger_metrics.emit_log()
+        for batch in batches:
+            batch.emit(readable)
+
+    def _batch_processors(self) -> tuple[Any, ...] | None:
+        """The queues of the logger's processors when every one is the SDK's batch processor, else None."""
+        processors = self._multi._log_record_processors if self._multi is not None else None
+        if processors is not self._processors:
+            self._processors = processors
+            self._batches = None
+            if processors and all(type(p) is BatchLogRecordProcessor for p in processors):
+                self._batches = tuple(p._batch_processor for p in processors)
+        return self._batches

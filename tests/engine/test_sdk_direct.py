@@ -16,7 +16,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry._logs import NoOpLoggerProvider
 from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
-from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, InMemoryLogRecordExporter, SimpleLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -76,21 +76,23 @@ def workflow() -> Workflow:
 
 
 def providers(
-    resource: Resource, sampler: Any = None, limits: SpanLimits | None = None
+    resource: Resource, sampler: Any = None, limits: SpanLimits | None = None, batch: bool = False
 ) -> tuple[TracerProvider, LoggerProvider, InMemorySpanExporter, InMemoryLogRecordExporter]:
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider(resource=resource, sampler=sampler, span_limits=limits)
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     logs = InMemoryLogRecordExporter()  # type: ignore[no-untyped-call]
     logger_provider = LoggerProvider(resource=resource)
-    logger_provider.add_log_record_processor(SimpleLogRecordProcessor(logs))
+    processor = BatchLogRecordProcessor(logs) if batch else SimpleLogRecordProcessor(logs)
+    logger_provider.add_log_record_processor(processor)
     return tracer_provider, logger_provider, spans, logs
 
 
 async def run_once(
-    direct: bool, sampler: Any = None, limits: SpanLimits | None = None
+    direct: bool, sampler: Any = None, limits: SpanLimits | None = None, batch: bool = False
 ) -> tuple[list[ReadableSpan], list[ReadableLogRecord], Telemetry]:
-    tracer_provider, logger_provider, spans, logs = providers(Resource.create({"service.name": "t"}), sampler, limits)
+    resource = Resource.create({"service.name": "t"})
+    tracer_provider, logger_provider, spans, logs = providers(resource, sampler, limits, batch)
     telemetry = Telemetry(
         tracer_provider,
         logger_provider,
@@ -100,6 +102,7 @@ async def run_once(
     )
     async with Engine(telemetry, concurrency=4) as engine:
         await engine.run(workflow(), {"q": 1}, execution_id="exec-1")
+    logger_provider.force_flush()
     return list(spans.get_finished_spans()), list(logs.get_finished_logs()), telemetry
 
 
@@ -168,6 +171,34 @@ async def test_direct_path_exports_what_the_sdk_api_exports() -> None:
     assert left["attributes"]["app.list"] == ("a", "b") and left["events"][0][0] == "checkpoint"
     failed = next(v for v in view if v["name"] == "code broken")
     assert failed["events"][0][0] == "exception" and failed["stacktrace_recorded"] == [True]
+
+
+async def test_events_queued_for_batch_processors_are_what_the_sdk_queues() -> None:
+    # Behind batch processors only, events skip the SDK's per-record copy; what they export is the same.
+    sdk_spans, sdk_logs, _ = await run_once(direct=False, batch=True)
+    direct_spans, direct_logs, _ = await run_once(direct=True, batch=True)
+    assert records_view(direct_logs, direct_spans) == records_view(sdk_logs, sdk_spans)
+    assert len(direct_logs) >= 15 and any(r.log_record.event_name == "node.failed" for r in direct_logs)
+    # As the SDK's batch processor does, the queued record drops its context (ids stay).
+    assert all(not r.log_record.context and r.log_record.span_id for r in direct_logs)
+
+
+async def test_events_reach_every_processor_when_not_all_are_batch_processors() -> None:
+    tracer_provider, logger_provider, _, batched = providers(Resource.create({}), batch=True)
+    simple = InMemoryLogRecordExporter()  # type: ignore[no-untyped-call]
+    telemetry = Telemetry(tracer_provider, logger_provider)
+    async with Engine(telemetry) as engine:
+        await engine.run(workflow(), execution_id="before")
+        logger_provider.add_log_record_processor(SimpleLogRecordProcessor(simple))
+        await engine.run(workflow(), execution_id="after")
+    logger_provider.force_flush()
+
+    def ids(exporter: InMemoryLogRecordExporter) -> set[object]:
+        return {(r.log_record.attributes or {}).get("workflow.execution.id") for r in exporter.get_finished_logs()}
+
+    assert ids(batched) == {"before", "after"} and ids(simple) == {"after"}
+    # The simple processor sees the live record, context included, as the SDK hands it over.
+    assert all(r.log_record.context for r in simple.get_finished_logs())
 
 
 async def test_sampling_and_limits_follow_the_provider() -> None:
