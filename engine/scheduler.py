@@ -127,7 +127,6 @@ class Execution:
         self.execution_id = execution_id
         self.options = options
         self.registry: NodeRegistry = engine.registry
-        self.http_client = engine.http_client
         self._tel = engine.telemetry
         self._seq = 0
         self.states: dict[str, NodeState] = dict.fromkeys(workflow.node_ids, NodeState.PENDING)
@@ -147,6 +146,11 @@ class Execution:
         self._span: Span = trace.INVALID_SPAN
         self._run_context: Context = Context()
         self._ids = ("0" * 32, "0" * 16)
+
+    @property
+    def http_client(self) -> httpx.AsyncClient:
+        # Created on first use: its TLS context takes ~100 ms to load, and many workflows make no HTTP call.
+        return self.engine.http_client
 
     # -- control from outside --------------------------------------------------------------
 

@@ -480,3 +480,13 @@ async def test_progress_is_coalesced_but_ends_current(captured: Captured) -> Non
     assert types[-2:] == ["execution.progress", "workflow.completed"]
     assert_seq_contiguous(captured, result.execution_id)
     await engine.aclose()
+
+
+async def test_http_client_is_made_only_when_a_node_needs_it(captured: Captured) -> None:
+    engine = Engine(captured.telemetry)
+    await engine.run(WorkflowBuilder("local").code("a", one).build())
+    assert engine._http_client is None
+    execution = engine.start(WorkflowBuilder("local").code("a", one).build())
+    assert execution.execution.http_client is engine.http_client is engine._http_client is not None
+    await execution.result()
+    await engine.aclose()
