@@ -10,7 +10,7 @@ import base64
 import datetime as dt
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,9 +65,15 @@ class History:
     """Queries on one database. Clients are per thread: one ClickHouse session is not shared."""
 
     def __init__(
-        self, client_factory: Callable[[], Client], database: str, sql_limits: SqlLimits | None = None
+        self,
+        client_factory: Callable[[], Client],
+        database: str,
+        sql_limits: SqlLimits | None = None,
+        background: Mapping[str, Any] | None = None,
     ) -> None:
         self._factory = client_factory
+        # Settings for lookups no request waits on (collector/store.py background_settings).
+        self._background = dict(background or {})
         self.database = database
         self.sql_limits = sql_limits or SqlLimits()
         self._local = threading.local()
@@ -81,7 +87,10 @@ class History:
         return client
 
     def _rows(self, sql: str, **params: Any) -> list[dict[str, Any]]:
-        result = self._client().query(sql.replace("{db}", self.database), parameters=params)
+        return self._rows_with(sql, params, None)
+
+    def _rows_with(self, sql: str, params: dict[str, Any], settings: dict[str, Any] | None) -> list[dict[str, Any]]:
+        result = self._client().query(sql.replace("{db}", self.database), parameters=params, settings=settings)
         return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
 
     # -- executions ------------------------------------------------------------------------
@@ -265,7 +274,7 @@ class History:
         successful runs is absent."""
         if not workflow_ids:
             return {}
-        rows = self._rows(
+        rows = self._rows_with(
             "WITH recent AS (SELECT ExecutionId, WorkflowId FROM {db}.workflow_executions FINAL"
             " WHERE WorkflowId IN {workflows:Array(String)} AND Status = 'success'"
             " ORDER BY StartTime DESC LIMIT {runs:UInt32} BY WorkflowId)"
@@ -274,8 +283,8 @@ class History:
             # The IN repeats the join so the primary key (ExecutionId first) narrows the read.
             " WHERE n.Status = 'success' AND n.ExecutionId IN (SELECT ExecutionId FROM recent)"
             " GROUP BY WorkflowId, NodeId",
-            workflows=list(workflow_ids),
-            runs=runs,
+            {"workflows": list(workflow_ids), "runs": runs},
+            self._background,
         )
         medians: dict[str, dict[str, float]] = {}
         for r in rows:

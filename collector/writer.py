@@ -11,7 +11,7 @@ from clickhouse_connect.driver.insert import InsertContext
 
 from collector.convert import CONVERTERS, REQUESTS, Columns
 from collector.intake import INTAKES, frame
-from collector.store import Dsn, StoreError, connect
+from collector.store import Dsn, StoreError, background_settings, connect
 from collector.types import Signal
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class ClickHouseWriter:
         self._contexts: dict[str, InsertContext] = {}
         self._released_at = 0.0
         self._purge = dsn.embedded
+        self._settings = background_settings(dsn)
         self.purges = 0
         # Signals whose intake this ClickHouse lacks: converted in Python from then on.
         self._no_intake: set[Signal] = set()
@@ -46,7 +47,7 @@ class ClickHouseWriter:
     def insert(self, columns: Columns, dedup_token: str | None = None) -> None:
         client = self._connected()
         context = self._context(client, columns)
-        context.settings = _dedup(dedup_token) or {}
+        context.settings = {**self._settings, **(_dedup(dedup_token) or {})}
         try:
             client.insert(context=context, data=columns.data)
         except Exception:
@@ -85,7 +86,7 @@ class ClickHouseWriter:
                     f"{self._database}.{intake.table}",
                     None,
                     frame(payloads),
-                    settings={**intake.settings, **(_dedup(dedup_token) or {})},
+                    settings={**intake.settings, **self._settings, **(_dedup(dedup_token) or {})},
                     fmt="Protobuf",
                 )
             except Exception as exc:

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from collector.history import NODE_STATES, History, SqlError
 from collector.schema import SchemaOptions, ddl
-from collector.store import Dsn, StoreError, StoreLocked, connect, migrate
+from collector.store import Dsn, StoreError, StoreLocked, background_settings, connect, migrate
 from flowscope.config import Settings
 
 # soft_wrap: URLs and SQL stay on one line when output is not a terminal.
@@ -232,7 +232,8 @@ def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no
             loop.add_signal_handler(sig, stop.set)
         try:
             parsed = Dsn.parse(settings.dsn)
-            history = History(lambda: connect(parsed), parsed.database or settings.database)
+            database = parsed.database or settings.database
+            history = History(lambda: connect(parsed), database, background=background_settings(parsed))
             live = Bridge(
                 BridgeConfig(
                     host=settings.host, port=settings.http_port, auth=settings.auth, cors_origins=settings.cors_origins,

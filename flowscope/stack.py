@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from collector.history import History
 from collector.service import Collector, CollectorConfig
 from collector.serving import serve_asgi
+from collector.store import background_settings
 from flowscope.config import Settings
 from flowscope.runtime import server_runtime
 from ws_bridge.api import Links
@@ -66,7 +67,7 @@ class Stack:
         collector = self.collector
         collector.start()
         try:
-            history = History(collector.client, collector.database)
+            history = History(collector.client, collector.database, background=background_settings(collector.dsn))
             bridge = Bridge(
                 BridgeConfig(
                     host=s.host,

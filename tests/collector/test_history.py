@@ -7,6 +7,7 @@ import pytest
 
 from collector.history import ExecutionQuery, History, HistoryError, SqlError, SqlLimits
 from collector.service import Collector
+from collector.store import background_settings
 from engine import Engine, NodeContext, WorkflowBuilder
 from tests.collector.otlp import otlp_providers
 
@@ -86,6 +87,9 @@ async def test_history_queries(collector: Collector) -> None:
     assert set(medians) == {"a", "b"}
     # Several workflows in one query give what one query each gives; no runs, no entry.
     assert history.node_duration_medians_of(["daily", "fragile", "never-ran"]) == {"daily": medians}
+    # The bridge's lookups run as background work in the embedded engine: same answer.
+    background = History(collector.client, collector.database, background=background_settings(collector.dsn))
+    assert background.node_duration_medians_of(["daily", "never-ran"]) == {"daily": medians}
 
     with pytest.raises(HistoryError, match="unknown sort"):
         history.list_executions(ExecutionQuery(sort="name"))
