@@ -69,6 +69,23 @@ def background_settings(dsn: Dsn) -> dict[str, int]:
     return {"os_thread_priority": 10} if dsn.embedded else {}
 
 
+def insert_settings(dsn: Dsn) -> dict[str, int]:
+    """Query settings for the collector's inserts: the background priority and, embedded,
+    data-skipping indexes left to the merges.
+
+    A merge builds the skip indexes of the part it writes from scratch, and under load the
+    inserts' parts are merged continually, so building them for each insert too is mostly
+    work thrown away: the contrib schema's bloom filters over every attribute key and value
+    were about a sixth of the embedded collector's CPU (bench/README.md, collector ingest). A
+    part not merged yet has no skip index and a query reads it whole; such parts are small
+    (one insert's rows, or a quiet table's few). The pinned chdb knows the setting; a server
+    may predate it, and an unknown setting fails the insert, so a server is never sent it.
+    """
+    if not dsn.embedded:
+        return {}
+    return {**background_settings(dsn), "materialize_skip_indexes_on_insert": 0}
+
+
 _OPEN_LOCK = threading.Lock()
 
 

@@ -11,7 +11,7 @@ from clickhouse_connect.driver.insert import InsertContext
 
 from collector.convert import CONVERTERS, REQUESTS, Columns
 from collector.intake import INTAKES, frame
-from collector.store import Dsn, StoreError, background_settings, connect
+from collector.store import Dsn, StoreError, connect, insert_settings
 from collector.types import Signal
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class ClickHouseWriter:
         self._contexts: dict[str, InsertContext] = {}
         self._released_at = 0.0
         self._purge = dsn.embedded
-        self._settings = background_settings(dsn)
+        self._settings = insert_settings(dsn)
         self.purges = 0
         # Signals whose intake this ClickHouse lacks: converted in Python from then on.
         self._no_intake: set[Signal] = set()
