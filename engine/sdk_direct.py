@@ -33,7 +33,8 @@ from opentelemetry.sdk._logs import LogRecordLimits, ReadableLogRecord, ReadWrit
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits
 from opentelemetry.sdk.trace import Tracer as SdkTracer
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 from opentelemetry.util import types
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,8 @@ class DirectRecords:
         self._multi = multi if direct_queue else None
         self._processors: tuple[Any, ...] | None = None
         self._batches: tuple[Any, ...] | None = None
+        self._sampler: object = None
+        self._local_decisions: tuple[Decision, Decision] | None = None
 
     @classmethod
     def for_sdk(cls, tracer: Any, events: Any) -> DirectRecords | None:
@@ -236,17 +239,25 @@ class DirectRecords:
     ) -> trace.Span:
         """A child of `parent` (a valid span context), sampled by the tracer's sampler."""
         tracer = self._tracer
-        sampling = tracer.sampler.should_sample(parent_context, parent.trace_id, name, kind, attributes, None)
-        flags = TraceFlags.SAMPLED if sampling.decision.is_sampled() else TraceFlags.DEFAULT  # type: ignore[no-untyped-call]
+        decisions = self._decisions_for_local_parents()
+        extra: Mapping[str, types.AttributeValue] | None = None
+        trace_state: TraceState | None
+        if decisions is not None and not parent.is_remote:
+            decision = decisions[0] if parent.trace_flags.sampled else decisions[1]
+            trace_state = parent.trace_state
+        else:
+            sampling = tracer.sampler.should_sample(parent_context, parent.trace_id, name, kind, attributes, None)
+            decision, trace_state, extra = sampling.decision, sampling.trace_state, sampling.attributes
+        flags = TraceFlags.SAMPLED if decision.is_sampled() else TraceFlags.DEFAULT  # type: ignore[no-untyped-call]
         if parent.trace_flags.random_trace_id:
             flags |= TraceFlags.RANDOM_TRACE_ID
         context = SpanContext(
-            parent.trace_id, tracer.id_generator.generate_span_id(), False, TraceFlags(flags), sampling.trace_state
+            parent.trace_id, tracer.id_generator.generate_span_id(), False, TraceFlags(flags), trace_state
         )
-        if not sampling.decision.is_recording():  # type: ignore[no-untyped-call]
+        if not decision.is_recording():  # type: ignore[no-untyped-call]
             return trace.NonRecordingSpan(context)
-        if sampling.attributes:
-            attributes.update(sampling.attributes)
+        if extra:
+            attributes.update(extra)
         limits = self._span_limits
         if limits.max_span_attribute_length is not None or (
             limits.max_span_attributes is not None and len(attributes) > limits.max_span_attributes
@@ -298,6 +309,31 @@ class DirectRecords:
         events._logger_metrics.emit_log()
         for batch in batches:
             batch.emit(readable)
+
+    def _decisions_for_local_parents(self) -> tuple[Decision, Decision] | None:
+        """(under a sampled parent, under an unsampled one) when the tracer's sampler is the SDK's
+        parent-based sampler with static samplers for local parents — the SDK's default. A node
+        span's parent is its run's span, created here: a local parent, so those two decisions are
+        all the sampler would say (the parent's trace state, and the span's own attributes back).
+        Any other sampler is asked for every span."""
+        sampler = self._tracer.sampler
+        if sampler is not self._sampler:
+            self._sampler, self._local_decisions = sampler, None
+            delegates = (
+                getattr(sampler, "_local_parent_sampled", None),
+                getattr(sampler, "_local_parent_not_sampled", None),
+            )
+            if (
+                isinstance(sampler, ParentBased)
+                and type(sampler).should_sample is ParentBased.should_sample
+                and all(
+                    isinstance(d, StaticSampler) and type(d).should_sample is StaticSampler.should_sample
+                    for d in delegates
+                )
+            ):
+                sampled, unsampled = cast(tuple[StaticSampler, StaticSampler], delegates)
+                self._local_decisions = (sampled._decision, unsampled._decision)
+        return self._local_decisions
 
     def _batch_processors(self) -> tuple[Any, ...] | None:
         """The queues of the logger's processors when every one is the SDK's batch processor, else None."""

@@ -23,7 +23,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
 
 from engine import Engine, NodeContext, RetryPolicy, Telemetry, TelemetryOptions, Workflow, WorkflowBuilder
 from engine.sdk_direct import DirectRecords, StepSpan
@@ -216,6 +216,42 @@ async def test_sampling_and_limits_follow_the_provider() -> None:
     # At the limit the oldest attribute makes room, as in the SDK; strings are cut to the length limit.
     assert len(direct_left.attributes or {}) == 6 and direct_left.dropped_attributes > 0
     assert all(len(v) <= 4 for v in (direct_left.attributes or {}).values() if isinstance(v, str))
+
+
+async def test_parent_based_static_samplers_decide_node_spans_without_being_asked() -> None:
+    # Run spans dropped at the root, node spans recorded under their unsampled local parent:
+    # the shortcut must pick the right one of the sampler's two local-parent decisions.
+    def sampler() -> ParentBased:
+        return ParentBased(ALWAYS_OFF, local_parent_not_sampled=ALWAYS_ON)
+
+    sdk_spans, _, _ = await run_once(False, sampler())
+    direct_spans, _, _ = await run_once(True, sampler())
+    assert spans_view(direct_spans) == spans_view(sdk_spans)
+    names = {s.name for s in direct_spans}
+    assert "code left" in names and not any(n.startswith("invoke_workflow") for n in names)
+
+    asked: list[str] = []
+    default = ParentBased(ALWAYS_ON)
+    ask = default.should_sample
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("name") or args[2])
+        return ask(*args, **kwargs)
+
+    default.should_sample = counting  # type: ignore[method-assign]
+    spans, _, _ = await run_once(True, default)
+    assert spans_view(spans) == spans_view((await run_once(False, ParentBased(ALWAYS_ON)))[0])
+    assert len(spans) == 8 and all(s.context is not None and s.context.trace_flags.sampled for s in spans)
+    assert asked == ["invoke_workflow direct-check"], "only the run's span asks the default sampler"
+
+    class Custom(ParentBased):
+        def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+            asked.append("custom")
+            return super().should_sample(*args, **kwargs)
+
+    asked.clear()
+    spans, _, _ = await run_once(True, Custom(ALWAYS_ON))
+    assert len(asked) == len(spans), "a sampler of its own is asked for every span"
 
 
 async def test_step_span_after_end_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
