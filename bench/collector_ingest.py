@@ -8,6 +8,10 @@ process over real gRPC. "Raw" converts the same requests once and inserts the ro
 into a fresh chdb database with the same client code, so the ratio is the pipeline's cost.
 With --overload-seconds, senders push as fast as they can for that long while the
 collector's peak RSS (VmHWM) is sampled; refusals (UNAVAILABLE) are counted, not errors.
+"Storing nothing" runs the same collector with the trace intake's view dropped: ClickHouse
+still parses every request into the intake's Null table, and nothing is stored — the
+collector's own CPU per span, the basis of the contrib exporter's per-core figure (which
+excludes the ClickHouse server).
 """
 
 from __future__ import annotations
@@ -61,15 +65,24 @@ def make_request(size: int, seed: int) -> bytes:
     return bytes(request.SerializeToString())
 
 
-def run_collector(data_dir: str, ready: Any, stop: Any, ports: Any, spool: bool = False) -> None:
+def run_collector(data_dir: str, ready: Any, stop: Any, ports: Any, spool: bool = False, store: bool = True) -> None:
     import asyncio
     from pathlib import Path
 
+    from collector.schema import SchemaOptions
     from collector.service import Collector, CollectorConfig
+    from collector.store import Dsn, connect, migrate
+
+    dsn = f"chdb://{data_dir}/ch"
+    if not store:
+        client = connect(Dsn.parse(dsn))
+        migrate(client, SchemaOptions())
+        client.command(f"DROP VIEW {SchemaOptions().database}.otlp_traces_intake_mv")
+        client.close()
 
     async def main() -> None:
         spool_dir = Path(data_dir) / "spool" if spool else None
-        config = CollectorConfig(dsn=f"chdb://{data_dir}/ch", grpc_port=0, http_port=0, spool_dir=spool_dir)
+        config = CollectorConfig(dsn=dsn, grpc_port=0, http_port=0, spool_dir=spool_dir)
         collector = Collector(config)
         async with collector.running():
             ports["grpc"], ports["http"] = collector.grpc_port, collector.http_port
@@ -133,13 +146,13 @@ def raw_insert_rate(payloads: list[bytes], data_dir: str) -> float:
     return merged.rows / elapsed
 
 
-def start_collector(spool: bool) -> tuple[Any, Any, Any, str]:
+def start_collector(spool: bool, store: bool = True) -> tuple[Any, Any, Any, str]:
     """A collector process on a fresh data directory: (process, ports, stop event, data dir)."""
     data_dir = tempfile.mkdtemp(prefix="flowscope-bench-")
     ctx = mp.get_context("spawn")
     ports = ctx.Manager().dict()
     ready, stop = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=run_collector, args=(data_dir, ready, stop, ports, spool))
+    proc = ctx.Process(target=run_collector, args=(data_dir, ready, stop, ports, spool, store))
     proc.start()
     assert ready.wait(60), "collector did not start"
     return proc, ports, stop, data_dir
@@ -178,6 +191,10 @@ def main(spans: int, batch: int, senders: int, overload_s: float) -> dict[str, A
     no_spool, no_spool_cpu = push_all(ports, payloads, batch, senders, proc.pid or 0)
     stop.set()
     proc.join(60)
+    proc, ports, stop, _ = start_collector(spool=False, store=False)
+    nothing, nothing_cpu = push_all(ports, payloads, batch, senders, proc.pid or 0)
+    stop.set()
+    proc.join(60)
     proc, ports, stop, data_dir = start_collector(spool=True)
     grpc_port, http_port = ports["grpc"], ports["http"]
     rate, rate_cpu = push_all(ports, payloads, batch, senders, proc.pid or 0)
@@ -191,6 +208,9 @@ def main(spans: int, batch: int, senders: int, overload_s: float) -> dict[str, A
         "spool_on_vs_off": round(rate / no_spool, 3),
         "pipeline_spans_per_cpu_s": round(rate_cpu),
         "pipeline_spans_per_cpu_s_without_spool": round(no_spool_cpu),
+        # The collector's own cost: ClickHouse parses each request and stores nothing.
+        "storing_nothing_spans_per_s": round(nothing),
+        "storing_nothing_spans_per_cpu_s": round(nothing_cpu),
         "collector_peak_rss_mb_sustained": round(vm_hwm_mb(proc.pid or 0), 1),
     }
     if overload_s > 0:
