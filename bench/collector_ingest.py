@@ -65,7 +65,9 @@ def make_request(size: int, seed: int) -> bytes:
     return bytes(request.SerializeToString())
 
 
-def run_collector(data_dir: str, ready: Any, stop: Any, ports: Any, spool: bool = False, store: bool = True) -> None:
+def run_collector(
+    data_dir: str, ready: Any, stop: Any, ports: Any, spool: bool = False, store: bool = True, batch_rows: int = 0
+) -> None:
     import asyncio
     from pathlib import Path
 
@@ -82,7 +84,9 @@ def run_collector(data_dir: str, ready: Any, stop: Any, ports: Any, spool: bool 
 
     async def main() -> None:
         spool_dir = Path(data_dir) / "spool" if spool else None
-        config = CollectorConfig(dsn=dsn, grpc_port=0, http_port=0, spool_dir=spool_dir)
+        config = CollectorConfig(
+            dsn=dsn, grpc_port=0, http_port=0, spool_dir=spool_dir, max_batch_rows=batch_rows or None
+        )
         collector = Collector(config)
         async with collector.running():
             ports["grpc"], ports["http"] = collector.grpc_port, collector.http_port
@@ -146,13 +150,13 @@ def raw_insert_rate(payloads: list[bytes], data_dir: str) -> float:
     return merged.rows / elapsed
 
 
-def start_collector(spool: bool, store: bool = True) -> tuple[Any, Any, Any, str]:
+def start_collector(spool: bool, store: bool = True, batch_rows: int = 0) -> tuple[Any, Any, Any, str]:
     """A collector process on a fresh data directory: (process, ports, stop event, data dir)."""
     data_dir = tempfile.mkdtemp(prefix="flowscope-bench-")
     ctx = mp.get_context("spawn")
     ports = ctx.Manager().dict()
     ready, stop = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=run_collector, args=(data_dir, ready, stop, ports, spool, store))
+    proc = ctx.Process(target=run_collector, args=(data_dir, ready, stop, ports, spool, store, batch_rows))
     proc.start()
     assert ready.wait(60), "collector did not start"
     return proc, ports, stop, data_dir
@@ -185,17 +189,17 @@ def push_all(ports: Any, payloads: list[bytes], batch: int, senders: int, pid: i
     return spans / (time.perf_counter() - started), spans / cpu if cpu else 0.0
 
 
-def main(spans: int, batch: int, senders: int, overload_s: float) -> dict[str, Any]:
+def main(spans: int, batch: int, senders: int, overload_s: float, batch_rows: int = 0) -> dict[str, Any]:
     payloads = [make_request(batch, seed) for seed in range(max(1, spans // batch))]
-    proc, ports, stop, _ = start_collector(spool=False)
+    proc, ports, stop, _ = start_collector(spool=False, batch_rows=batch_rows)
     no_spool, no_spool_cpu = push_all(ports, payloads, batch, senders, proc.pid or 0)
     stop.set()
     proc.join(60)
-    proc, ports, stop, _ = start_collector(spool=False, store=False)
+    proc, ports, stop, _ = start_collector(spool=False, store=False, batch_rows=batch_rows)
     nothing, nothing_cpu = push_all(ports, payloads, batch, senders, proc.pid or 0)
     stop.set()
     proc.join(60)
-    proc, ports, stop, data_dir = start_collector(spool=True)
+    proc, ports, stop, data_dir = start_collector(spool=True, batch_rows=batch_rows)
     grpc_port, http_port = ports["grpc"], ports["http"]
     rate, rate_cpu = push_all(ports, payloads, batch, senders, proc.pid or 0)
     total = len(payloads) * batch
@@ -203,6 +207,7 @@ def main(spans: int, batch: int, senders: int, overload_s: float) -> dict[str, A
         "spans": total,
         "batch": batch,
         "senders": senders,
+        "max_batch_rows": batch_rows or "default",
         "pipeline_spans_per_s": round(rate),
         "pipeline_spans_per_s_without_spool": round(no_spool),
         "spool_on_vs_off": round(rate / no_spool, 3),
@@ -244,5 +249,8 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--overload-seconds", type=float, default=0.0)
+    parser.add_argument(
+        "--max-batch-rows", type=int, default=0, help="the collector's rows per insert (0: its default)"
+    )
     args = parser.parse_args()
-    print(json.dumps(main(args.spans, args.batch, args.senders, args.overload_seconds), indent=2))
+    print(json.dumps(main(args.spans, args.batch, args.senders, args.overload_seconds, args.max_batch_rows), indent=2))
