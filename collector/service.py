@@ -21,7 +21,7 @@ from collector.receiver import GrpcReceiver, http_routes
 from collector.schema import SchemaOptions
 from collector.serving import serve_asgi
 from collector.spool import Spool
-from collector.store import Dsn, connect, migrate
+from collector.store import Dsn, connect, migrate, tune_embedded
 from collector.telemetry import SelfMetrics
 from collector.types import Signal, StreamSubscriber, Unsubscribe
 from collector.writer import ClickHouseWriter
@@ -84,6 +84,8 @@ class Collector:
         self._admin = connect(self.dsn)
         if self.config.create_schema:
             migrate(self._admin, self.schema)
+        if self.dsn.embedded:
+            tune_embedded(self._admin, self.database)
         spool = Spool(self.config.spool_dir, self.config.spool_max_bytes) if self.config.spool_dir else None
         self.pipeline = Pipeline(
             self._writer_factory(self.dsn, self.database),

@@ -1,4 +1,6 @@
-"""Embedded inserts leave the contrib schema's skip indexes to the merges; queries see the same rows."""
+"""The embedded engine's additions to the contrib DDL: skip indexes left to the merges, vertical merges.
+
+Queries see the same rows either way."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from collector.schema import SchemaOptions
-from collector.store import Dsn, connect, insert_settings, migrate
+from collector.service import Collector
+from collector.store import Dsn, connect, insert_settings, migrate, tune_embedded
 from collector.writer import ClickHouseWriter
 
 
@@ -63,6 +66,43 @@ def test_parts_get_their_skip_indexes_from_the_merge(chdb_dsn: str, database: st
         assert client.query(find).result_rows == [("step",)]
         count = client.query(f"SELECT count() FROM {database}.otel_traces").result_rows[0][0]
         assert count == 200
+    finally:
+        writer.close()
+        client.close()
+
+
+def test_the_embedded_collector_merges_its_tables_vertically(collector: Collector) -> None:
+    client = collector.client()
+    try:
+        rows = client.query(
+            "SELECT name, engine_full FROM system.tables WHERE database = {db:String} AND engine LIKE '%MergeTree'",
+            parameters={"db": collector.database},
+        ).result_rows
+        assert {"otel_traces", "otel_logs", "node_executions"} <= {name for name, _ in rows}
+        assert all("vertical_merge_algorithm_min_rows_to_activate = 1" in engine for _, engine in rows)
+        # The contrib table settings stay as they were.
+        traces = next(engine for name, engine in rows if name == "otel_traces")
+        assert "ttl_only_drop_parts = 1" in traces and "index_granularity = 8192" in traces
+    finally:
+        client.close()
+
+
+def test_vertically_merged_parts_hold_the_same_rows(chdb_dsn: str, database: str) -> None:
+    dsn = Dsn.parse(chdb_dsn)
+    client = connect(dsn)
+    migrate(client, SchemaOptions(database=database))
+    tune_embedded(client, database)
+    tune_embedded(client, database)  # idempotent: every embedded start applies it
+    writer = ClickHouseWriter(dsn, database)
+    columns = "SpanId, SpanName, SpanAttributes, Duration"
+    try:
+        for first in (0, 100, 200):
+            writer.insert_otlp([_request(first)])
+        sql = f"SELECT {columns} FROM {database}.otel_traces ORDER BY SpanId"
+        before = client.query(sql).result_rows
+        client.command(f"OPTIMIZE TABLE {database}.otel_traces FINAL")
+        assert len(_index_bytes(client, database)) == 1, "merged into one part"
+        assert client.query(sql).result_rows == before and len(before) == 300
     finally:
         writer.close()
         client.close()
