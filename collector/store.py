@@ -76,7 +76,7 @@ def insert_settings(dsn: Dsn) -> dict[str, int]:
     A merge builds the skip indexes of the part it writes from scratch, and under load the
     inserts' parts are merged continually, so building them for each insert too is mostly
     work thrown away: the contrib schema's bloom filters over every attribute key and value
-    were about a sixth of the embedded collector's CPU (bench/README.md, collector ingest). A
+    were a tenth to a sixth of the embedded collector's CPU (bench/README.md, collector ingest). A
     part not merged yet has no skip index and a query reads it whole; such parts are small
     (one insert's rows, or a quiet table's few). The pinned chdb knows the setting; a server
     may predate it, and an unknown setting fails the insert, so a server is never sent it.
@@ -88,9 +88,9 @@ def insert_settings(dsn: Dsn) -> dict[str, int]:
 
 # Table settings the embedded engine adds to the contrib DDL. A horizontal merge (ClickHouse's
 # choice below 131,072 rows) writes every column stream of the part at once, each with its own
-# compression and file buffers: merging six 17,000-row parts of otel_traces took 170–260 MB in
-# the embedded collector, the largest part of its peak memory. A vertical merge writes one
-# column at a time: ≈ 50 MB for the same merges (bench/README.md, collector memory).
+# compression and file buffers: merging six 17,000-row parts of otel_traces took 165–190 MB in
+# the embedded collector, the largest allocation the engine made under load. A vertical merge
+# writes one column at a time: ≈ 50 MB for the same merges (bench/README.md, collector ingest).
 _EMBEDDED_TABLE_SETTINGS = {"vertical_merge_algorithm_min_rows_to_activate": 1}
 
 
