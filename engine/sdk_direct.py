@@ -313,9 +313,9 @@ class DirectRecords:
     def _decisions_for_local_parents(self) -> tuple[Decision, Decision] | None:
         """(under a sampled parent, under an unsampled one) when the tracer's sampler is the SDK's
         parent-based sampler with static samplers for local parents — the SDK's default. A node
-        span's parent is its run's span, created here: a local parent, so those two decisions are
-        all the sampler would say (the parent's trace state, and the span's own attributes back).
-        Any other sampler is asked for every span."""
+        span's parent is its run's span, started by this process's tracer: a local parent, so one
+        of those two decisions is all the sampler would say (with the parent's trace state, and
+        the span's own attributes back). Any other sampler is asked for every span."""
         sampler = self._tracer.sampler
         if sampler is not self._sampler:
             self._sampler, self._local_decisions = sampler, None
