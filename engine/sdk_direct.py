@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 # Scalars stored as they are; anything else goes through the SDK's cleaning.
 _PLAIN = (str, bool, int, float)
 _NO_CONTEXT = Context()
+# Status is immutable; the SDK's own ReadableSpan shares one UNSET default the same way.
+_UNSET = Status(StatusCode.UNSET)
 
 
 class StepSpan(trace.Span, ReadableSpan):
@@ -71,18 +73,18 @@ class StepSpan(trace.Span, ReadableSpan):
             parent=parent,
             resource=tracer.resource,
             attributes=attributes,
-            events=[],
+            events=(),
             links=(),
             kind=kind,
-            status=Status(StatusCode.UNSET),
+            status=_UNSET,
             start_time=start_time,
             instrumentation_scope=getattr(tracer, "_instrumentation_scope", None),
         )
         self._tracer = tracer
         self._limits = limits
         self._attrs = attributes
-        self._events_list: list[Event] = []
-        self._events = self._events_list
+        # Most node spans never get an event: the list comes with the first.
+        self._events_list: list[Event] | None = None
         self._dropped = 0
 
     # -- API span ---------------------------------------------------------------------------
@@ -139,6 +141,9 @@ class StepSpan(trace.Span, ReadableSpan):
         if self._end_time is not None:
             logger.warning("Calling add_event() on an ended span.")
             return
+        if self._events_list is None:
+            self._events_list = []
+            self._events = self._events_list
         limit = self._limits.max_events
         if limit is not None and len(self._events_list) >= limit:
             return
@@ -191,7 +196,7 @@ class StepSpan(trace.Span, ReadableSpan):
             logger.warning("Calling end() on an ended span.")
             return
         self._end_time = end_time if end_time is not None else time.time_ns()
-        self._events = tuple(self._events_list)
+        self._events = tuple(self._events_list) if self._events_list else ()
         processor = self._tracer.span_processor
         # The SDK's (experimental) hook before on_end, when this SDK has it.
         on_ending = getattr(processor, "_on_ending", None)

@@ -273,6 +273,27 @@ async def test_step_span_after_end_changes_nothing(caplog: pytest.LogCaptureFixt
     assert "ended span" in caplog.text
 
 
+@pytest.mark.parametrize("max_events", [None, 1, 0])
+def test_step_span_events_follow_the_event_limit(max_events: int | None) -> None:
+    tracer_provider, logger_provider, spans, _ = providers(
+        Resource.create({}), limits=SpanLimits(max_events=max_events)
+    )
+    telemetry = Telemetry(tracer_provider, logger_provider)
+    run = telemetry.start_span("run", parent=None, kind=trace.SpanKind.INTERNAL, attributes={})
+    context = trace.set_span_in_context(run)
+    quiet = telemetry.start_child_span("quiet", context, run.get_span_context(), trace.SpanKind.INTERNAL, {})
+    busy = telemetry.start_child_span("busy", context, run.get_span_context(), trace.SpanKind.INTERNAL, {})
+    busy.add_event("first", {"n": 1})
+    busy.add_event("second")
+    assert [e.name for e in busy.events] == ["first", "second"][: 2 if max_events is None else max_events]  # type: ignore[attr-defined]
+    quiet.end()
+    busy.end()
+    exported = {s.name: s for s in spans.get_finished_spans()}
+    assert exported["quiet"].events == ()
+    assert [e.name for e in exported["busy"].events] == ["first", "second"][: 2 if max_events is None else max_events]
+    assert isinstance(exported["busy"].events, tuple)
+
+
 def test_only_sdk_providers_take_the_direct_path() -> None:
     assert Telemetry.disabled().direct is None
     assert (
