@@ -24,8 +24,8 @@ def test_only_the_embedded_engine_is_asked() -> None:
 def _request(first: int) -> bytes:
     spans = [
         Span(
-            trace_id=(first + i).to_bytes(16, "big"),
-            span_id=(first + i).to_bytes(8, "big"),
+            trace_id=(first + i + 1).to_bytes(16, "big"),
+            span_id=(first + i + 1).to_bytes(8, "big"),
             name="step",
             start_time_unix_nano=1_700_000_000_000_000_000 + i,
             end_time_unix_nano=1_700_000_000_000_001_000 + i,
