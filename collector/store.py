@@ -91,7 +91,7 @@ def insert_settings(dsn: Dsn) -> dict[str, int]:
 # compression and file buffers: merging six 17,000-row parts of otel_traces took 165–190 MB in
 # the embedded collector, the largest allocation the engine made under load. A vertical merge
 # writes one column at a time: ≈ 50 MB for the same merges (bench/README.md, collector ingest).
-_EMBEDDED_TABLE_SETTINGS = {"vertical_merge_algorithm_min_rows_to_activate": 1}
+_EMBEDDED_TABLE_SETTINGS = "vertical_merge_algorithm_min_rows_to_activate = 1"
 
 
 def tune_embedded(client: Client, database: str) -> None:
@@ -105,9 +105,8 @@ def tune_embedded(client: Client, database: str) -> None:
         "SELECT name FROM system.tables WHERE database = {db:String} AND engine LIKE '%MergeTree'",
         parameters={"db": database},
     ).result_rows
-    assignments = ", ".join(f"{name} = {value}" for name, value in _EMBEDDED_TABLE_SETTINGS.items())
     for (table,) in rows:
-        client.command(f"ALTER TABLE {database}.`{table}` MODIFY SETTING {assignments}")
+        client.command(f"ALTER TABLE {database}.`{table}` MODIFY SETTING {_EMBEDDED_TABLE_SETTINGS}")
 
 
 _OPEN_LOCK = threading.Lock()
