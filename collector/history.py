@@ -10,7 +10,7 @@ import base64
 import datetime as dt
 import json
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,23 +180,28 @@ class History:
         *,
         workflow_id: str | None = None,
         user_id: str | None = None,
+        types: Collection[str] | None = None,
         limit: int = _MAX_EVENTS,
     ) -> list[dict[str, Any]]:
-        """Events of every execution of a workflow (or user) since a time, for room replay."""
-        if workflow_id is None and user_id is None:
-            raise HistoryError("events_since needs a workflow or a user")
-        scope = (
-            "WorkflowId = {workflow:String}"
-            if workflow_id is not None
-            else "ExecutionId IN (SELECT ExecutionId FROM {db}.workflow_executions FINAL WHERE UserId = {user:String})"
-        )
+        """Events since a time, for room replay: of one workflow's executions, one user's, or
+        (neither given) every execution's; `types` narrows them to those event names."""
+        scopes = ["Timestamp >= {since:DateTime64(9)}"]
+        if workflow_id is not None:
+            scopes.append("WorkflowId = {workflow:String}")
+        if user_id is not None:
+            scopes.append(
+                "ExecutionId IN (SELECT ExecutionId FROM {db}.workflow_executions FINAL WHERE UserId = {user:String})"
+            )
+        if types is not None:
+            scopes.append("EventName IN {types:Array(String)}")
         rows = self._rows(
             "SELECT Seq, EventName, Timestamp, ExecutionId, WorkflowId, WorkflowName, NodeId, NodeType, TraceId,"
-            f" SpanId, Data FROM {{db}}.workflow_events FINAL WHERE {scope} AND Timestamp >= {{since:DateTime64(9)}}"
+            f" SpanId, Data FROM {{db}}.workflow_events FINAL WHERE {' AND '.join(scopes)}"
             " ORDER BY Timestamp, ExecutionId, Seq LIMIT 1 BY ExecutionId, Seq"
             f" LIMIT {max(1, min(limit, _MAX_EVENTS))}",
             workflow=workflow_id or "",
             user=user_id or "",
+            types=sorted(types or ()),
             since=since,
         )
         return [_event(r) for r in rows]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from collector.batcher import Writer
 from collector.history import History
 from collector.service import Collector, CollectorConfig
 from collector.serving import serve_asgi
-from collector.store import background_settings
+from collector.store import Dsn, background_settings
 from flowscope.config import Settings
 from flowscope.runtime import server_runtime
 from ws_bridge.api import Links
@@ -41,7 +42,7 @@ class Endpoints:
 
 
 class Stack:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, writer_factory: Callable[[Dsn, str], Writer] | None = None) -> None:
         self.settings = settings
         self.collector = Collector(
             CollectorConfig(
@@ -55,7 +56,8 @@ class Stack:
                 forward_endpoints=settings.forward_otlp,
                 spool_dir=settings.spool_dir,
                 spool_max_bytes=settings.spool_max_bytes,
-            )
+            ),
+            writer_factory,
         )
         self.bridge: Bridge | None = None
         self.endpoints: Endpoints | None = None

@@ -167,9 +167,11 @@ class Bridge:
         finally:
             self._connections.discard(connection)
 
-    def _history_since(self, since: Any, workflow_id: str | None, user_id: str | None) -> list[dict[str, Any]]:
+    def _history_since(
+        self, since: Any, workflow_id: str | None, user_id: str | None, types: frozenset[str] | None
+    ) -> list[dict[str, Any]]:
         assert self.history is not None
-        return self.history.events_since(since, workflow_id=workflow_id, user_id=user_id)
+        return self.history.events_since(since, workflow_id=workflow_id, user_id=user_id, types=types)
 
     async def aclose(self) -> None:
         if self._otlp is not None:

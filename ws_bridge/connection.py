@@ -49,7 +49,7 @@ class ConnectionLimits:
 
 
 HistoryEvents = Callable[[str, int], list[LiveEvent]]
-HistorySince = Callable[[dt.datetime, str | None, str | None], list[LiveEvent]]
+HistorySince = Callable[[dt.datetime, str | None, str | None, frozenset[str] | None], list[LiveEvent]]
 
 
 class ProtocolError(Exception):
@@ -315,11 +315,13 @@ class Connection:
         since_iso = since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         for room in sub.rooms:
             kind, _, key = room.partition(":")
-            if kind not in ("workflow", "user"):
+            if kind not in ("workflow", "user", "all"):
                 continue
-            workflow_id, user_id = (key, None) if kind == "workflow" else (None, key)
+            # `all` is joined by unrestricted principals only, so its events need no user to be seen.
+            workflow_id = key if kind == "workflow" else None
+            user_id = key if kind == "user" else None
             stored = (
-                await asyncio.to_thread(self._history_since, since, workflow_id, user_id)
+                await asyncio.to_thread(self._history_since, since, workflow_id, user_id, sub.types)
                 if self._history_since is not None
                 else []
             )

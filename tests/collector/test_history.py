@@ -76,6 +76,22 @@ async def test_history_queries(collector: Collector) -> None:
     assert events[-1]["type"] == "workflow.completed"
     assert history.events(ids["daily"][0], from_seq=2, to_seq=3)[-1]["seq"] == 3
 
+    # Replay since a time: one workflow's, one user's, or every execution's; narrowed by event name.
+    hour_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    everything = history.events_since(hour_ago)
+    assert {e["executionId"] for e in everything} == set(ids["daily"] + ids["fragile"])
+    assert [(e["ts"], e["executionId"], e["seq"]) for e in everything] == sorted(
+        (e["ts"], e["executionId"], e["seq"]) for e in everything
+    )
+    ends = history.events_since(hour_ago, types=frozenset({"workflow.completed", "workflow.failed"}))
+    assert sorted((e["executionId"], e["type"]) for e in ends) == sorted(
+        [(x, "workflow.completed") for x in ids["daily"]] + [(x, "workflow.failed") for x in ids["fragile"]]
+    )
+    ana_ends = history.events_since(hour_ago, user_id="ana", types=frozenset({"workflow.completed"}))
+    assert [e["executionId"] for e in ana_ends] == [ids["daily"][1], ids["daily"][3]]
+    assert {e["workflowId"] for e in history.events_since(hour_ago, workflow_id="fragile")} == {"fragile"}
+    assert history.events_since(future) == []
+
     workflows = {w["workflowId"]: w for w in history.workflows()}
     assert workflows["daily"]["runs"] == 5 and workflows["daily"]["succeeded"] == 5
     assert workflows["fragile"]["failed"] == 2

@@ -6,12 +6,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
 from engine import Engine, NodeContext, WorkflowBuilder
+from flowscope.config import Settings
 from flowscope.stack import Stack
 from tests.collector.otlp import otlp_providers
+from tests.collector.test_outage import OutageWriter, outage_factory
 from tests.helpers import Gate
 
 pytestmark = pytest.mark.browser
@@ -140,3 +143,43 @@ async def test_reload_mid_run_resumes_without_gaps(stack: Stack, browser: Browse
     await shot(page, "reloaded")
     await asyncio.to_thread(providers.shutdown)
     await engine.aclose()
+
+
+async def test_list_shows_runs_clickhouse_has_not_stored_yet(chdb_dsn: str, database: str, browser: Browser) -> None:
+    """The list page's history read lags the live stream by the store's write: a run that ended
+    before the page loaded must still show, from the bridge's recent events. ClickHouse is held
+    unreachable here, which makes that window as long as the test needs."""
+    writers: list[OutageWriter] = []
+    settings = Settings(
+        clickhouse_dsn=chdb_dsn, database=database, otlp_grpc_port=0, otlp_http_port=0, http_port=0,
+        flush_interval_s=0.05,
+    )  # fmt: skip
+    async with Stack(settings, outage_factory(writers)).running() as stack:
+        assert stack.endpoints is not None
+        providers = otlp_providers(stack.collector, "grpc")
+        engine = Engine(providers.telemetry())
+        done = await engine.run(WorkflowBuilder("unstored-ok").code("a", quick).build())
+        failing = WorkflowBuilder("unstored-fail").code("a", quick).code("b", explode, depends_on=["a"])
+        failed = await engine.run(failing.build())
+        await asyncio.to_thread(providers.flush)
+        api = f"{stack.endpoints.web}/api/v1/executions"
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(api)).json()["items"] == [], "nothing is stored while ClickHouse is down"
+            page = await browser.new_page()
+            await page.goto(stack.endpoints.web + "/")
+            await page.wait_for_selector(f'tr[data-execution="{failed.execution_id}"][data-status="failure"]')
+            await page.wait_for_selector(f'tr[data-execution="{done.execution_id}"][data-status="success"]')
+            assert "1/1" in (await page.text_content(f'tr[data-execution="{done.execution_id}"]') or "")
+            await shot(page, "list-unstored")
+
+            for writer in writers:
+                writer.down.clear()
+            assert stack.collector.pipeline is not None
+            assert await asyncio.to_thread(stack.collector.pipeline.flush, 30.0)
+            stored = {e["executionId"]: e["status"] for e in (await client.get(api)).json()["items"]}
+            assert stored == {done.execution_id: "success", failed.execution_id: "failure"}
+        await page.reload()
+        await page.wait_for_selector(f'tr[data-execution="{failed.execution_id}"][data-status="failure"]')
+        assert await page.locator("#executions tbody tr").count() == 2, "a run shows once, stored or live"
+        await asyncio.to_thread(providers.shutdown)
+        await engine.aclose()

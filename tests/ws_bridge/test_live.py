@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,8 +11,10 @@ from typing import Any
 import pytest
 
 from engine import Engine, EventType, NodeContext, WorkflowBuilder, WorkflowEvent
+from flowscope.config import Settings
 from flowscope.stack import Stack
 from tests.collector.otlp import OtlpProviders, otlp_providers
+from tests.collector.test_outage import OutageWriter, outage_factory
 from tests.helpers import Gate
 from tests.ws_bridge.conftest import recv_json, recv_until, ws_client, ws_url
 from ws_bridge.client import LiveClient
@@ -196,6 +199,43 @@ async def test_workflow_room_replays_since_and_dedupes(stack: Stack, providers: 
     stack.bridge.hub.publish([{**events[0], "data": {}}])
     assert stack.bridge.hub.duplicates_dropped == before + 1
     await engine.aclose()
+
+
+async def test_all_room_replays_since_from_store_and_memory(chdb_dsn: str, database: str) -> None:
+    """`all` with `since`: stored runs come from ClickHouse, runs not stored yet (ClickHouse
+    unreachable here) from the bridge's recent events, each event once; `types` filters both."""
+    writers: list[OutageWriter] = []
+    settings = Settings(
+        clickhouse_dsn=chdb_dsn, database=database, otlp_grpc_port=0, otlp_http_port=0, http_port=0,
+        flush_interval_s=0.05,
+    )  # fmt: skip
+    async with Stack(settings, outage_factory(writers)).running() as stack:
+        assert stack.collector.pipeline is not None
+        providers = otlp_providers(stack.collector, "grpc")
+        engine = Engine(providers.telemetry())
+        since = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        for writer in writers:
+            writer.down.clear()
+        stored = await engine.run(WorkflowBuilder("stored").code("a", quick).build())
+        await asyncio.to_thread(providers.flush)
+        assert await asyncio.to_thread(stack.collector.pipeline.flush, 30.0)
+        for writer in writers:
+            writer.down.set()
+        unstored = await engine.run(WorkflowBuilder("unstored").code("a", quick).build())
+        await asyncio.to_thread(providers.flush)
+        kinds = ["workflow.started", "workflow.completed"]
+        async with ws_client(ws_url(stack)) as ws:
+            await ws.send(json.dumps({"op": "subscribe", "id": "l", "rooms": ["all"], "since": since, "types": kinds}))
+            messages = await recv_until(ws, lambda m: m.get("type") == "replay.done")
+        replayed = sorted((m["executionId"], m["type"]) for m in messages if m.get("executionId"))
+        assert replayed == sorted((x.execution_id, kind) for x in (stored, unstored) for kind in kinds)
+        assert stack.bridge is not None and stack.bridge.history is not None
+        in_store = stack.bridge.history.events_since(dt.datetime.fromisoformat(since))
+        assert {e["executionId"] for e in in_store} == {stored.execution_id}, "the other run is in memory only"
+        for writer in writers:
+            writer.down.clear()
+        await asyncio.to_thread(providers.shutdown)
+        await engine.aclose()
 
 
 async def test_in_process_events_match_the_wire(stack: Stack, providers: OtlpProviders) -> None:

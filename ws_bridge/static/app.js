@@ -86,19 +86,28 @@ function listView() {
     h("div", { class: "filters" }, workflowFilter, statusFilter),
     h("table", { id: "executions" }, h("thead", {}, h("tr", {}, ["Execution", "Workflow", "Status", "Nodes", "Duration", "Started", "Trigger", "User"].map((t) => h("th", {}, t)))), tbody),
   );
+  // Live rows win over the history API's (which lags the store), field by field.
+  const merge = (base, over) => { for (const [k, v] of Object.entries(over)) if (v !== undefined) base[k] = v; return base; };
   api("/api/v1/executions?limit=100").then(({ status, body }) => {
     if (status !== 200) { app.append(h("p", { class: "error-box" }, body.error || `HTTP ${status}`)); return; }
-    for (const e of body.items) if (!rows.has(e.executionId)) rows.set(e.executionId, e);
+    for (const e of body.items) rows.set(e.executionId, rows.has(e.executionId) ? merge(e, rows.get(e.executionId)) : e);
     render();
   });
-  liveSocket("/ws", (s) => s.send(JSON.stringify({ op: "subscribe", id: "list", rooms: ["all"],
+  // A run that ended just before the page loaded may be past the live stream and not yet in the
+  // store: replay recent events (the bridge keeps recent executions' events in memory), and after
+  // a reconnect everything since the last event seen.
+  let since = new Date(Date.now() - 5 * 60_000).toISOString();
+  liveSocket("/ws", (s) => s.send(JSON.stringify({ op: "subscribe", id: "list", rooms: ["all"], since,
     types: ["workflow.started", "workflow.completed", "workflow.failed", "workflow.cancelled", "execution.progress"] })),
   (msg) => {
     if (!msg.executionId) return;
+    if (msg.ts && msg.ts > since) since = msg.ts;
     const row = rows.get(msg.executionId) || { executionId: msg.executionId, workflowId: msg.workflowId, workflowName: msg.workflowName, status: "running" };
-    if (msg.type === "workflow.started") Object.assign(row, { startTime: msg.ts, totalNodes: msg.data.totalNodes, trigger: msg.data.trigger, userId: msg.data.userId, status: "running" });
-    else if (msg.type === "execution.progress") Object.assign(row, { progress: msg.data.progress, completedNodes: msg.data.completedNodes, totalNodes: msg.data.totalNodes });
-    else if (TERMINAL.has(msg.type)) Object.assign(row, { status: msg.data.result || msg.type.split(".")[1], durationMs: msg.data.durationMs, completedNodes: msg.data.completedNodes });
+    const ended = row.status !== "running" && row.status !== "paused";
+    if (TERMINAL.has(msg.type)) merge(row, { status: msg.data.result || msg.type.split(".")[1], durationMs: msg.data.durationMs, completedNodes: msg.data.completedNodes });
+    else if (ended) return;  // a replayed event older than the end the row already shows
+    else if (msg.type === "workflow.started") merge(row, { startTime: msg.ts, totalNodes: msg.data.totalNodes, trigger: msg.data.trigger, userId: msg.data.userId, status: "running" });
+    else if (msg.type === "execution.progress") merge(row, { progress: msg.data.progress, completedNodes: msg.data.completedNodes, totalNodes: msg.data.totalNodes });
     rows.set(msg.executionId, row);
     render();
   });
