@@ -35,6 +35,16 @@ class SqlError(ValueError):
 
 
 @dataclass(frozen=True)
+class Scope:
+    """What a restricted reader may see: executions of these workflows, of these users, and
+    these executions — any of them."""
+
+    workflows: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    executions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ExecutionQuery:
     workflow_id: str | None = None
     status: str | None = None
@@ -45,6 +55,7 @@ class ExecutionQuery:
     sort: str = "-startTime"
     limit: int = _DEFAULT_PAGE
     cursor: str | None = None
+    scope: Scope | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,16 @@ class History:
             if value is not None:
                 where.append(f"{column} = {{{name}:String}}")
                 params[name] = value
+        if q.scope is not None:
+            where.append(
+                "(WorkflowId IN {scope_workflows:Array(String)} OR UserId IN {scope_users:Array(String)}"
+                " OR ExecutionId IN {scope_executions:Array(String)})"
+            )
+            params.update(
+                scope_workflows=list(q.scope.workflows),
+                scope_users=list(q.scope.users),
+                scope_executions=list(q.scope.executions),
+            )
         if q.since is not None:
             where.append("StartTime >= {since:DateTime64(9)}")
             params["since"] = q.since

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
-from collector.history import ExecutionQuery, History, HistoryError, SqlError
+from collector.history import ExecutionQuery, History, HistoryError, Scope, SqlError
 from ws_bridge.auth import Authenticator, AuthError, Principal
 from ws_bridge.events import user_of_events
 
@@ -58,13 +59,17 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+def _unauthorised(exc: AuthError) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
 def api_routes(history: History | None, auth: Authenticator, links: Links) -> list[Route]:
     def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
                 principal = auth.authenticate(request.headers.get("authorization"), request.query_params.get("token"))
             except AuthError as exc:
-                return JSONResponse({"error": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return _unauthorised(exc)
             if history is None:
                 return _error(503, "history is not available: no ClickHouse store is configured")
             try:
@@ -215,7 +220,23 @@ def api_routes(history: History | None, auth: Authenticator, links: Links) -> li
             return _error(400, str(exc))
         return JSONResponse(result)
 
+    async def me(request: Request) -> Response:
+        """
+        summary: Who the token is, and the rooms that carry every live event it may see
+        responses:
+          200: {description: "{subject, unrestricted, rooms}"}
+          401: {description: missing or invalid credentials}
+        """
+        try:
+            principal = auth.authenticate(request.headers.get("authorization"), request.query_params.get("token"))
+        except AuthError as exc:
+            return _unauthorised(exc)
+        return JSONResponse(
+            {"subject": principal.subject, "unrestricted": principal.unrestricted, "rooms": principal.watched_rooms()}
+        )
+
     return [
+        Route("/api/v1/me", me),
         Route("/api/v1/executions", guarded(list_executions)),
         Route("/api/v1/executions/{execution_id}", guarded(get_execution)),
         Route("/api/v1/executions/{execution_id}/events", guarded(execution_events)),
@@ -233,18 +254,15 @@ def openapi_route(routes: list[Any]) -> Route:
 
 
 def _restrict(query: ExecutionQuery, principal: Principal) -> ExecutionQuery:
+    """A restricted principal lists what its grants cover, all of them at once; filters narrow that."""
     if principal.unrestricted:
         return query
-    workflows = sorted(g.split(":", 1)[1] for g in principal.grants if g.startswith("workflow:"))
-    users = sorted(g.split(":", 1)[1] for g in principal.grants if g.startswith("user:"))
-    # A restricted principal lists within one granted scope; ask for it explicitly when there are several.
-    if query.workflow_id in workflows or query.user_id in users:
-        return query
-    if len(workflows) == 1 and not users:
-        return ExecutionQuery(**{**query.__dict__, "workflow_id": workflows[0]})
-    if len(users) == 1 and not workflows:
-        return ExecutionQuery(**{**query.__dict__, "user_id": users[0]})
-    raise BadRequest("this token covers several scopes: pass workflow= or user= for one you are granted")
+    granted: dict[str, list[str]] = {"workflow": [], "user": [], "execution": []}
+    for room in principal.watched_rooms():
+        kind, _, key = room.partition(":")
+        granted[kind].append(key)
+    scope = Scope(tuple(granted["workflow"]), tuple(granted["user"]), tuple(granted["execution"]))
+    return dataclasses.replace(query, scope=scope)
 
 
 def _visible(principal: Principal, execution: dict[str, Any]) -> bool:

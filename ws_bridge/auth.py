@@ -15,6 +15,8 @@ import jwt
 
 from ws_bridge.types import LiveEvent
 
+_SCOPED = ("workflow", "user", "execution")
+
 
 class AuthError(Exception):
     """Missing or invalid credentials (HTTP 401 / WebSocket close 4401)."""
@@ -38,6 +40,12 @@ class Principal:
             # Which workflow an execution belongs to is known per event: filtered there.
             return bool(self.grants)
         return room in self.grants
+
+    def watched_rooms(self) -> list[str]:
+        """The rooms that together carry every live event this principal may see."""
+        if self.unrestricted:
+            return ["all"]
+        return sorted(g for g in self.grants if g.partition(":")[0] in _SCOPED and g.partition(":")[2])
 
     def may_see(self, event: LiveEvent, user_id: str | None) -> bool:
         if self.unrestricted:

@@ -15,6 +15,7 @@ from flowscope.config import Settings
 from flowscope.stack import Stack
 from tests.collector.otlp import otlp_providers
 from tests.collector.test_outage import OutageWriter, outage_factory
+from tests.conftest import StackFactory
 from tests.helpers import Gate
 
 pytestmark = pytest.mark.browser
@@ -181,5 +182,43 @@ async def test_list_shows_runs_clickhouse_has_not_stored_yet(chdb_dsn: str, data
         await page.reload()
         await page.wait_for_selector(f'tr[data-execution="{failed.execution_id}"][data-status="failure"]')
         assert await page.locator("#executions tbody tr").count() == 2, "a run shows once, stored or live"
+        await asyncio.to_thread(providers.shutdown)
+        await engine.aclose()
+
+
+async def test_a_restricted_viewer_sees_its_runs_live_and_no_others(
+    stack_factory: StackFactory, browser: Browser
+) -> None:
+    tokens = {"tok-ana": ("ana", frozenset({"workflow:granted", "user:ana"}))}
+    async with stack_factory(auth_tokens=tokens) as stack:
+        assert stack.endpoints is not None
+        providers = otlp_providers(stack.collector, "grpc")
+        engine = Engine(providers.telemetry())
+        granted = WorkflowBuilder("granted").code("a", quick).build()
+        other = WorkflowBuilder("other").code("a", quick).build()
+        earlier = await engine.run(granted)
+        hers = await engine.run(other, user_id="ana")
+        await asyncio.to_thread(providers.flush)
+        page = await browser.new_page()
+        await page.goto(stack.endpoints.web + "/?token=tok-ana")
+        await page.wait_for_selector(f'tr[data-execution="{earlier.execution_id}"][data-status="success"]')
+        await page.wait_for_selector(f'tr[data-execution="{hers.execution_id}"][data-status="success"]')
+        await page.wait_for_selector("#conn.live")
+
+        # Runs after the page loaded arrive live: one of each grant, and one neither covers.
+        gate = Gate()
+        running = engine.start(WorkflowBuilder("granted").code("hold", gate).build())
+        unseen = await engine.run(other, user_id="bo")
+        await gate.entered.wait()
+        await asyncio.to_thread(providers.flush)
+        await page.wait_for_selector(f'tr[data-execution="{running.execution_id}"][data-status="running"]')
+        gate.release.set()
+        await running.result()
+        await asyncio.to_thread(providers.flush)
+        await page.wait_for_selector(f'tr[data-execution="{running.execution_id}"][data-status="success"]')
+        await shot(page, "list-restricted")
+        shown = await page.eval_on_selector_all("#executions tbody tr", "rows => rows.map(r => r.dataset.execution)")
+        assert sorted(shown) == sorted([earlier.execution_id, hers.execution_id, running.execution_id])
+        assert unseen.execution_id not in shown
         await asyncio.to_thread(providers.shutdown)
         await engine.aclose()

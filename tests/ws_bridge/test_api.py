@@ -140,3 +140,43 @@ async def test_performance_warning_while_running_and_eta(stack_factory: StackFac
         assert any(isinstance(p["data"]["etaMs"], float) for p in progress)
         await asyncio.to_thread(providers.shutdown)
         await engine.aclose()
+
+
+async def test_a_restricted_token_lists_everything_its_grants_cover(stack_factory: StackFactory) -> None:
+    tokens = {
+        "tok-ana": ("ana", frozenset({"user:ana", "workflow:api-bad", "not-a-room"})),
+        "tok-admin": ("admin", frozenset({"*"})),
+    }
+    async with stack_factory(auth_tokens=tokens) as stack:
+        assert stack.endpoints is not None
+        ok_ids, failed = await run_some(stack)
+        async with httpx.AsyncClient(base_url=stack.endpoints.web) as http:
+            ana = {"Authorization": "Bearer tok-ana"}
+            me = (await http.get("/api/v1/me", headers=ana)).json()
+            assert me == {"subject": "ana", "unrestricted": False, "rooms": ["user:ana", "workflow:api-bad"]}
+            admin = (await http.get("/api/v1/me", params={"token": "tok-admin"})).json()
+            assert admin["rooms"] == ["all"] and admin["unrestricted"] is True
+            assert (await http.get("/api/v1/me")).status_code == 401
+
+            # Two grants, one list: ana's runs of api-ok and every run of api-bad.
+            listed = (await http.get("/api/v1/executions", headers=ana)).json()["items"]
+            assert sorted(e["executionId"] for e in listed) == sorted([*ok_ids, failed])
+            narrowed = (await http.get("/api/v1/executions", params={"workflow": "api-bad"}, headers=ana)).json()
+            assert [e["executionId"] for e in narrowed["items"]] == [failed]
+            # A filter outside the grants finds nothing rather than widening them.
+            other = (await http.get("/api/v1/executions", params={"user": "bo"}, headers=ana)).json()
+            assert other["items"] == []
+
+        providers = otlp_providers(stack.collector, "http")
+        engine = Engine(providers.telemetry())
+        hidden = await engine.run(WorkflowBuilder("api-ok", "API ok").code("a", fine).build(), user_id="bo")
+        await asyncio.to_thread(providers.flush)
+        await asyncio.to_thread(providers.shutdown)
+        await engine.aclose()
+        assert stack.collector.pipeline is not None
+        assert await asyncio.to_thread(stack.collector.pipeline.flush, 30.0)
+        async with httpx.AsyncClient(base_url=stack.endpoints.web) as http:
+            listed = (await http.get("/api/v1/executions", headers=ana)).json()["items"]
+            everything = (await http.get("/api/v1/executions", headers={"Authorization": "Bearer tok-admin"})).json()
+        assert hidden.execution_id not in {e["executionId"] for e in listed}
+        assert hidden.execution_id in {e["executionId"] for e in everything["items"]}

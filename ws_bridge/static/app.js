@@ -97,9 +97,16 @@ function listView() {
   // store: replay recent events (the bridge keeps recent executions' events in memory), and after
   // a reconnect everything since the last event seen.
   let since = new Date(Date.now() - 5 * 60_000).toISOString();
-  liveSocket("/ws", (s) => s.send(JSON.stringify({ op: "subscribe", id: "list", rooms: ["all"], since,
-    types: ["workflow.started", "workflow.completed", "workflow.failed", "workflow.cancelled", "execution.progress"] })),
-  (msg) => {
+  const types = ["workflow.started", "workflow.completed", "workflow.failed", "workflow.cancelled", "execution.progress"];
+  // An unrestricted token watches `all`; a restricted one the rooms of its grants, 16 to a subscription.
+  api("/api/v1/me").then(({ status, body }) => {
+    if (status !== 200) return;  // the list request above shows what was wrong
+    const subscriptions = [];
+    for (let i = 0; i < body.rooms.length && subscriptions.length < 16; i += 16) subscriptions.push(body.rooms.slice(i, i + 16));
+    if (subscriptions.length) liveSocket("/ws", (s) => subscriptions.forEach((rooms, i) =>
+      s.send(JSON.stringify({ op: "subscribe", id: `list-${i}`, rooms, since, types }))), onEvent);
+  });
+  function onEvent(msg) {
     if (!msg.executionId) return;
     if (msg.ts && msg.ts > since) since = msg.ts;
     const row = rows.get(msg.executionId) || { executionId: msg.executionId, workflowId: msg.workflowId, workflowName: msg.workflowName, status: "running" };
@@ -110,7 +117,7 @@ function listView() {
     else if (msg.type === "execution.progress") merge(row, { progress: msg.data.progress, completedNodes: msg.data.completedNodes, totalNodes: msg.data.totalNodes });
     rows.set(msg.executionId, row);
     render();
-  });
+  }
 }
 
 // ---------------------------------------------------------------- one execution
