@@ -59,6 +59,7 @@ StackFactory = Callable[..., AbstractAsyncContextManager[Stack]]
 def stack_factory(chdb_dsn: str, database: str) -> StackFactory:
     @contextlib.asynccontextmanager
     async def make(**overrides: Any) -> AsyncIterator[Stack]:
+        writer_factory = overrides.pop("writer_factory", None)
         settings = Settings(
             clickhouse_dsn=chdb_dsn,
             database=database,
@@ -67,7 +68,7 @@ def stack_factory(chdb_dsn: str, database: str) -> StackFactory:
             http_port=0,
             flush_interval_s=0.05,
         ).with_overrides(**overrides)
-        async with Stack(settings).running() as stack:
+        async with Stack(settings, writer_factory).running() as stack:
             yield stack
 
     return make

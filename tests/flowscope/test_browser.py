@@ -11,7 +11,6 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
 from engine import Engine, NodeContext, WorkflowBuilder
-from flowscope.config import Settings
 from flowscope.stack import Stack
 from tests.collector.otlp import otlp_providers
 from tests.collector.test_outage import OutageWriter, outage_factory
@@ -146,16 +145,12 @@ async def test_reload_mid_run_resumes_without_gaps(stack: Stack, browser: Browse
     await engine.aclose()
 
 
-async def test_list_shows_runs_clickhouse_has_not_stored_yet(chdb_dsn: str, database: str, browser: Browser) -> None:
+async def test_list_shows_runs_clickhouse_has_not_stored_yet(stack_factory: StackFactory, browser: Browser) -> None:
     """The list page's history read lags the live stream by the store's write: a run that ended
     before the page loaded must still show, from the bridge's recent events. ClickHouse is held
     unreachable here, which makes that window as long as the test needs."""
     writers: list[OutageWriter] = []
-    settings = Settings(
-        clickhouse_dsn=chdb_dsn, database=database, otlp_grpc_port=0, otlp_http_port=0, http_port=0,
-        flush_interval_s=0.05,
-    )  # fmt: skip
-    async with Stack(settings, outage_factory(writers)).running() as stack:
+    async with stack_factory(writer_factory=outage_factory(writers)) as stack:
         assert stack.endpoints is not None
         providers = otlp_providers(stack.collector, "grpc")
         engine = Engine(providers.telemetry())

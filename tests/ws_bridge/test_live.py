@@ -11,12 +11,11 @@ from typing import Any
 import pytest
 
 from engine import Engine, EventType, NodeContext, WorkflowBuilder, WorkflowEvent
-from flowscope.config import Settings
 from flowscope.stack import Stack
 from tests.collector.otlp import OtlpProviders, otlp_providers
 from tests.collector.test_outage import OutageWriter, outage_factory
 from tests.helpers import Gate
-from tests.ws_bridge.conftest import recv_json, recv_until, ws_client, ws_url
+from tests.ws_bridge.conftest import StackFactory, recv_json, recv_until, ws_client, ws_url
 from ws_bridge.client import LiveClient
 
 TERMINAL = {"workflow.completed", "workflow.failed", "workflow.cancelled"}
@@ -201,15 +200,11 @@ async def test_workflow_room_replays_since_and_dedupes(stack: Stack, providers: 
     await engine.aclose()
 
 
-async def test_all_room_replays_since_from_store_and_memory(chdb_dsn: str, database: str) -> None:
+async def test_all_room_replays_since_from_store_and_memory(stack_factory: StackFactory) -> None:
     """`all` with `since`: stored runs come from ClickHouse, runs not stored yet (ClickHouse
     unreachable here) from the bridge's recent events, each event once; `types` filters both."""
     writers: list[OutageWriter] = []
-    settings = Settings(
-        clickhouse_dsn=chdb_dsn, database=database, otlp_grpc_port=0, otlp_http_port=0, http_port=0,
-        flush_interval_s=0.05,
-    )  # fmt: skip
-    async with Stack(settings, outage_factory(writers)).running() as stack:
+    async with stack_factory(writer_factory=outage_factory(writers)) as stack:
         assert stack.collector.pipeline is not None
         providers = otlp_providers(stack.collector, "grpc")
         engine = Engine(providers.telemetry())
