@@ -257,11 +257,12 @@ def _restrict(query: ExecutionQuery, principal: Principal) -> ExecutionQuery:
     """A restricted principal lists what its grants cover, all of them at once; filters narrow that."""
     if principal.unrestricted:
         return query
-    granted: dict[str, list[str]] = {"workflow": [], "user": [], "execution": []}
-    for room in principal.watched_rooms():
-        kind, _, key = room.partition(":")
-        granted[kind].append(key)
-    scope = Scope(tuple(granted["workflow"]), tuple(granted["user"]), tuple(granted["execution"]))
+    rooms = principal.watched_rooms()
+
+    def keys(kind: str) -> tuple[str, ...]:
+        return tuple(r.partition(":")[2] for r in rooms if r.startswith(f"{kind}:"))
+
+    scope = Scope(keys("workflow"), keys("user"), keys("execution"))
     return dataclasses.replace(query, scope=scope)
 
 

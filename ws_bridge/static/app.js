@@ -94,17 +94,21 @@ function listView() {
     render();
   });
   // A run that ended just before the page loaded may be past the live stream and not yet in the
-  // store: replay recent events (the bridge keeps recent executions' events in memory), and after
-  // a reconnect everything since the last event seen.
-  let since = new Date(Date.now() - 5 * 60_000).toISOString();
-  const types = ["workflow.started", "workflow.completed", "workflow.failed", "workflow.cancelled", "execution.progress"];
-  // An unrestricted token watches `all`; a restricted one the rooms of its grants, 16 to a subscription.
+  // store (whose lag is seconds): replay the last 30 s of run events (the bridge keeps recent
+  // executions' events in memory too), and after a reconnect everything since the last event seen.
+  // Progress is live only: replaying it would crowd run events out of a replay's 10,000-event cap.
+  let since = new Date(Date.now() - 30_000).toISOString();
+  const runTypes = ["workflow.started", "workflow.completed", "workflow.failed", "workflow.cancelled"];
+  // An unrestricted token watches `all`; a restricted one the rooms of its grants, 16 to a
+  // subscription, two subscriptions (runs, progress) per 16 rooms within the 16 a connection may hold.
   api("/api/v1/me").then(({ status, body }) => {
     if (status !== 200) return;  // the list request above shows what was wrong
-    const subscriptions = [];
-    for (let i = 0; i < body.rooms.length && subscriptions.length < 16; i += 16) subscriptions.push(body.rooms.slice(i, i + 16));
-    if (subscriptions.length) liveSocket("/ws", (s) => subscriptions.forEach((rooms, i) =>
-      s.send(JSON.stringify({ op: "subscribe", id: `list-${i}`, rooms, since, types }))), onEvent);
+    const groups = [];
+    for (let i = 0; i < body.rooms.length && groups.length < 8; i += 16) groups.push(body.rooms.slice(i, i + 16));
+    if (groups.length) liveSocket("/ws", (s) => groups.forEach((rooms, i) => {
+      s.send(JSON.stringify({ op: "subscribe", id: `runs-${i}`, rooms, since, types: runTypes }));
+      s.send(JSON.stringify({ op: "subscribe", id: `progress-${i}`, rooms, types: ["execution.progress"] }));
+    }), onEvent);
   });
   function onEvent(msg) {
     if (!msg.executionId) return;
