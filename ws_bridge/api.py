@@ -59,18 +59,14 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _unauthorised(exc: AuthError) -> JSONResponse:
-    return JSONResponse({"error": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-
-
 def api_routes(history: History | None, auth: Authenticator, links: Links) -> list[Route]:
-    def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    def guarded(handler: Handler, needs_history: bool = True) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
                 principal = auth.authenticate(request.headers.get("authorization"), request.query_params.get("token"))
             except AuthError as exc:
-                return _unauthorised(exc)
-            if history is None:
+                return JSONResponse({"error": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            if needs_history and history is None:
                 return _error(503, "history is not available: no ClickHouse store is configured")
             try:
                 return await handler(request, principal)
@@ -220,23 +216,19 @@ def api_routes(history: History | None, auth: Authenticator, links: Links) -> li
             return _error(400, str(exc))
         return JSONResponse(result)
 
-    async def me(request: Request) -> Response:
+    async def me(request: Request, principal: Principal) -> Response:
         """
         summary: Who the token is, and the rooms that carry every live event it may see
         responses:
           200: {description: "{subject, unrestricted, rooms}"}
           401: {description: missing or invalid credentials}
         """
-        try:
-            principal = auth.authenticate(request.headers.get("authorization"), request.query_params.get("token"))
-        except AuthError as exc:
-            return _unauthorised(exc)
         return JSONResponse(
             {"subject": principal.subject, "unrestricted": principal.unrestricted, "rooms": principal.watched_rooms()}
         )
 
     return [
-        Route("/api/v1/me", me),
+        Route("/api/v1/me", guarded(me, needs_history=False)),
         Route("/api/v1/executions", guarded(list_executions)),
         Route("/api/v1/executions/{execution_id}", guarded(get_execution)),
         Route("/api/v1/executions/{execution_id}/events", guarded(execution_events)),
