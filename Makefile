@@ -4,12 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test lint demo up bench clean
+.PHONY: setup test test-fast lint demo up bench clean constraints
 
-$(STAMP): pyproject.toml
+# constraints.txt holds the versions the suite was last run green with (`make constraints` renews it).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,8 +23,17 @@ lint: $(STAMP)
 test: $(STAMP)
 	scripts/ensure-chromium
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# The edit loop: no browser, nothing marked slow, stop at the first failure.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -x -q -m "not browser and not slow"
+
+constraints:
+	$(BIN)/pip freeze --exclude-editable | grep -v '^flowscope' > constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/flowscope demo
