@@ -4,6 +4,12 @@ Both hand parsed requests to one consumer and map its outcome onto the codes
 OTLP clients act on: permanent errors (bad data) → INVALID_ARGUMENT / 400,
 never retried; transient ones (queue full, storage down) → UNAVAILABLE / 503
 with a retry hint, retried by every OTLP exporter.
+
+With an `authorize` hook, every request's `Authorization` header (gRPC metadata
+`authorization`, as OTEL_EXPORTER_OTLP_HEADERS sends it) is checked before its body
+is read: missing or invalid credentials → UNAUTHENTICATED / 401, credentials that
+may not write → PERMISSION_DENIED / 403. Who may write is the caller's business
+(the bridge's tokens: flowscope/stack.py); this package only asks.
 """
 
 from __future__ import annotations
@@ -88,6 +94,18 @@ class RejectedError(ValueError):
     """Nothing in the request could be accepted."""
 
 
+class Unauthenticated(Exception):
+    """No credentials, or credentials nobody issued."""
+
+
+class Forbidden(Exception):
+    """Valid credentials without the right to write telemetry."""
+
+
+# Takes the request's Authorization header (None when absent); raises Unauthenticated or Forbidden.
+Authorize = Callable[[str | None], None]
+
+
 def build_response(spec: SignalSpec, converted: Converted) -> Message:
     if converted.rejected and not converted.accepted:
         raise RejectedError("; ".join(converted.reasons) or "every item was invalid")
@@ -114,13 +132,21 @@ class GrpcReceiver:
         max_message_bytes: int | None = None,
         max_workers: int = 8,
         counters: Callable[[Signal, str], None] | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         self._consume = consume
         self._count_refusal = counters or (lambda signal, reason: None)
+        self._authorize = authorize
         limit = max_message_bytes or _DEFAULT_MAX_MESSAGE_BYTES
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="otlp-grpc"),
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # gRPC binds with SO_REUSEPORT by default: a second collector on the same port
+                # would start and silently take half the traffic instead of failing.
+                ("grpc.so_reuseport", 0),
+            ],
         )
         for spec in SPECS.values():
             handler = grpc.unary_unary_rpc_method_handler(
@@ -138,6 +164,8 @@ class GrpcReceiver:
 
     def _handler(self, spec: SignalSpec) -> Callable[[bytes, grpc.ServicerContext], Message]:
         def export(raw: bytes, context: grpc.ServicerContext) -> Message:
+            if self._authorize is not None:
+                self._check(spec, context)
             try:
                 request = spec.request.FromString(raw)
             except DecodeError as exc:
@@ -153,6 +181,18 @@ class GrpcReceiver:
             raise AssertionError("unreachable: abort raises")
 
         return export
+
+    def _check(self, spec: SignalSpec, context: grpc.ServicerContext) -> None:
+        assert self._authorize is not None
+        header = next((str(v) for k, v in context.invocation_metadata() if k == "authorization"), None)
+        try:
+            self._authorize(header)
+        except Unauthenticated as exc:
+            self._count_refusal(spec.signal, "unauthenticated")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except Forbidden as exc:
+            self._count_refusal(spec.signal, "forbidden")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
 
     def start(self) -> None:
         self._server.start()
@@ -178,6 +218,7 @@ def http_routes(
     *,
     max_message_bytes: int | None = None,
     count_refusal: Callable[[Signal, str], None] | None = None,
+    authorize: Authorize | None = None,
 ) -> list[Route]:
     """Starlette routes for OTLP/HTTP; mount them in any app (the collector's or the bridge's)."""
     limit = max_message_bytes or _DEFAULT_MAX_MESSAGE_BYTES
@@ -186,6 +227,13 @@ def http_routes(
     def endpoint(spec: SignalSpec) -> Callable[[Request], Any]:
         async def export(request: Request) -> Response:
             content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if authorize is not None:
+                refusal = _refusal(authorize, request.headers.get("authorization"))
+                if refusal is not None:
+                    refuse(spec.signal, "unauthenticated" if refusal[0] == 401 else "forbidden")
+                    answer = content_type if content_type in (_PROTOBUF, _JSON) else _JSON
+                    challenge = {"WWW-Authenticate": 'Bearer realm="otlp"'} if refusal[0] == 401 else None
+                    return _status(refusal[0], refusal[1], answer, headers=challenge)
             if content_type not in (_PROTOBUF, _JSON):
                 refuse(spec.signal, "unsupported_media_type")
                 return _status(415, f"unsupported content type {content_type!r}: use {_PROTOBUF} or {_JSON}", _JSON)
@@ -224,6 +272,16 @@ def http_routes(
         Route(f"/v1/{signal.value}", endpoint(spec), methods=["POST"], name=f"otlp_{signal.value}")
         for signal, spec in SPECS.items()
     ]
+
+
+def _refusal(authorize: Authorize, header: str | None) -> tuple[int, str] | None:
+    try:
+        authorize(header)
+    except Unauthenticated as exc:
+        return 401, str(exc)
+    except Forbidden as exc:
+        return 403, str(exc)
+    return None
 
 
 class _BadEncoding(ValueError):
@@ -266,6 +324,8 @@ def _encode(message: Message, content_type: str, status_code: int, headers: dict
 def _status(code: int, message: str, content_type: str, headers: dict[str, str] | None = None) -> Response:
     rpc_code = {
         400: code_pb2.INVALID_ARGUMENT,
+        401: code_pb2.UNAUTHENTICATED,
+        403: code_pb2.PERMISSION_DENIED,
         413: code_pb2.INVALID_ARGUMENT,
         415: code_pb2.INVALID_ARGUMENT,
         429: code_pb2.RESOURCE_EXHAUSTED,

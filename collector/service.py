@@ -15,9 +15,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from collector.admission import TimeWindow, admitting
 from collector.batcher import Pipeline, Writer
 from collector.forward import OtlpForwarder
-from collector.receiver import GrpcReceiver, http_routes
+from collector.receiver import Authorize, Consume, GrpcReceiver, http_routes
 from collector.schema import SchemaOptions
 from collector.serving import serve_asgi
 from collector.spool import Spool
@@ -46,6 +47,10 @@ class CollectorConfig:
     # Write-ahead spool: acknowledged requests are fsync'd here until written. None = off.
     spool_dir: Path | None = None
     spool_max_bytes: int | None = None
+    # Checks each OTLP request's Authorization header (collector.receiver); None = open.
+    authorize: Authorize | None = None
+    # Records stamped outside it are refused (collector/admission.py).
+    time_window: TimeWindow = field(default_factory=TimeWindow)
 
 
 class Collector:
@@ -100,11 +105,12 @@ class Collector:
             if self.replayed:
                 logger.warning("replaying %d spooled requests into ClickHouse", self.replayed)
         self._grpc = GrpcReceiver(
-            self.pipeline.consume,
+            self._consume,
             host=self.config.host,
             port=self.config.grpc_port,
             max_message_bytes=self.config.max_message_bytes,
             counters=self._count_refusal,
+            authorize=self.config.authorize,
         )
         self._grpc.start()
         self.grpc_port = self._grpc.port
@@ -123,15 +129,26 @@ class Collector:
     def _count_refusal(self, signal: Signal, reason: str) -> None:
         self.metrics.refused.labels(signal.value, reason).inc()
 
+    def _count_inadmissible(self, signal: Signal, count: int) -> None:
+        self.metrics.received.labels(signal.value).inc(count)
+        self.metrics.rejected.labels(signal.value, "inadmissible").inc(count)
+
+    @property
+    def _consume(self) -> Consume:
+        if self.pipeline is None:
+            raise RuntimeError("Expected a started collector, but got one not started")
+        return admitting(self.pipeline.consume, self.config.time_window, self._count_inadmissible)
+
     def routes(self) -> list[Route]:
         """OTLP/HTTP plus /metrics, /healthz, /readyz — mountable into another app."""
         if self.pipeline is None:
             raise RuntimeError("Expected a started collector, but got one not started")
         return [
             *http_routes(
-                self.pipeline.consume,
+                self._consume,
                 max_message_bytes=self.config.max_message_bytes,
                 count_refusal=self._count_refusal,
+                authorize=self.config.authorize,
             ),
             Route("/healthz", self._healthz),
             *self.ops_routes(),

@@ -4,6 +4,7 @@ requests round-trip into rows."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import httpx
@@ -22,6 +23,9 @@ from collector.service import Collector
 from tests.collector.test_end_to_end import query
 
 text = st.text(max_size=40)
+# Within the collector's default time window (collector/admission.py): a year back, a day ahead.
+_NOW = time.time_ns()
+stamps = st.integers(_NOW - 300 * 86_400 * 10**9, _NOW + 3_600 * 10**9)
 scalar = st.one_of(
     text.map(lambda s: AnyValue(string_value=s)),
     st.integers(-(2**63), 2**63 - 1).map(lambda i: AnyValue(int_value=i)),
@@ -39,8 +43,8 @@ spans = st.builds(
     span_id=span_id,
     name=text,
     kind=st.integers(0, 5),
-    start_time_unix_nano=st.integers(1_600_000_000_000_000_000, 1_900_000_000_000_000_000),
-    end_time_unix_nano=st.integers(1_600_000_000_000_000_000, 1_900_000_000_000_000_000),
+    start_time_unix_nano=stamps,
+    end_time_unix_nano=stamps,
     attributes=attributes,
 )
 trace_requests = st.lists(spans, min_size=1, max_size=8).map(
@@ -48,7 +52,7 @@ trace_requests = st.lists(spans, min_size=1, max_size=8).map(
 )
 records = st.builds(
     LogRecord,
-    time_unix_nano=st.integers(1_600_000_000_000_000_000, 1_900_000_000_000_000_000),
+    time_unix_nano=stamps,
     body=value,
     attributes=attributes,
     event_name=text,
