@@ -8,20 +8,20 @@ dropped silently.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import random
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from collector.convert import CONVERTERS, REQUESTS, Columns, Converted
-from collector.intake import FAST_PATHS, INTAKES
-from collector.spool import Spool, SpoolFull
+from collector.convert import CONVERTERS, REQUESTS, Converted
+from collector.dead_letter import DeadLetterStore
+from collector.intake import FAST_PATHS
+from collector.isolation import Entry, Isolation, Piece, Stopped, Writer, round_pieces
+from collector.spool import Spool, SpoolFull, SpoolUnwritable
 from collector.telemetry import SelfMetrics
 from collector.types import Signal, StreamSubscriber, Unsubscribe
 
@@ -32,10 +32,15 @@ _DEFAULT_MAX_BATCH_ROWS = 20_000
 _DEFAULT_FLUSH_INTERVAL_S = 1.0
 _RETRY_INITIAL_S = 0.1
 _RETRY_MAX_S = 5.0
-# A batch ClickHouse keeps refusing for reasons other than reachability is
-# poison (a bug, not an outage): after this many attempts it is dropped and counted.
-_MAX_POISON_ATTEMPTS = 8
 _RECENT_REQUESTS = 50_000
+# Not ready once this many writes in a row failed, or no write completed for this long
+# (at least) while rows wait.
+_FAILED_WRITES_NOT_READY = 3
+_DEFAULT_STALL_AFTER_S = 30.0
+# A spool write refused this recently still makes the collector not ready.
+_SPOOL_REFUSAL_MEMORY_S = 5.0
+
+__all__ = ["Backpressure", "Entry", "Pipeline", "Writer"]
 
 
 class Backpressure(Exception):
@@ -47,37 +52,13 @@ class Backpressure(Exception):
         super().__init__(reason)
 
 
-class Writer(Protocol):
-    def insert(self, columns: Columns, dedup_token: str | None = None) -> None: ...
-
-    def insert_otlp(
-        self, payloads: list[bytes], dedup_token: str | None = None, signal: Signal = Signal.TRACES
-    ) -> None: ...
-
-    def is_transient(self, error: Exception) -> bool: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass
-class Entry:
-    """The rows of one accepted request, with its spool (or intake) sequence number: converted
-    to columns, or, for valid trace and log requests, its protobuf bytes for ClickHouse to convert."""
-
-    seq: int
-    tables: list[Columns]
-    rows: int
-    otlp: bytes = b""
-    signal: Signal = Signal.TRACES
-
-
 @dataclass
 class _Round:
     """Entries written together. Its composition never changes once formed, so the insert
     deduplication tokens derived from it stay valid across retries and restarts."""
 
     entries: list[Entry]
-    done: set[tuple[str, int]] = field(default_factory=set)
+    done: set[str] = field(default_factory=set)  # keys of the pieces already settled
 
     @property
     def first(self) -> int:
@@ -102,9 +83,13 @@ class Pipeline:
         max_batch_rows: int | None = None,
         flush_interval_s: float | None = None,
         spool: Spool | None = None,
+        dead_letters: DeadLetterStore | None = None,
+        stall_after_s: float | None = None,
     ) -> None:
         self._writer = writer
         self.metrics = metrics or SelfMetrics()
+        self.dead_letters = dead_letters or DeadLetterStore(None, self.metrics)
+        self._isolation = Isolation(self._write_with_retry, self.dead_letters, self.metrics)
         self.max_queue_rows = max_queue_rows or _DEFAULT_MAX_QUEUE_ROWS
         self.max_batch_rows = max_batch_rows or _DEFAULT_MAX_BATCH_ROWS
         self.flush_interval_s = _DEFAULT_FLUSH_INTERVAL_S if flush_interval_s is None else flush_interval_s
@@ -119,6 +104,11 @@ class Pipeline:
         self._closing = False
         self._store_ok = True
         self._last_error: str | None = None
+        self._failed_writes = 0  # in a row
+        # When rows last started waiting with none written since (None: nothing waits).
+        self._waiting_since: float | None = None
+        self.stall_after_s = stall_after_s or max(_DEFAULT_STALL_AFTER_S, 10 * self.flush_interval_s)
+        self._spool_refused: tuple[float, str] | None = None
         self._flush_requested = False
         # Spilling: once memory is full, records live only in the spool until the writer
         # reads them back, oldest first, [spill_next, spill_last].
@@ -169,6 +159,7 @@ class Pipeline:
                 seq = self._seq
             self._incoming.append(Entry(seq, converted.tables, rows, payload if otlp else b"", signal))
             self._incoming_rows += rows
+            self._mark_waiting()
             self._queued_rows += rows
             self.metrics.queue_rows.set(self._queued_rows)
             self.metrics.accepted.labels(signal.value).inc(converted.accepted)
@@ -176,8 +167,27 @@ class Pipeline:
             if self._incoming_rows >= self.max_batch_rows:
                 self._cond.notify_all()
         if self.spool is not None:
-            self.spool.wait_durable(seq)
+            self._wait_durable(signal, seq)
         return converted
+
+    def _wait_durable(self, signal: Signal, seq: int) -> None:
+        """A request whose fsync failed is refused (retryable). It stays queued and is
+        written; the client's retry is then recognised as a duplicate and not stored again."""
+        assert self.spool is not None
+        try:
+            self.spool.wait_durable(seq)
+        except SpoolUnwritable as exc:
+            raise self._spool_refusal(signal, exc) from exc
+
+    def _spool_refusal(self, signal: Signal, exc: Exception) -> Backpressure:
+        self._spool_refused = (time.monotonic(), str(exc))
+        self.metrics.refused.labels(signal.value, "spool_unwritable").inc()
+        logger.warning("refusing a request: %s", exc)
+        return Backpressure(str(exc), retry_after_s=2.0)
+
+    def _mark_waiting(self) -> None:
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
 
     def _fan_out(self, signal: Signal, request: Any) -> None:
         """Called with the lock held: subscribers see requests in acceptance order."""
@@ -196,6 +206,8 @@ class Pipeline:
         except SpoolFull as exc:
             self.metrics.refused.labels(signal.value, "spool_full").inc()
             raise Backpressure(str(exc)) from exc
+        except SpoolUnwritable as exc:
+            raise self._spool_refusal(signal, exc) from exc
         self._remember(digest)
         return seq
 
@@ -215,12 +227,13 @@ class Pipeline:
         if not self._spilling:
             self._spill_next = seq
         self._spill_last = seq
+        self._mark_waiting()
         self.metrics.accepted.labels(signal.value).inc(converted.accepted)
         self.metrics.spilled.inc()
         self._fan_out(signal, request)
         self._cond.release()
         try:
-            self.spool.wait_durable(seq)
+            self._wait_durable(signal, seq)
         finally:
             self._cond.acquire()
         return converted
@@ -237,6 +250,7 @@ class Pipeline:
                 self._spill_next = checkpoint.written + 1
                 self._spill_last = self.spool.last_seq
                 self._spill_inflight = checkpoint.inflight
+                self._mark_waiting()
                 self._cond.notify_all()
             return max(0, self.spool.last_seq - checkpoint.written)
 
@@ -289,6 +303,32 @@ class Pipeline:
     @property
     def last_error(self) -> str | None:
         return self._last_error
+
+    @property
+    def writer_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def problems(self) -> list[str]:
+        """Why this collector should not be sent traffic now; empty when ready."""
+        out: list[str] = []
+        now = time.monotonic()
+        if not self._thread.is_alive() and not self._closing:
+            out.append("writer thread stopped")
+        if not self._store_ok:
+            out.append(f"storage unavailable: {self._last_error}")
+        elif self._failed_writes >= _FAILED_WRITES_NOT_READY:
+            out.append(f"the last {self._failed_writes} writes failed: {self._last_error}")
+        since = self._waiting_since
+        if since is not None and now - since > self.stall_after_s and (self._queued_rows > 0 or self._spilling):
+            out.append(f"writing stalled: nothing written for {now - since:.0f}s while rows wait")
+        refused = self._spool_refused
+        if refused is not None and now - refused[0] <= _SPOOL_REFUSAL_MEMORY_S:
+            out.append(refused[1])
+        if self.spool is not None and self.spool.size_bytes >= 0.9 * self.spool.max_bytes:
+            out.append(f"spool nearly full ({self.spool.size_bytes} of {self.spool.max_bytes} bytes)")
+        if self._queued_rows >= 0.9 * self.max_queue_rows:
+            out.append(f"queue nearly full ({self._queued_rows} of {self.max_queue_rows} rows)")
+        return out
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Write everything queued now; True when the queue emptied within the timeout."""
@@ -349,93 +389,101 @@ class Pipeline:
             return None, self._closing
 
     def _run(self) -> None:
+        """The writer thread. Nothing may end it but shutdown: an unexpected error (the spool's
+        disk refusing a checkpoint, a bug) is logged and counted, and the loop goes on after a pause."""
         next_flush = time.monotonic() + self.flush_interval_s
+        delay = _RETRY_INITIAL_S
         while True:
-            current, closing = self._next_round(next_flush)
-            next_flush = time.monotonic() + self.flush_interval_s
-            if current is None:
-                if closing:
+            try:
+                if self._step(next_flush):
                     return
-                continue
-            if not self._write_round(current):
+                delay = _RETRY_INITIAL_S
+            except Exception as exc:
+                self.metrics.writer_errors.inc()
+                self._note_failure(exc)
+                logger.exception("writer error; retrying in %.1fs", delay)
+                if self._closing and time.monotonic() >= self._drain_deadline:
+                    return
                 with self._cond:
-                    self._rounds.appendleft(current)
-                if closing or self._closing:
-                    return
+                    self._cond.wait(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, _RETRY_MAX_S)
+            next_flush = time.monotonic() + self.flush_interval_s
+
+    def _step(self, next_flush: float) -> bool:
+        """Write one round; True when the writer is done (shut down)."""
+        current, closing = self._next_round(next_flush)
+        if current is None:
+            return closing
+        try:
+            written = self._write_round(current)
+        except BaseException:
+            self._requeue(current)
+            raise
+        if not written:
+            self._requeue(current)
+            return closing or self._closing
+        return False
+
+    def _requeue(self, current: _Round) -> None:
+        with self._cond:
+            self._rounds.appendleft(current)
 
     def _write_round(self, current: _Round) -> bool:
+        """True once every piece is settled (written, or isolated and dead-lettered)."""
         if self.spool is not None:
             self.spool.mark_inflight(current.first, current.last)
-        merged: dict[str, Columns] = {}
-        otlp: dict[Signal, list[Entry]] = {}
-        for entry in current.entries:
-            if entry.otlp:
-                otlp.setdefault(entry.signal, []).append(entry)
-            for columns in entry.tables:
-                target = merged.get(columns.table)
-                if target is None:
-                    merged[columns.table] = target = Columns(columns.table, columns.names)
-                target.extend(columns)
-        # (insert target, chunk index, table the rows land in, rows, the insert)
-        writes: list[tuple[str, int, str, int, Callable[[str | None], None]]] = [
-            (table, index, table, chunk.rows, functools.partial(self._writer.insert, chunk))
-            for table in sorted(merged)
-            for index, chunk in enumerate(merged[table].split(self.max_batch_rows))
-        ]
-        for signal, entries in sorted(otlp.items()):
-            intake = INTAKES[signal]
-            insert = functools.partial(self._writer.insert_otlp, [e.otlp for e in entries], signal=signal)
-            writes.append((intake.table, 0, intake.target, sum(e.rows for e in entries), insert))
-        for into, index, table, rows, write in writes:
-            if (into, index) in current.done:
-                continue
-            token = f"{current.first}-{current.last}:{into}:{index}" if self.spool is not None else None
-            if not self._write_with_retry(table, rows, write, token):
-                return False
-            current.done.add((into, index))
+        token_prefix = f"{current.first}-{current.last}" if self.spool is not None else None
+        try:
+            for piece in round_pieces(current.entries, self.max_batch_rows):
+                self._isolation.settle(piece, current.done, token_prefix)
+        except Stopped:
+            return False
+        if self.spool is not None:
+            self.spool.mark_written(current.last)
         with self._cond:
             self._queued_rows -= current.rows
             self.metrics.queue_rows.set(self._queued_rows)
+            self._waiting_since = time.monotonic() if self._queued_rows > 0 or self._spilling else None
             self._cond.notify_all()
-        if self.spool is not None:
-            self.spool.mark_written(current.last)
         return True
 
-    def _write_with_retry(self, table: str, rows: int, write: Callable[[str | None], None], token: str | None) -> bool:
-        """True when the chunk is done with (written, or dropped as poison and counted)."""
+    def _write_with_retry(self, piece: Piece, token: str | None) -> Exception | None:
+        """None once written; the error when ClickHouse refuses it for good. Transient
+        failures are retried (backing off) until they pass or shutdown's deadline: Stopped."""
         delay = _RETRY_INITIAL_S
-        poison_attempts = 0
         while True:
             started = time.perf_counter()
             try:
-                write(token)
+                piece.write(self._writer, token)
             except Exception as exc:
-                self.metrics.insert_errors.labels(table).inc()
-                self._last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                if self._writer.is_transient(exc):
-                    if self._store_ok:
-                        logger.warning("ClickHouse unavailable, retrying: %s", self._last_error)
-                    self._store_ok = False
-                else:
-                    poison_attempts += 1
-                    logger.exception("ClickHouse refused %d rows for %s", rows, table)
-                    if poison_attempts >= _MAX_POISON_ATTEMPTS:
-                        self.metrics.dropped.labels(table).inc(rows)
-                        return True
+                self.metrics.insert_errors.labels(piece.table).inc()
+                self._note_failure(exc)
+                if not self._writer.is_transient(exc):
+                    logger.warning("ClickHouse refused %d rows for %s: %s", piece.rows, piece.table, self._last_error)
+                    return exc
+                if self._store_ok:
+                    logger.warning("ClickHouse unavailable, retrying: %s", self._last_error)
+                self._store_ok = False
                 if self._closing and time.monotonic() >= self._drain_deadline:
-                    return False
+                    raise Stopped from exc
                 # Jittered, bounded, and cut short by shutdown so a drain can retry at once.
                 with self._cond:
                     self._cond.wait(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
-            self.metrics.insert_seconds.labels(table).observe(time.perf_counter() - started)
-            self.metrics.written.labels(table).inc(rows)
+            self.metrics.insert_seconds.labels(piece.table).observe(time.perf_counter() - started)
+            self.metrics.written.labels(piece.table).inc(piece.rows)
             if not self._store_ok:
                 logger.warning("ClickHouse available again")
             self._store_ok = True
             self._last_error = None
-            return True
+            self._failed_writes = 0
+            return None
+
+    def _note_failure(self, exc: Exception) -> None:
+        text = str(exc).strip()
+        self._last_error = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        self._failed_writes += 1
 
 
 def _convert(signal: Signal, request: Any) -> tuple[Converted, int, bool]:

@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from collector.admission import TimeWindow, admitting
 from collector.batcher import Pipeline, Writer
+from collector.dead_letter import DeadLetterStore
 from collector.forward import OtlpForwarder
 from collector.receiver import Authorize, Consume, GrpcReceiver, http_routes
 from collector.schema import SchemaOptions
@@ -47,6 +48,11 @@ class CollectorConfig:
     # Write-ahead spool: acknowledged requests are fsync'd here until written. None = off.
     spool_dir: Path | None = None
     spool_max_bytes: int | None = None
+    # Rows ClickHouse refuses for good (docs/durability.md); None = `dead-letter` in the
+    # spool directory, or only logged without a spool.
+    dead_letter_dir: Path | None = None
+    # /readyz reports not ready when no write completed for this long while rows wait.
+    stall_after_s: float | None = None
     # Checks each OTLP request's Authorization header (collector.receiver); None = open.
     authorize: Authorize | None = None
     # Records stamped outside it are refused (collector/admission.py).
@@ -99,6 +105,8 @@ class Collector:
             max_batch_rows=self.config.max_batch_rows,
             flush_interval_s=self.config.flush_interval_s,
             spool=spool,
+            dead_letters=DeadLetterStore(self.dead_letter_dir, self.metrics),
+            stall_after_s=self.config.stall_after_s,
         )
         if spool is not None:
             self.replayed = self.pipeline.resume_from_spool()
@@ -120,6 +128,11 @@ class Collector:
             self.pipeline.subscribe(forwarder)
 
     replayed = 0
+
+    @property
+    def dead_letter_dir(self) -> Path | None:
+        spool = self.config.spool_dir
+        return self.config.dead_letter_dir or (spool / "dead-letter" if spool is not None else None)
 
     def subscribe(self, subscriber: StreamSubscriber) -> Unsubscribe:
         if self.pipeline is None:
@@ -171,14 +184,18 @@ class Collector:
         pipeline = self.pipeline
         if pipeline is None:
             return {"ready": False, "reason": "not started"}
-        nearly_full = pipeline.queued_rows >= 0.9 * pipeline.max_queue_rows
-        ready = pipeline.store_ok and not nearly_full
-        return {
-            "ready": ready,
+        # Not ready while writing fails or is stuck, the writer is gone, or intake pushes back.
+        problems = pipeline.problems()
+        state: dict[str, Any] = {
+            "ready": not problems,
             "storage": "ok" if pipeline.store_ok else f"unavailable: {pipeline.last_error}",
+            "writer": "running" if pipeline.writer_alive else "stopped",
             "queuedRows": pipeline.queued_rows,
             "queueCapacityRows": pipeline.max_queue_rows,
         }
+        if problems:
+            state["reason"] = "; ".join(problems)
+        return state
 
     async def _readyz(self, request: Request) -> Response:
         state = self.readiness()

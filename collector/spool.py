@@ -10,6 +10,8 @@ as before with the same insert deduplication tokens, so ClickHouse keeps each ro
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -31,10 +33,24 @@ _SIGNALS = {Signal.TRACES: 1, Signal.METRICS: 2, Signal.LOGS: 3}
 _BY_CODE = {code: signal for signal, code in _SIGNALS.items()}
 _DEFAULT_MAX_BYTES = 1 << 30
 _DEFAULT_SEGMENT_BYTES = 64 << 20
+# Space set aside so a checkpoint can still be written on a full disk: without it the
+# writer could not record progress, so it could not delete the segments that filled it.
+_RESERVE_BYTES = 64 << 10
+# After a failed fsync, how long the syncer waits before trying again.
+_SYNC_RETRY_S = 0.2
 
 
 class SpoolFull(Exception):
     """The spool reached its size bound: push back until the writer catches up."""
+
+
+class SpoolUnwritable(Exception):
+    """The file system refused a write or an fsync (no space, quota, I/O error): push back,
+    nothing is acknowledged that is not durable."""
+
+    def __init__(self, error: OSError | str) -> None:
+        reason = f"{error.strerror or error}" if isinstance(error, OSError) else error
+        super().__init__(f"spool cannot write: {reason}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,9 @@ class Spool:
         self._bytes = sum(path.stat().st_size for _, path in self._segments)
         self._file = self._open_segment(self._last_seq + 1) if not self._segments else self._segments[-1][1].open("ab")
         self._closed = False
+        self._sync_error: OSError | None = None
+        self._reserve = directory / "reserve"
+        self._make_reserve()
         self._syncer = threading.Thread(target=self._sync_loop, name="spool-fsync", daemon=True)
         self._syncer.start()
 
@@ -122,7 +141,6 @@ class Spool:
         with self._cond:
             segments = list(self._segments)
             durable = self._durable_seq
-            self._file.flush()
         count = 0
         for index, (_first, path) in enumerate(segments):
             next_first = segments[index + 1][0] if index + 1 < len(segments) else None
@@ -144,11 +162,16 @@ class Spool:
 
     def _open_segment(self, first_seq: int) -> Any:
         path = self.directory / f"seg-{first_seq:020d}.wal"
+        # Unbuffered: a write the file system refuses fails here, in `append`, where the
+        # request can still be refused, not later in a flush nobody can answer for.
+        handle = path.open("ab", buffering=0)
         self._segments.append((first_seq, path))
-        return path.open("ab")
+        return handle
 
     def append(self, signal: Signal, payload: bytes) -> int:
-        """Write a record (not yet durable: call wait_durable before acknowledging)."""
+        """Write a record (not yet durable: call wait_durable before acknowledging).
+
+        Raises SpoolFull at the size bound, SpoolUnwritable when the file system refuses."""
         with self._cond:
             if self._closed:
                 raise RuntimeError("Expected an open spool, but got a closed one")
@@ -157,22 +180,50 @@ class Spool:
             seq = self._last_seq + 1
             code = _SIGNALS[signal]
             crc = zlib.crc32(payload, zlib.crc32(struct.pack("<BQ", code, seq)))
-            if self._file.tell() >= self.segment_bytes:
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                self._file.close()
-                self._file = self._open_segment(seq)
-            self._file.write(_HEADER.pack(len(payload), crc, code, seq))
-            self._file.write(payload)
+            try:
+                if self._file.tell() >= self.segment_bytes:
+                    os.fsync(self._file.fileno())
+                    self._file = self._rotate(seq)
+                self._write_record(_HEADER.pack(len(payload), crc, code, seq) + payload)
+            except OSError as exc:
+                raise SpoolUnwritable(exc) from exc
             self._bytes += _HEADER.size + len(payload)
             self._last_seq = self._written_seq = seq
             self._cond.notify_all()
             return seq
 
+    def _rotate(self, seq: int) -> Any:
+        handle = self._open_segment(seq)
+        self._file.close()
+        return handle
+
+    def _write_record(self, record: bytes) -> None:
+        """All of the record or none of it: a refused write is cut back off the segment."""
+        start = self._file.tell()
+        try:
+            view = memoryview(record)
+            while view:
+                written = self._file.write(view)
+                view = view[written or 0 :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._file.fileno(), start)
+            raise
+
     def wait_durable(self, seq: int, timeout_s: float = 10.0) -> None:
+        """Raises SpoolUnwritable when the fsync fails or does not complete in time."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._durable_seq >= seq or self._closed, timeout_s):
-                raise TimeoutError(f"spool fsync did not complete within {timeout_s}s")
+            self._cond.wait_for(
+                lambda: self._durable_seq >= seq or self._closed or self._sync_error is not None, timeout_s
+            )
+            if self._durable_seq >= seq or self._closed:
+                return
+            raise SpoolUnwritable(self._sync_error or f"fsync did not complete within {timeout_s}s")
+
+    @property
+    def healthy(self) -> bool:
+        """False while the last fsync failed."""
+        return self._sync_error is None
 
     def _sync_loop(self) -> None:
         while True:
@@ -181,11 +232,21 @@ class Spool:
                 if self._closed and self._written_seq == self._durable_seq:
                     return
                 target = self._written_seq
-                self._file.flush()
                 fd = self._file.fileno()
             # fsync outside the lock: appends continue meanwhile and ride the next commit.
-            os.fsync(fd)
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                # The waiting requests are refused (retryable); the records stay and are
+                # synced by a later attempt, so the syncer itself never stops.
+                logger.error("spool fsync failed: %s", exc)
+                with self._cond:
+                    self._sync_error = exc
+                    self._cond.notify_all()
+                    self._cond.wait(_SYNC_RETRY_S)
+                continue
             with self._cond:
+                self._sync_error = None
                 self._durable_seq = max(self._durable_seq, target)
                 self._cond.notify_all()
 
@@ -197,16 +258,47 @@ class Spool:
     def mark_written(self, last: int) -> None:
         self._write_checkpoint(Checkpoint(max(self.checkpoint.written, last), None))
         self._truncate()
+        self._make_reserve()
 
     def _write_checkpoint(self, checkpoint: Checkpoint) -> None:
+        try:
+            self._replace_checkpoint(checkpoint)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._reserve.exists():
+                raise
+            # The disk is full: give up the reserve so progress can be recorded (and the
+            # segments it covers deleted); it is set aside again once space returns.
+            logger.warning("spool: disk full, using the reserved space for the checkpoint")
+            self._reserve.unlink()
+            self._replace_checkpoint(checkpoint)
+        self.checkpoint = checkpoint
+
+    def _replace_checkpoint(self, checkpoint: Checkpoint) -> None:
         path = self.directory / "checkpoint.json"
         tmp = path.with_suffix(".tmp")
-        with tmp.open("w") as handle:
-            json.dump({"written": checkpoint.written, "inflight": checkpoint.inflight}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with tmp.open("w") as handle:
+                json.dump({"written": checkpoint.written, "inflight": checkpoint.inflight}, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         os.replace(tmp, path)
-        self.checkpoint = checkpoint
+
+    def _make_reserve(self) -> None:
+        if self._reserve.exists():
+            return
+        try:
+            with self._reserve.open("wb") as handle:
+                handle.write(bytes(_RESERVE_BYTES))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            logger.warning("spool: cannot set space aside for checkpoints yet: %s", exc)
+            with contextlib.suppress(OSError):
+                self._reserve.unlink()
 
     def _truncate(self) -> None:
         """Delete segments every record of which is in ClickHouse (never the open one)."""
@@ -222,12 +314,16 @@ class Spool:
             self._segments = keep
             if len(keep) == 1 and self._last_seq <= self.checkpoint.written and self._file.tell() > 0:
                 # Everything is written: start a fresh segment and drop the old one.
-                self._file.close()
-                old = keep[0][1]
                 self._segments = []
-                self._file = self._open_segment(self._last_seq + 1)
+                try:
+                    fresh = self._open_segment(self._last_seq + 1)
+                except OSError:
+                    self._segments = keep
+                    raise
+                self._file.close()
+                keep[0][1].unlink()
                 self._bytes = 0
-                old.unlink()
+                self._file = fresh
 
     @property
     def size_bytes(self) -> int:
@@ -239,8 +335,10 @@ class Spool:
             self._cond.notify_all()
         self._syncer.join(10)
         with self._cond:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            try:
+                os.fsync(self._file.fileno())
+            except OSError as exc:
+                logger.error("spool fsync at close failed: %s", exc)
             self._file.close()
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         self._lock_file.close()

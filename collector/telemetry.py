@@ -64,6 +64,32 @@ class SelfMetrics:
             "Requests accepted into the spool only (memory queue full), written later",
             registry=r,
         )
+        self.dead_letter_rows = Counter(
+            "flowscope_dead_letter_rows",
+            "Rows ClickHouse refused for good, isolated and kept in the dead-letter store",
+            ["table"],
+            registry=r,
+        )
+        self.dead_letter_records = Counter(
+            "flowscope_dead_letter_records", "Records written to the dead-letter store", ["signal"], registry=r
+        )
+        self.dead_letter_discarded = Counter(
+            "flowscope_dead_letter_discarded_records",
+            "Dead-letter records deleted because the store exceeded its size bound",
+            registry=r,
+        )
+        self.dead_letter_bytes = Gauge("flowscope_dead_letter_bytes", "Size of the dead-letter files", registry=r)
+        self.split_inserts = Counter(
+            "flowscope_collector_split_inserts",
+            "Inserts ClickHouse refused for good, split in two to isolate the refused rows",
+            ["table"],
+            registry=r,
+        )
+        self.writer_errors = Counter(
+            "flowscope_collector_writer_errors",
+            "Unexpected errors in the writer thread (logged; the writer retries after a pause)",
+            registry=r,
+        )
         self.subscriber_errors = Counter(
             "flowscope_collector_subscriber_errors", "Stream subscribers that raised", registry=r
         )

@@ -10,15 +10,29 @@ from clickhouse_connect.driver.exceptions import OperationalError
 from clickhouse_connect.driver.insert import InsertContext
 
 from collector.convert import CONVERTERS, REQUESTS, Columns
-from collector.intake import INTAKES, frame
+from collector.intake import INTAKES, NESTED_VALUE, frame
 from collector.store import Dsn, StoreError, connect, insert_settings
 from collector.types import Signal
 
 logger = logging.getLogger(__name__)
 
 # ClickHouse error codes that mean "try again" rather than "this data is wrong":
-# timeouts, too many parts/queries, memory, network, readonly replicas, shutdown.
-TRANSIENT_CODES = frozenset({159, 164, 202, 203, 209, 210, 241, 242, 252, 319, 394, 425, 999, 1000})
+# timeouts, too many parts/queries, memory, disk space (243, and 75 for a failed write),
+# network, readonly replicas, aborted or unschedulable work, shutdown.
+TRANSIENT_CODES = frozenset(
+    {75, 159, 164, 173, 202, 203, 209, 210, 236, 241, 242, 243, 252, 279, 285, 319, 394, 425, 439, 999, 1000}
+)
+
+# A code shared by a transient and a permanent condition: 252 is "too many parts" (merges
+# lag behind; wait) and also "too many partitions for single INSERT block" (this batch can
+# never be inserted whole; split it).
+_PERMANENT_MESSAGES = ("Too many partitions for single INSERT block",)
+# Resource exhaustion reported with whatever code the failing file operation had.
+_TRANSIENT_MESSAGES = ("No space left on device", "Disk quota exceeded", "Not enough space")
+
+# In a ClickHouse error, the context of a failure inside a materialized view: something
+# may already be stored (the view's source table, earlier views) when it appears.
+_IN_VIEW = "while pushing to view"
 
 # The intake itself is missing (a server older than format_schema_source, or a schema
 # not yet migrated): unknown setting, table or format. Converting in Python from then on.
@@ -90,7 +104,9 @@ class ClickHouseWriter:
                     fmt="Protobuf",
                 )
             except Exception as exc:
-                if self.is_transient(exc):
+                if self.is_transient(exc) or not _nothing_stored(exc):
+                    # Part of the batch may be stored: only the same insert again, with
+                    # the same deduplication token, completes it without repeating it.
                     self._failed()
                     raise
                 # The view raised before storing anything (nested attribute values), or the
@@ -143,10 +159,7 @@ class ClickHouseWriter:
             logger.info("not purging the embedded engine's allocator: %s", exc)
 
     def is_transient(self, error: Exception) -> bool:
-        if isinstance(error, OperationalError | StoreError | ConnectionError | TimeoutError | OSError):
-            return True
-        code = getattr(error, "code", None)
-        return code in TRANSIENT_CODES
+        return is_transient(error)
 
     def _reset(self) -> None:
         client, self._client = self._client, None
@@ -159,6 +172,27 @@ class ClickHouseWriter:
 
     def close(self) -> None:
         self._reset()
+
+
+def is_transient(error: Exception) -> bool:
+    """Whether ClickHouse may take the same insert later (outage, load, disk space), as
+    opposed to refusing this data for good."""
+    if isinstance(error, OperationalError | StoreError | ConnectionError | TimeoutError | OSError):
+        return True
+    message = str(error)
+    if any(text in message for text in _PERMANENT_MESSAGES):
+        return False
+    if any(text in message for text in _TRANSIENT_MESSAGES):
+        return True
+    return getattr(error, "code", None) in TRANSIENT_CODES
+
+
+def _nothing_stored(error: Exception) -> bool:
+    """Whether a failed intake insert certainly stored nothing: the intake is missing, the
+    bytes failed to parse (before any view ran), or the intake view refused a nested value
+    (it raises before its target is written)."""
+    message = str(error)
+    return getattr(error, "code", None) in _NO_INTAKE_CODES or NESTED_VALUE in message or _IN_VIEW not in message
 
 
 def _dedup(token: str | None) -> dict[str, str | int] | None:
