@@ -327,6 +327,9 @@ class Execution:
 
     async def run(self) -> ExecutionResult:
         wf = self.workflow
+        if self._tel.events_backlogged():
+            # Room for this run's events before it starts; its duration starts after.
+            await self._tel.event_room()
         started_ns = time.time_ns()
         started = time.perf_counter()
         attributes: dict[str, Any] = {
@@ -541,6 +544,8 @@ class Execution:
         while True:
             attempt_no += 1
             await self._unpaused.wait()
+            if self._tel.events_backlogged():
+                await self._tel.event_room()
             async with self._semaphore:
                 self._tel.node_queue_wait.record(time.perf_counter() - ready_at, metric_attrs)
                 attempt, span = await self._attempt(node, attempt_no, executor)

@@ -18,9 +18,11 @@ from opentelemetry import trace
 from opentelemetry._logs import Logger, LoggerProvider, NoOpLoggerProvider, SeverityNumber
 from opentelemetry.context import Context
 from opentelemetry.metrics import Histogram, MeterProvider, NoOpMeterProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
 from opentelemetry.trace import Link, NoOpTracerProvider, Span, SpanContext, SpanKind, TracerProvider
 
 from engine.dag import Node
+from engine.event_backpressure import EventBackpressure, ExportHealth
 from engine.sdk_direct import DirectRecords
 from engine.sdk_metrics import DirectHistogram
 
@@ -111,6 +113,8 @@ class Telemetry:
         self.events: Logger = lp.get_logger(SCOPE)
         # Node spans and events skip the SDK's per-value validation when the providers are the SDK's.
         self.direct = DirectRecords.for_sdk(self.tracer, self.events) if direct_records else None
+        # Runs wait (asynchronously, bounded) for room in the SDK's event queue rather than overflow it.
+        self.backpressure = EventBackpressure.for_logger(self.events)
         meter = mp.get_meter(SCOPE)
 
         def histogram(name: str, unit: str, description: str) -> Histogram | DirectHistogram:
@@ -139,6 +143,16 @@ class Telemetry:
     @classmethod
     def disabled(cls) -> Telemetry:
         return cls(NoOpTracerProvider(), NoOpLoggerProvider(), NoOpMeterProvider())
+
+    def events_backlogged(self) -> bool:
+        """True when a run should `await event_room()` before it emits more (engine/event_backpressure.py)."""
+        gate = self.backpressure
+        return gate is not None and gate.backlogged()
+
+    async def event_room(self) -> None:
+        """Returns once the event queue has room, or has stopped draining (a dead collector never blocks)."""
+        if self.backpressure is not None:
+            await self.backpressure.wait()
 
     def start_span(
         self,
@@ -203,6 +217,20 @@ _DEFAULT_SCHEDULE_DELAY_MILLIS = 100
 # in place (engine/otlp_encoding.py).
 _DEFAULT_LOG_SCHEDULE_DELAY_MILLIS = 20
 _DEFAULT_SERVICE_NAME = "flowscope-engine"
+# The SDK's 2,048 / 512 overflowed at a thousand concurrent runs on a busy machine. The queue
+# holds a burst of every in-flight run's next events above the back-pressure high-water mark
+# (a quarter of it, engine/event_backpressure.py); bigger batches mean fewer export calls for
+# the one worker thread. ≈ 1 KiB a queued record: ≈ 16 MiB at most while the collector is away.
+_DEFAULT_LOG_MAX_QUEUE_SIZE = 16_384
+_DEFAULT_LOG_MAX_EXPORT_BATCH_SIZE = 1_024
+
+
+def log_queue_sizes(env: Mapping[str, str]) -> tuple[int, int]:
+    """(max queue size, max export batch size) for events: OTEL_BLRP_MAX_QUEUE_SIZE /
+    OTEL_BLRP_MAX_EXPORT_BATCH_SIZE when set, else ours; the batch never exceeds the queue."""
+    queue = int(env.get("OTEL_BLRP_MAX_QUEUE_SIZE", _DEFAULT_LOG_MAX_QUEUE_SIZE))
+    batch = int(env.get("OTEL_BLRP_MAX_EXPORT_BATCH_SIZE", min(_DEFAULT_LOG_MAX_EXPORT_BATCH_SIZE, queue)))
+    return queue, batch
 
 
 def batch_delays_millis(explicit: int | None, env: Mapping[str, str]) -> tuple[int, int]:
@@ -212,6 +240,21 @@ def batch_delays_millis(explicit: int | None, env: Mapping[str, str]) -> tuple[i
     return (
         int(env.get("OTEL_BSP_SCHEDULE_DELAY", _DEFAULT_SCHEDULE_DELAY_MILLIS)),
         int(env.get("OTEL_BLRP_SCHEDULE_DELAY", _DEFAULT_LOG_SCHEDULE_DELAY_MILLIS)),
+    )
+
+
+def event_processor(
+    exporter: LogRecordExporter, schedule_delay_millis: int, env: Mapping[str, str], meter_provider: MeterProvider
+) -> BatchLogRecordProcessor:
+    """The events' batch processor: sized by `log_queue_sizes`, its exporter's failures visible to
+    the engine's back-pressure (`ExportHealth`), so runs never wait on a failing collector."""
+    queue_size, batch_size = log_queue_sizes(env)
+    return BatchLogRecordProcessor(
+        ExportHealth(exporter),
+        schedule_delay_millis=schedule_delay_millis,
+        max_queue_size=queue_size,
+        max_export_batch_size=batch_size,
+        meter_provider=meter_provider,
     )
 
 
@@ -229,11 +272,12 @@ def setup(
 
     Precedence: explicit argument, then the standard OTEL_* variable, then the
     default. Batch delays are short for live views: 100 ms for spans, 20 ms for
-    the lifecycle events. `console=True` prints telemetry instead of exporting it.
+    the lifecycle events. The event queue is sized for the engine's rate
+    (`log_queue_sizes`). `console=True` prints telemetry instead of exporting it.
     """
     from opentelemetry import _logs, metrics
     from opentelemetry.sdk._logs import LoggerProvider as SdkLoggerProvider
-    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, ConsoleLogRecordExporter
+    from opentelemetry.sdk._logs.export import ConsoleLogRecordExporter
     from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
     from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import Resource
@@ -269,9 +313,7 @@ def setup(
         BatchSpanProcessor(span_exporter, schedule_delay_millis=delay, meter_provider=meter_provider)
     )
     logger_provider = SdkLoggerProvider(resource=resource)
-    logger_provider.add_log_record_processor(
-        BatchLogRecordProcessor(log_exporter, schedule_delay_millis=log_delay, meter_provider=meter_provider)
-    )
+    logger_provider.add_log_record_processor(event_processor(log_exporter, log_delay, env, meter_provider))
     trace.set_tracer_provider(tracer_provider)
     _logs.set_logger_provider(logger_provider)
     metrics.set_meter_provider(meter_provider)

@@ -1,0 +1,166 @@
+"""Back-pressure from the lifecycle-event queue to the runs that fill it.
+
+Why this exists: the SDK's `BatchLogRecordProcessor` queues records for a worker thread and,
+when the queue is full, drops the newest with a count (`otel.sdk.processor.log.processed`,
+`error.type=queue_full`). A busy engine emits faster than that thread exports when the
+machine is loaded — a thousand concurrent runs with both cores busy lost 0.5–0.8 % of their
+events, each one a gap in the live protocol's per-execution `seq`. Emitting stays synchronous
+(an event is a statement of what just happened); instead, before a run does more (starts, or
+starts a node), it awaits room here when the queue is above its high-water mark, and goes on
+once the queue is back under the low-water mark. Waiting is an asyncio wait: the loop keeps
+serving everything else, and the exporter thread gets the GIL.
+
+Runs wait only while the exporter is healthy. `ExportHealth` (what `engine.telemetry.setup()`
+puts between the processor and its exporter) says whether the last export failed; a failing
+exporter (the collector unreachable, or refusing past the exporter's retries) means no waits.
+A collector that pushes back (UNAVAILABLE, "queue full") while the exporter retries is healthy:
+runs wait for it. Whatever the exporter, a wait lasts at most `max_wait_s` — longer than the
+OTLP exporters' 10 s export timeout, so a failed export is normally seen as such first — and
+a wait that reaches it stands the gate down until the queue is back under the low-water mark.
+Either way runs go on, the queue buffers up to its capacity and the SDK then drops with its
+count (`otel.sdk.processor.log.processed`, `error.type=queue_full`): a dead collector never
+blocks runs.
+
+The queue length and capacity are the SDK's private `BatchProcessor._queue` and
+`_max_queue_size` (the SDK has no public reading of either besides an observable gauge):
+every part is looked up with a guard, and without them there is no gate and the engine
+behaves as before (the queue sizing of `engine.telemetry.setup()` still applies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence, Sized
+from typing import Any
+
+from opentelemetry.sdk._logs import ReadableLogRecord
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
+
+logger = logging.getLogger(__name__)
+
+# Above a quarter of the capacity runs wait; they go on again under an eighth. What is emitted
+# without a wait in between (node completions, progress, a run's last event) lands above the
+# high-water mark, so three quarters of the queue is headroom for those.
+HIGH_WATER_FRACTION = 4
+LOW_WATER_FRACTION = 8
+DEFAULT_MAX_WAIT_S = 15.0
+_POLL_S = 0.005
+
+
+class ExportHealth(LogRecordExporter):
+    """A log exporter that remembers whether its last export failed; exports through `inner`."""
+
+    def __init__(self, inner: LogRecordExporter) -> None:
+        self.inner = inner
+        self.failing = False
+
+    def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
+        try:
+            result = self.inner.export(batch)
+        except BaseException:
+            self.failing = True
+            raise
+        self.failing = result is not LogRecordExportResult.SUCCESS
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()  # type: ignore[no-untyped-call]
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class EventBackpressure:
+    """The gate for one SDK logger's batch processors (see the module docstring)."""
+
+    def __init__(self, multi: Any, *, max_wait_s: float = DEFAULT_MAX_WAIT_S) -> None:
+        self._multi = multi
+        self._processors: object = None
+        self._queues: tuple[Sized, ...] = ()
+        self._health: tuple[ExportHealth, ...] = ()
+        self._high = self._low = 0
+        self.max_wait_s = max_wait_s
+        self._armed = True
+        self._episode: asyncio.Future[None] | None = None
+        self._episode_ends = 0.0
+        self.waits = 0  # episodes in which runs waited
+        self.timeouts = 0  # episodes that reached max_wait_s
+
+    @classmethod
+    def for_logger(cls, events: Any, *, max_wait_s: float = DEFAULT_MAX_WAIT_S) -> EventBackpressure | None:
+        """A gate for the SDK's logger, while the SDK keeps the parts used here; else None."""
+        multi = getattr(events, "_multi_log_record_processor", None)
+        if not hasattr(multi, "_log_record_processors"):
+            return None
+        return cls(multi, max_wait_s=max_wait_s)
+
+    def _refresh(self) -> tuple[Sized, ...]:
+        """The batch queues behind the logger, found again whenever its processors change."""
+        processors = self._multi._log_record_processors
+        if processors is not self._processors:
+            self._processors = processors
+            batches = [getattr(p, "_batch_processor", None) for p in processors if type(p) is BatchLogRecordProcessor]
+            found = [
+                (queue, capacity)
+                for b in batches
+                if isinstance(queue := getattr(b, "_queue", None), Sized)
+                and isinstance(capacity := getattr(b, "_max_queue_size", None), int)
+            ]
+            self._queues = tuple(q for q, _ in found)
+            capacity = min((c for _, c in found), default=0)
+            self._high = capacity // HIGH_WATER_FRACTION
+            self._low = capacity // LOW_WATER_FRACTION
+            exporters = [getattr(b, "_exporter", None) for b in batches]
+            self._health = tuple(e for e in exporters if isinstance(e, ExportHealth))
+        return self._queues
+
+    def _fill(self) -> int:
+        queues = self._refresh()
+        return max(map(len, queues)) if queues else 0
+
+    def _failing(self) -> bool:
+        return any(h.failing for h in self._health)
+
+    def backlogged(self) -> bool:
+        """True when a run should `await wait()` before emitting more. Cheap: one length read."""
+        fill = self._fill()
+        if fill <= self._low:
+            self._armed = True
+            return False
+        return self._armed and fill > self._high and not self._failing()
+
+    async def wait(self) -> None:
+        """Until the queue is under the low-water mark, the exporter fails, or `max_wait_s` passed."""
+        while self.backlogged():
+            # Shielded: a cancelled run must not cancel the wait every other run shares.
+            await asyncio.shield(self._shared_episode())
+
+    def _shared_episode(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        episode = self._episode
+        if episode is None or episode.done() or episode.get_loop() is not loop:
+            episode = self._episode = loop.create_future()
+            self.waits += 1
+            self._episode_ends = loop.time() + self.max_wait_s
+            loop.call_later(_POLL_S, self._poll, episode)
+        return episode
+
+    def _poll(self, episode: asyncio.Future[None]) -> None:
+        if episode.done():
+            return
+        loop = episode.get_loop()
+        fill = self._fill()
+        if fill <= self._low or self._failing():
+            episode.set_result(None)
+            return
+        if loop.time() >= self._episode_ends:
+            # The exporter neither drains nor fails (an export hanging): buffer, and when full the SDK drops and counts.
+            self._armed = False
+            self.timeouts += 1
+            logger.warning(
+                "event queue did not drain in %.0f s (%d queued): runs go on without waiting", self.max_wait_s, fill
+            )
+            episode.set_result(None)
+            return
+        loop.call_later(_POLL_S, self._poll, episode)
