@@ -157,9 +157,15 @@ class GrpcReceiver:
             self._server.add_generic_rpc_handlers(
                 (grpc.method_handlers_generic_handler(spec.grpc_service, {"Export": handler}),)
             )
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:  # grpc's way of saying the address is in use
+            self.port = 0
+            cause: Exception | None = exc
+        else:
+            cause = None
         if self.port == 0:
-            raise OSError(f"cannot bind OTLP/gRPC on {host}:{port}")
+            raise OSError(f"cannot bind OTLP/gRPC on {host}:{port}: address in use or unavailable") from cause
         self.host = host
 
     def _handler(self, spec: SignalSpec) -> Callable[[bytes, grpc.ServicerContext], Message]:

@@ -7,9 +7,12 @@ import csv
 import io
 import json
 import logging
+import os
+import secrets
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+import urllib.parse
+from collections.abc import Callable, Coroutine, MutableMapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +26,7 @@ from collector.history import NODE_STATES, History, SqlError
 from collector.schema import SchemaOptions, ddl
 from collector.store import Dsn, StoreError, StoreLocked, background_settings, connect, migrate
 from flowscope.config import Settings
+from ws_bridge.auth import require_auth_on_public_bind
 
 # soft_wrap: URLs and SQL stay on one line when output is not a terminal.
 console = Console(soft_wrap=True)
@@ -111,6 +115,33 @@ def _settings(**flags: Any) -> Settings:
     )
 
 
+_INGEST_TOKEN_HELP = "Bearer token with the 'ingest' grant, sent with every OTLP export."
+
+
+def send_token(token: str | None, env: MutableMapping[str, str] | None = None) -> None:
+    """Put `token` where the OTLP exporters read their headers (OTEL_EXPORTER_OTLP_HEADERS),
+    keeping any other header already there."""
+    if not token:
+        return
+    env = os.environ if env is None else env
+    kept = [
+        item
+        for item in env.get("OTEL_EXPORTER_OTLP_HEADERS", "").split(",")
+        if item.strip() and item.partition("=")[0].strip().lower() != "authorization"
+    ]
+    env["OTEL_EXPORTER_OTLP_HEADERS"] = ",".join([*kept, f"authorization=Bearer%20{urllib.parse.quote(token)}"])
+
+
+def with_demo_token(settings: Settings) -> tuple[Settings, str | None]:
+    """The demo's engines write to a stack that may require tokens: an ingest-only token of
+    their own, minted now and known only to this process."""
+    if not settings.auth.configured or settings.no_auth:
+        return settings, None
+    token = secrets.token_urlsafe(32)
+    tokens = {**settings.auth_tokens, token: ("flowscope-demo", frozenset({"ingest"}))}
+    return replace(settings, auth_tokens=tokens), token
+
+
 async def _serve_until_stopped(settings: Settings, on_ready: Callable[[Any], Coroutine[Any, Any, None]] | None) -> None:
     from flowscope.stack import Stack
 
@@ -165,7 +196,7 @@ def up(**flags: Any) -> None:
 @click.option("--exit-after", is_flag=True, help="Stop once the runs are done (default: keep serving).")
 def demo(runs: int | None, interval: float, exit_after: bool, **flags: Any) -> None:
     """The embedded stack plus sample workflows: an LLM agent, a retrying ETL, a resumed failure, a slow node."""
-    settings = _settings(**flags)
+    settings, token = with_demo_token(_settings(**flags))
 
     async def workload(stack: Any) -> None:
         from engine import Engine, Result
@@ -173,6 +204,7 @@ def demo(runs: int | None, interval: float, exit_after: bool, **flags: Any) -> N
         from flowscope import samples
 
         endpoints = stack.endpoints
+        send_token(token)
         telemetry = setup(
             service_name="flowscope-demo",
             endpoint=endpoints.otlp_grpc,
@@ -224,6 +256,10 @@ def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no
     from ws_bridge.connection import ConnectionLimits
 
     settings = Settings.from_env().with_overrides(clickhouse_dsn=dsn, host=host, http_port=http_port, no_auth=no_auth)
+    try:
+        require_auth_on_public_bind(settings.host, settings.auth)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
 
     async def go() -> None:
         stop = asyncio.Event()
@@ -233,10 +269,15 @@ def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no
         try:
             parsed = Dsn.parse(settings.dsn)
             database = parsed.database or settings.database
-            history = History(lambda: connect(parsed), database, background=background_settings(parsed))
+            sql_dsn = Dsn.parse(settings.sql_dsn) if settings.sql_dsn else parsed
+            history = History(
+                lambda: connect(parsed), database, background=background_settings(parsed),
+                sql_client_factory=lambda: connect(sql_dsn),
+            )  # fmt: skip
             live = Bridge(
                 BridgeConfig(
                     host=settings.host, port=settings.http_port, auth=settings.auth, cors_origins=settings.cors_origins,
+                    allowed_hosts=settings.allowed_hosts,
                     links=Links(settings.jaeger_url, settings.grafana_url), otlp_port=otlp_port,
                     limits=ConnectionLimits(queue_size=settings.ws_queue_size),
                 ),
@@ -260,12 +301,15 @@ def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no
 )
 @click.option("--runs", type=int, default=None, help="Rounds (default: keep running).")
 @click.option("--interval", type=float, default=5.0, show_default=True)
-def samples(otlp_endpoint: str, runs: int | None, interval: float) -> None:
+@click.option("--token", envvar="FLOWSCOPE_TOKEN", help=_INGEST_TOKEN_HELP)
+def samples(otlp_endpoint: str, runs: int | None, interval: float, token: str | None) -> None:
     """Run the sample workflows as an engine exporting OTLP anywhere (the compose demo service)."""
     from engine import Engine
     from engine.telemetry import TelemetryOptions, setup, shutdown
     from flowscope import samples as sample_workflows
     from flowscope.runtime import server_runtime
+
+    send_token(token)
 
     async def go() -> None:
         engine = Engine(
@@ -292,10 +336,15 @@ def samples(otlp_endpoint: str, runs: int | None, interval: float) -> None:
 @click.option("--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT", help="Collector OTLP/gRPC address.")
 @click.option("--standalone", is_flag=True, help="No collector: print telemetry to the console.")
 @click.option("--user", help="End-user id recorded on the run.")
-def run(file: Path, input_json: str | None, otlp_endpoint: str | None, standalone: bool, user: str | None) -> None:
+@click.option("--token", envvar="FLOWSCOPE_TOKEN", help=_INGEST_TOKEN_HELP)
+def run(
+    file: Path, input_json: str | None, otlp_endpoint: str | None, standalone: bool, user: str | None, token: str | None
+) -> None:
     """Run a declarative workflow FILE (YAML/JSON) and report each step."""
     from engine import Engine, EventType, WorkflowValidationError, load_workflow
     from engine.telemetry import setup, shutdown
+
+    send_token(token)
 
     # `module:function` references resolve from the current directory, as with `python -m`.
     if str(Path.cwd()) not in sys.path:
@@ -494,7 +543,9 @@ def sql(query: str, fmt: str, data_dir: Path | None, server: str, token: str | N
         if not Path(settings.dsn.removeprefix("chdb://")).exists():
             raise CliError(f"no server at {server} and no data directory at {settings.data_dir}", EXIT_UNAVAILABLE)
         try:
-            history = History(lambda: connect(Dsn.parse(settings.dsn)), settings.database)
+            dsn = Dsn.parse(settings.dsn)
+            # Table names without a database mean the history's, as on the server's endpoint.
+            history = History(lambda: connect(dsn), dsn.database or settings.database)
             result = history.sql(query)
         except (StoreLocked, StoreError) as exc:
             raise CliError(str(exc), EXIT_UNAVAILABLE) from exc

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from collector.admission import TimeWindow
 from collector.schema import SchemaOptions
 from ws_bridge.auth import AuthConfig
 
@@ -34,6 +35,10 @@ class Settings:
     jwt_secret: str | None = None
     no_auth: bool = False
     cors_origins: tuple[str, ...] = ()
+    # Host names the HTTP server answers to besides the loopback names (ws_bridge.app.trusted_hosts).
+    allowed_hosts: tuple[str, ...] = ()
+    # User SQL's own ClickHouse DSN, e.g. a server's read-only user; default: clickhouse_dsn.
+    sql_dsn: str | None = None
     jaeger_url: str | None = "http://localhost:16686"
     grafana_url: str | None = "http://localhost:3000"
     traces_ttl_days: int = 0
@@ -44,6 +49,9 @@ class Settings:
     ws_queue_size: int = 1_000
     heartbeat_interval_s: float = 15.0
     flush_interval_s: float | None = None
+    # The collector refuses records stamped further ahead or further back than this; 0 = no bound.
+    ingest_max_future_s: float = 86_400.0
+    ingest_max_age_days: int = 365
 
     @property
     def dsn(self) -> str:
@@ -58,6 +66,10 @@ class Settings:
             metrics_ttl_days=self.metrics_ttl_days,
             workflow_ttl_days=self.workflow_ttl_days,
         )
+
+    @property
+    def time_window(self) -> TimeWindow:
+        return TimeWindow(self.ingest_max_future_s, self.ingest_max_age_days)
 
     @property
     def auth(self) -> AuthConfig:
@@ -100,7 +112,7 @@ def _coerce(name: str, raw: str, current: Any) -> Any:
         return int(raw)
     if name == "data_dir":
         return Path(raw)
-    if name in {"cors_origins", "forward_otlp"}:
+    if name in {"cors_origins", "forward_otlp", "allowed_hosts"}:
         return tuple(o.strip() for o in raw.split(",") if o.strip())
     if name == "no_auth":
         return raw.lower() in {"1", "true", "yes"}
@@ -110,6 +122,6 @@ def _coerce(name: str, raw: str, current: Any) -> Any:
         return int(raw)
     if name == "ws_queue_size":
         return int(raw)
-    if name in {"flush_interval_s", "heartbeat_interval_s"}:
+    if name in {"flush_interval_s", "heartbeat_interval_s", "ingest_max_future_s"}:
         return float(raw)
     return raw or current

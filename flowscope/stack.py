@@ -16,6 +16,7 @@ from flowscope.config import Settings
 from flowscope.runtime import server_runtime
 from ws_bridge.api import Links
 from ws_bridge.app import Bridge, BridgeConfig
+from ws_bridge.auth import Authenticator, require_auth_on_public_bind
 from ws_bridge.connection import ConnectionLimits
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,10 @@ class Endpoints:
 
 class Stack:
     def __init__(self, settings: Settings, writer_factory: Callable[[Dsn, str], Writer] | None = None) -> None:
+        # Before anything listens: a refused public bind must not leave OTLP open meanwhile.
+        require_auth_on_public_bind(settings.host, settings.auth)
         self.settings = settings
+        authenticator = Authenticator(settings.auth)
         self.collector = Collector(
             CollectorConfig(
                 dsn=settings.dsn,
@@ -56,6 +60,8 @@ class Stack:
                 forward_endpoints=settings.forward_otlp,
                 spool_dir=settings.spool_dir,
                 spool_max_bytes=settings.spool_max_bytes,
+                authorize=authenticator.authorize_ingest if authenticator.enabled else None,
+                time_window=settings.time_window,
             ),
             writer_factory,
         )
@@ -76,6 +82,7 @@ class Stack:
                     port=s.http_port,
                     auth=s.auth,
                     cors_origins=s.cors_origins,
+                    allowed_hosts=s.allowed_hosts,
                     links=Links(s.jaeger_url, s.grafana_url),
                     otlp_port=s.bridge_otlp_port,
                     limits=ConnectionLimits(queue_size=s.ws_queue_size, heartbeat_interval_s=s.heartbeat_interval_s),

@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
@@ -34,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+# Sequence numbers, like ExecutionQuery's, stay within ClickHouse's UInt64 and JSON's safe range.
+MAX_SEQ = 2**62
+
 
 @dataclass(frozen=True)
 class BridgeConfig:
@@ -46,6 +52,23 @@ class BridgeConfig:
     links: Links = field(default_factory=Links)
     # OTLP/gRPC listener for a remote feed (the contrib collector's otlp exporter); None = in-process only.
     otlp_port: int | None = None
+    # Host names (without port; "*.example.com" patterns) the HTTP server answers to, besides
+    # the loopback names on a loopback bind: see trusted_hosts.
+    allowed_hosts: tuple[str, ...] = ()
+
+
+def trusted_hosts(bind_host: str, allowed: Sequence[str]) -> list[str]:
+    """The Host header values served: a check against DNS rebinding.
+
+    A page on a hostile name that resolves to 127.0.0.1 reaches a loopback server with its
+    own name as the Host, so a loopback bind answers to the loopback names (any port) and to
+    the configured ones only. Any other bind needs auth anyway (require_auth_on_public_bind),
+    so it answers to the configured names, or to any name when none are configured."""
+    configured = [h.strip().lower() for h in allowed if h.strip()]
+    if bind_host in {"127.0.0.1", "localhost", "::1"} or bind_host.startswith("127."):
+        bind_name = f"[{bind_host}]" if ":" in bind_host else bind_host
+        return list(dict.fromkeys([*LOOPBACK_HOSTS, bind_name, *configured]))
+    return configured or ["*"]
 
 
 class Bridge:
@@ -91,9 +114,17 @@ class Bridge:
         return Converted([], accepted=_count(signal, request), rejected=0, reasons=[])
 
     def start_otlp(self) -> None:
+        """The remote feed takes what the collector tier admits, from writers holding "ingest"."""
+        from collector.admission import OFF, admitting
+
         if self.config.otlp_port is None:
             return
-        self._otlp = GrpcReceiver(self._consume_remote, host=self.config.host, port=self.config.otlp_port)
+        self._otlp = GrpcReceiver(
+            admitting(self._consume_remote, OFF),
+            host=self.config.host,
+            port=self.config.otlp_port,
+            authorize=self.auth.authorize_ingest if self.auth.enabled else None,
+        )
         self._otlp.start()
         self.otlp_port = self._otlp.port
 
@@ -114,7 +145,8 @@ class Bridge:
         return routes
 
     def app(self, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
-        middleware = []
+        hosts = trusted_hosts(self.config.host, self.config.allowed_hosts)
+        middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)]
         if self.config.cors_origins:
             middleware.append(
                 Middleware(
@@ -138,11 +170,19 @@ class Bridge:
     async def _ws_execution(self, websocket: WebSocket) -> None:
         execution_id = websocket.path_params["execution_id"]
         raw = websocket.query_params.get("fromSeq", "1")
-        from_seq = int(raw) if raw.isdigit() else -1
+        # Anything but a plain decimal in range becomes -1, which subscribe refuses with an error frame.
+        from_seq = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 19 else -1
+        from_seq = from_seq if from_seq <= MAX_SEQ else -1
         initial = {"op": "subscribe", "id": "execution", "rooms": [f"execution:{execution_id}"], "fromSeq": from_seq}
         await self._serve(websocket, initial)
 
     async def _serve(self, websocket: WebSocket, initial: dict[str, Any] | None) -> None:
+        origin = websocket.headers.get("origin")
+        if origin is not None and not self._origin_allowed(origin, websocket.headers.get("host", "")):
+            # Refused at the handshake with an HTTP 403: a page on another origin never gets a
+            # connection, so it cannot use the browser's way round auth-off loopback serving.
+            await _deny(websocket, f"origin {origin[:100]!r} may not open live connections")
+            return
         try:
             principal = self.auth.authenticate(
                 websocket.headers.get("authorization"), websocket.query_params.get("token")
@@ -167,6 +207,16 @@ class Bridge:
         finally:
             self._connections.discard(connection)
 
+    def _origin_allowed(self, origin: str, host: str) -> bool:
+        """Same origin (the page came from this server) or a configured CORS origin.
+
+        Browsers always send Origin on a WebSocket handshake; clients without one are not
+        browsers, and a page cannot make a browser leave it out."""
+        if origin in self.config.cors_origins or "*" in self.config.cors_origins:
+            return True
+        parts = urlsplit(origin)
+        return parts.scheme in ("http", "https") and bool(host) and parts.netloc.lower() == host.lower()
+
     def _history_since(
         self, since: Any, workflow_id: str | None, user_id: str | None, types: frozenset[str] | None
     ) -> list[dict[str, Any]]:
@@ -188,6 +238,14 @@ class Bridge:
             yield self
         finally:
             await self.aclose()
+
+
+async def _deny(websocket: WebSocket, message: str) -> None:
+    try:
+        await websocket.send_denial_response(JSONResponse({"error": message}, status_code=403))
+    except RuntimeError:
+        # A server without the denial-response extension answers a close before accept with 403 too.
+        await close_quietly(websocket, 4403, message[:120])
 
 
 def _count(signal: Signal, request: Any) -> int:

@@ -1,9 +1,12 @@
 """Who may see what: static bearer tokens and HS256 JWTs whose claims list room grants.
 
-A grant is a room pattern: "*" (everything), "workflow:<id>", "user:<id>" or
+A read grant is a room pattern: "*" (everything), "workflow:<id>", "user:<id>" or
 "execution:<id>". Joining a room needs a grant that covers it, and every event
 is checked against the grants again before it is sent, so a principal never
 receives an event outside them whichever room it arrived through.
+
+Writing telemetry (OTLP) needs the "ingest" grant, which no read grant implies —
+not even "*": a dashboard's token cannot forge events. "admin" implies both.
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ from dataclasses import dataclass
 
 import jwt
 
+from collector.receiver import Forbidden, Unauthenticated
 from ws_bridge.types import LiveEvent
 
 _SCOPED = ("workflow", "user", "execution")
+INGEST = "ingest"
+ADMIN = "admin"
+_WRITE_GRANTS = frozenset({INGEST, ADMIN})
 
 
 class AuthError(Exception):
@@ -29,7 +36,11 @@ class Principal:
 
     @property
     def unrestricted(self) -> bool:
-        return "*" in self.grants
+        return "*" in self.grants or ADMIN in self.grants
+
+    @property
+    def may_ingest(self) -> bool:
+        return not self.grants.isdisjoint(_WRITE_GRANTS)
 
     def may_join(self, room: str) -> bool:
         if self.unrestricted:
@@ -38,7 +49,7 @@ class Principal:
             return False
         if room.startswith("execution:"):
             # Which workflow an execution belongs to is known per event: filtered there.
-            return bool(self.grants)
+            return bool(self.grants - _WRITE_GRANTS)
         return room in self.grants
 
     def watched_rooms(self) -> list[str]:
@@ -92,6 +103,23 @@ class Authenticator:
         token = token or query_token
         if not token:
             raise AuthError("missing credentials: send 'Authorization: Bearer <token>' or ?token=")
+        return self._principal(token)
+
+    def authorize_ingest(self, header: str | None) -> None:
+        """The OTLP receivers' hook (collector.receiver.Authorize): a bearer token with "ingest"."""
+        if not header or not header.lower().startswith("bearer ") or not header[7:].strip():
+            raise Unauthenticated(
+                "missing credentials: send 'Authorization: Bearer <token>' "
+                "(OTEL_EXPORTER_OTLP_HEADERS=authorization=Bearer%20<token>)"
+            )
+        try:
+            principal = self._principal(header[7:].strip())
+        except AuthError as exc:
+            raise Unauthenticated(str(exc)) from exc
+        if not principal.may_ingest:
+            raise Forbidden(f"{principal.subject!r} may not write telemetry: the token needs the 'ingest' grant")
+
+    def _principal(self, token: str) -> Principal:
         static = (self.config.tokens or {}).get(token)
         if static is not None:
             return Principal(static[0], static[1])
