@@ -16,7 +16,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
 from flowscope.cli import send_token, with_demo_token
 from flowscope.config import Settings
@@ -147,19 +147,13 @@ def _sdk_export(stack: Stack, protocol: str) -> SpanExportResult:
         provider.shutdown()
 
 
-class _Capture:
+class _Capture(SpanExporter):
     def __init__(self, into: list[Any]) -> None:
         self.into = into
 
     def export(self, spans: Any) -> SpanExportResult:
         self.into.extend(spans)
         return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return True
 
 
 def test_send_token_keeps_other_headers_and_replaces_an_old_token() -> None:
