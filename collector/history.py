@@ -1,7 +1,7 @@
 """History queries over the workflow tables: parameterised SQL only.
 
 The bridge's REST API and live replay, and the CLI, read through this layer.
-Read-only SQL for users is enforced by ClickHouse settings, not by parsing.
+User SQL is confined by ClickHouse's own parser (collector/sql_guard.py) and its settings.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
+
+from collector import sql_guard
 
 _DEFAULT_PAGE = 50
 _MAX_PAGE = 500
@@ -60,9 +62,24 @@ class ExecutionQuery:
 
 @dataclass(frozen=True)
 class SqlLimits:
+    """What one user query may take: ClickHouse refuses the query past any of these."""
+
     max_rows: int = 10_000
     max_bytes: int = 64 * 1024 * 1024
     timeout_s: float = 10.0
+    # Memory of the whole query (max_memory_usage), not only of its result.
+    max_memory_bytes: int = 512 * 1024 * 1024
+
+    def settings(self) -> dict[str, Any]:
+        # Order matters: the limits are set before readonly=1 forbids changing settings.
+        return {
+            "max_execution_time": self.timeout_s,
+            "max_result_rows": self.max_rows,
+            "max_result_bytes": self.max_bytes,
+            "result_overflow_mode": "throw",
+            "max_memory_usage": self.max_memory_bytes,
+            "readonly": 1,
+        }
 
 
 _EXECUTION_COLUMNS = (
@@ -81,8 +98,11 @@ class History:
         database: str,
         sql_limits: SqlLimits | None = None,
         background: Mapping[str, Any] | None = None,
+        sql_client_factory: Callable[[], Client] | None = None,
     ) -> None:
         self._factory = client_factory
+        # User SQL may connect as another, read-only ClickHouse user (FLOWSCOPE_SQL_DSN).
+        self._sql_factory = sql_client_factory or client_factory
         # Settings for lookups no request waits on (collector/store.py background_settings).
         self._background = dict(background or {})
         self.database = database
@@ -320,18 +340,19 @@ class History:
     # -- user SQL ----------------------------------------------------------------------------
 
     def sql(self, query: str) -> dict[str, Any]:
-        """Run read-only SQL. ClickHouse enforces read-only and the limits, not a parser here."""
-        lim = self.sql_limits
-        # Order matters: the limits are set before readonly=1 forbids changing settings.
-        settings = {
-            "max_execution_time": lim.timeout_s,
-            "max_result_rows": lim.max_rows,
-            "max_result_bytes": lim.max_bytes,
-            "result_overflow_mode": "throw",
-            "readonly": 1,
-        }
+        """Run one reading statement with the configured database as the default.
+
+        ClickHouse's parser decides what the statement is (collector/sql_guard.py); the
+        statement that runs is the parser's canonical text of it, under readonly=1 and the
+        limits — or, when the session is read-only already (a server user's settings
+        profile), under that profile's limits, which forbid any change."""
+        client = self._sql_client()
         try:
-            result = self._client("sql").query(query, settings=settings)
+            checked = sql_guard.check(client, query)
+            settings = None if checked.readonly_session else self.sql_limits.settings()
+            result = client.query(checked.statement, settings=settings)
+        except sql_guard.Refused as exc:
+            raise SqlError(str(exc)) from exc
         except Exception as exc:
             raise SqlError(_clickhouse_message(exc)) from exc
         return {
@@ -340,12 +361,23 @@ class History:
             "rows": [[_jsonable(v) for v in row] for row in result.result_rows],
         }
 
+    def _sql_client(self) -> Client:
+        # Its own session per thread: user settings never leak into the history queries.
+        client: Client | None = getattr(self._local, "sql", None)
+        if client is None:
+            client = self._sql_factory()
+            client.database = self.database
+            self._local.sql = client
+        return client
+
 
 def _clickhouse_message(exc: Exception) -> str:
     text = str(exc).strip()
     for line in text.splitlines():
         if "DB::Exception" in line or "Code:" in line:
-            return line.split("DB::Exception: ")[-1].strip()
+            message = line.split("DB::Exception: ")[-1].strip()
+            # "In scope <query with our settings clause>" repeats the query, not the reason.
+            return message.split(": In scope ", 1)[0].split(". In scope ", 1)[0].strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
@@ -357,9 +389,12 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         start_ns, execution_id = json.loads(base64.urlsafe_b64decode(padded))
-        return int(start_ns), str(execution_id)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise HistoryError("invalid cursor") from exc
+    # Only what _encode_cursor writes: an Int64 of nanoseconds (not Infinity, 1e300 or true) and an id.
+    if type(start_ns) is not int or not -(2**63) <= start_ns < 2**63 or not isinstance(execution_id, str):
+        raise HistoryError("invalid cursor")
+    return start_ns, execution_id
 
 
 def _iso(value: Any) -> str | None:

@@ -52,6 +52,19 @@ class BadRequest(ValueError):
     pass
 
 
+class UnsupportedMediaType(ValueError):
+    """A body that is not JSON where JSON is read: refused before it is read.
+
+    A web page may POST `text/plain` (or a body with no type) to any address without a CORS
+    preflight; with auth off (the loopback default) only the content type tells such a
+    request from the API's own clients."""
+
+
+# The history compares timestamps as DateTime64(9), which holds these instants only.
+EARLIEST = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
+LATEST = dt.datetime(2262, 4, 11, tzinfo=dt.UTC)
+
+
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 
 
@@ -69,7 +82,11 @@ def api_routes(history: History | None, auth: Authenticator, links: Links) -> li
             if needs_history and history is None:
                 return _error(503, "history is not available: no ClickHouse store is configured")
             try:
+                if request.method == "POST":
+                    _require_json(request)
                 return await handler(request, principal)
+            except UnsupportedMediaType as exc:
+                return _error(415, str(exc))
             except (BadRequest, HistoryError) as exc:
                 return _error(400, str(exc))
 
@@ -191,21 +208,22 @@ def api_routes(history: History | None, auth: Authenticator, links: Links) -> li
 
     async def sql(request: Request, principal: Principal) -> Response:
         """
-        summary: Read-only SQL over the history (enforced by ClickHouse settings)
+        summary: One reading statement (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN) over the history database
         requestBody:
           content:
             application/json:
               schema: {type: object, properties: {sql: {type: string}}, required: [sql]}
         responses:
           200: {description: "{columns, types, rows}"}
-          400: {description: bad SQL or a limit exceeded, with ClickHouse's message}
+          400: {description: "bad SQL, a refused statement, or a limit exceeded: the message says which"}
           403: {description: restricted token}
+          415: {description: the body is not application/json}
         """
         if not principal.unrestricted:
             return _error(403, "SQL reads every table: an unrestricted token is required")
         try:
             body = await request.json()
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise BadRequest('body must be JSON: {"sql": "SELECT ..."}') from exc
         query = body.get("sql") if isinstance(body, dict) else None
         if not isinstance(query, str) or not query.strip():
@@ -263,14 +281,28 @@ def _visible(principal: Principal, execution: dict[str, Any]) -> bool:
     return principal.may_see(event, execution.get("userId"))
 
 
+def _require_json(request: Request) -> None:
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        raise UnsupportedMediaType(
+            f"the body must be JSON: send 'Content-Type: application/json', not {media_type or 'none'!r}"
+        )
+
+
 def _time(value: str | None, name: str) -> dt.datetime | None:
     if value is None:
         return None
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+        in_range = EARLIEST <= parsed < LATEST
+    except (ValueError, OverflowError) as exc:
         raise BadRequest(f"'{name}' must be an ISO-8601 timestamp, got {value!r}") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    if not in_range:
+        raise BadRequest(f"'{name}' must be between {EARLIEST.date()} and {LATEST.date()}, got {value!r}")
+    return parsed
 
 
 def _int(value: str | None, name: str, default: int, low: int, high: int) -> int:

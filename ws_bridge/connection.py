@@ -36,6 +36,10 @@ EVENT_TYPES = frozenset(
 )  # fmt: skip
 _ROOM = re.compile(r"^(all|(execution|workflow|user):[A-Za-z0-9_.:@\-]{1,200})$")
 _SUB_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_MAX_SEQ = 2**62
+# History timestamps are DateTime64(9): 'since' must fall within its range.
+_EARLIEST = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
+_LATEST = dt.datetime(2262, 4, 11, tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,11 @@ class Connection:
             except json.JSONDecodeError as exc:
                 self._error("bad_json", f"malformed JSON: {exc.msg} at position {exc.pos}")
                 continue
+            except (ValueError, RecursionError) as exc:
+                # Valid JSON Python will not hold: nesting past the recursion limit, integers
+                # past int_max_str_digits.
+                self._error("bad_json", f"unreadable JSON: {str(exc) or 'nested too deeply'}")
+                continue
             if not isinstance(request, dict):
                 self._error("bad_request", "a frame must be a JSON object with an 'op'")
                 continue
@@ -257,8 +266,10 @@ class Connection:
             raise ProtocolError("bad_request", f"unknown event types: {', '.join(sorted(types - EVENT_TYPES))}", sub_id)
         node_types = _string_set(request.get("nodeTypes"), "nodeTypes", sub_id)
         from_seq = request.get("fromSeq")
-        if from_seq is not None and (not isinstance(from_seq, int) or isinstance(from_seq, bool) or from_seq < 0):
-            raise ProtocolError("bad_request", "'fromSeq' must be an integer >= 0", sub_id)
+        if from_seq is not None and (
+            not isinstance(from_seq, int) or isinstance(from_seq, bool) or not 0 <= from_seq <= _MAX_SEQ
+        ):
+            raise ProtocolError("bad_request", f"'fromSeq' must be an integer from 0 to {_MAX_SEQ}", sub_id)
         since = _parse_since(request.get("since"), sub_id)
         executions = [r.split(":", 1)[1] for r in rooms if r.startswith("execution:")]
         if from_seq is not None and not executions:
@@ -359,9 +370,13 @@ def _parse_since(value: Any, sub_id: str) -> dt.datetime | None:
         raise ProtocolError("bad_request", "'since' must be an ISO-8601 timestamp", sub_id)
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise ProtocolError("bad_request", f"'since' is not an ISO-8601 timestamp: {value!r}", sub_id) from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+        in_range = _EARLIEST <= parsed < _LATEST
+    except (ValueError, OverflowError) as exc:
+        raise ProtocolError("bad_request", f"'since' is not an ISO-8601 timestamp: {value[:64]!r}", sub_id) from exc
+    if not in_range:
+        raise ProtocolError("bad_request", f"'since' must be between 1900-01-01 and 2262-04-11: {value[:64]!r}", sub_id)
+    return parsed.astimezone(dt.UTC)
 
 
 def _now_iso() -> str:

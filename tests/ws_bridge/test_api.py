@@ -88,7 +88,8 @@ async def test_rest_api_filters_pagination_errors(stack: Stack) -> None:
             assert message in response.json()["error"]
         bad_sql = await http.post("/api/v1/sql", json={"sql": f"DROP TABLE {stack.collector.database}.otel_traces"})
         assert bad_sql.status_code == 400 and "readonly" in bad_sql.json()["error"]
-        assert (await http.post("/api/v1/sql", content=b"not json")).status_code == 400
+        malformed = await http.post("/api/v1/sql", content=b"not json", headers={"content-type": "application/json"})
+        assert malformed.status_code == 400
 
         spec = (await http.get("/openapi.json")).json()
         assert {"/api/v1/executions", "/api/v1/executions/{execution_id}", "/api/v1/sql"} <= set(spec["paths"])

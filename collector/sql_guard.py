@@ -1,0 +1,143 @@
+"""Which user SQL may run, decided by ClickHouse's own parser.
+
+Why the parser and not patterns over the text: a regex sees characters, ClickHouse runs a
+syntax tree. Comments, quoting, case, nesting, multi-statement input and clauses in unusual
+places all change what the text looks like and not what the tree is; every pattern list
+misses one of them, and the miss is a write (`SELECT 1 INTO OUTFILE '….pth'` is code
+execution) or a read outside the database. `readonly=1` does not close that gap in the
+embedded engine: chdb writes INTO OUTFILE files and runs the scalar `file()` under it.
+
+So, for each query:
+
+1. `formatQuerySingleLine` parses the text, bound as a query parameter so it stays data:
+   syntax errors and multi-statement input fail here, and what comes back is the one
+   statement's canonical text, the only thing that is checked and run afterwards.
+2. The same call asks the parser whether the statement can take an output `FORMAT`; it
+   cannot when it already has one (the endpoint answers JSON, so that is refused).
+3. `EXPLAIN AST` of the canonical text gives the tree, and the rules read it: the
+   statement kind (SELECT/WITH, SHOW, DESCRIBE, EXPLAIN of one of those), no output file
+   (an INTO OUTFILE path is a literal hanging off the statement node itself), no table
+   function but the generators in `TABLE_FUNCTIONS`, no scalar function in `FUNCTIONS_REFUSED`.
+
+Readonly and the limits still ride on the query as ClickHouse settings (collector/history.py
+`History.sql`); a server should add its own read-only user (deploy/clickhouse/users.d).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+STATEMENTS = "SELECT, WITH, SHOW, DESCRIBE and EXPLAIN"
+# Table functions that generate rows and read nothing outside the query itself.
+TABLE_FUNCTIONS = frozenset(
+    {"numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateseries", "values", "view"}
+)
+# Scalar functions that read outside the database: `file(path)` returns any readable file.
+FUNCTIONS_REFUSED = frozenset({"file", "catboostevaluate", "modelevaluate"})
+_SELECT_KINDS = frozenset({"SelectWithUnionQuery", "SelectIntersectExceptQuery", "DescribeQuery"})
+
+
+class Refused(ValueError):
+    """The statement may not run; the message says what is not allowed."""
+
+
+@dataclass(frozen=True)
+class Checked:
+    statement: str
+    # The session is read-only already (a server user's profile): ClickHouse refuses any
+    # setting change then, so the caller sends its limits only when this is False.
+    readonly_session: bool
+
+
+@dataclass
+class _Node:
+    label: str
+    children: list[_Node]
+
+    @property
+    def kind(self) -> str:
+        return self.label.split(" ", 1)[0]
+
+    def walk(self, parent: _Node | None = None) -> Iterator[tuple[_Node, _Node | None]]:
+        yield self, parent
+        for child in self.children:
+            yield from child.walk(self)
+
+
+def check(client: Client, query: str) -> Checked:
+    """The canonical statement to run, or `Refused`; ClickHouse's own errors (syntax) propagate."""
+    canonical, has_format, readonly = client.query(
+        "SELECT formatQuerySingleLine({q:String}),"
+        " formatQuerySingleLineOrNull(concat(formatQuerySingleLine({q:String}), ' FORMAT TabSeparated')) IS NULL,"
+        " getSetting('readonly')",
+        parameters={"q": query},
+    ).result_rows[0]
+    tree = _tree(client.command(f"EXPLAIN AST {canonical}"))
+    _check_kind(tree, canonical)
+    if any(child.kind == "Literal" for child in tree.children):
+        raise Refused("INTO OUTFILE is not allowed: results come back in the response, never into a file")
+    if has_format:
+        raise Refused("a FORMAT clause is not supported: results come back as JSON (flowscope sql --format csv|json)")
+    for node, parent in tree.walk():
+        if node.kind != "Function":
+            continue
+        name = node.label.split(" ")[1]
+        if parent is not None and parent.kind == "TableExpression" and name.lower() not in TABLE_FUNCTIONS:
+            raise Refused(
+                f"table function {name}() is not allowed: read the database's tables"
+                f" (generators allowed: {', '.join(sorted(TABLE_FUNCTIONS))})"
+            )
+        if name.lower() in FUNCTIONS_REFUSED:
+            raise Refused(f"function {name}() is not allowed: it reads outside the database")
+    return Checked(str(canonical), int(readonly) != 0)
+
+
+def _check_kind(node: _Node, canonical: str) -> None:
+    if _reads(node):
+        return
+    verb = canonical.split(" ", 1)[0].upper()
+    if node.kind == "Explain":
+        raise Refused("EXPLAIN is allowed of SELECT, WITH, SHOW and DESCRIBE statements only: SQL here is readonly")
+    raise Refused(f"{verb} is not allowed: SQL here is readonly, only {STATEMENTS} statements run")
+
+
+def _reads(node: _Node) -> bool:
+    if node.kind in _SELECT_KINDS or node.kind.startswith("Show") or node.label.startswith("SHOW "):
+        return True
+    if node.kind == "Explain":
+        # Its children: EXPLAIN's own settings (Set), the explained statement, output clauses.
+        explained = [child for child in node.children if child.kind not in ("Set", "Literal", "Identifier")]
+        return bool(explained) and _reads(explained[0])
+    return False
+
+
+def _tree(explained: Any) -> _Node:
+    """`EXPLAIN AST` output (one node a line, indented one space per level) as nodes."""
+    if isinstance(explained, str):
+        text = explained
+    elif isinstance(explained, Sequence):
+        text = "\n".join(str(line) for line in explained)
+    else:
+        text = str(explained)
+    root: _Node | None = None
+    stack: list[tuple[int, _Node]] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip(" "))
+        label = line.strip()
+        node = _Node(label.split(" (children ", 1)[0], [])
+        while stack and stack[-1][0] >= depth:
+            stack.pop()
+        if stack:
+            stack[-1][1].children.append(node)
+        elif root is None:
+            root = node
+        stack.append((depth, node))
+    if root is None:
+        raise Refused("the statement is empty")
+    return root
