@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import math
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -87,6 +88,20 @@ _EXECUTION_COLUMNS = (
     " DurationMs, TotalNodes, CompletedNodes, FailedNodes, SkippedNodes, Error, TraceId, SpanId, ServiceName,"
     " ResumedFrom, ParentExecutionId"
 )
+
+
+# workflow_executions with each execution's owner (workflow, user) as its first stored record
+# named it (collector/schema.py, execution_owners): who may read an execution never follows a
+# later record. `{only}` narrows both sides to one execution when the caller looks one up.
+_OWNED = (
+    "(SELECT e.* REPLACE (if(o.ExecutionId = '', e.WorkflowId, o.OwnerWorkflowId) AS WorkflowId,"
+    " if(o.ExecutionId = '', e.UserId, o.OwnerUserId) AS UserId)"
+    " FROM {{db}}.workflow_executions AS e FINAL"
+    " LEFT JOIN (SELECT ExecutionId, min(Owner).WorkflowId AS OwnerWorkflowId, min(Owner).UserId AS OwnerUserId"
+    " FROM {{db}}.execution_owners {only} GROUP BY ExecutionId) AS o ON e.ExecutionId = o.ExecutionId {e_only})"
+)
+OWNED_EXECUTIONS = _OWNED.format(only="", e_only="")
+_OWNED_EXECUTION = _OWNED.format(only="WHERE ExecutionId = {id:String}", e_only="WHERE e.ExecutionId = {id:String}")
 
 
 class History:
@@ -169,7 +184,7 @@ class History:
             params["cursor_id"] = execution_id
         rows = self._rows(
             f"SELECT {_EXECUTION_COLUMNS}, toUnixTimestamp64Nano(StartTime) AS _start_ns"
-            f" FROM {{db}}.workflow_executions FINAL WHERE {' AND '.join(where)}"
+            f" FROM {OWNED_EXECUTIONS} WHERE {' AND '.join(where)}"
             f" ORDER BY {SORTS[q.sort]} LIMIT {limit + 1}",
             **params,
         )
@@ -180,14 +195,12 @@ class History:
         return [_execution(r) for r in rows], next_cursor
 
     def get_execution(self, execution_id: str) -> dict[str, Any] | None:
-        rows = self._rows(
-            f"SELECT {_EXECUTION_COLUMNS} FROM {{db}}.workflow_executions FINAL WHERE ExecutionId = {{id:String}}",
-            id=execution_id,
-        )
-        events = self.events(execution_id)
+        rows = self._rows(f"SELECT {_EXECUTION_COLUMNS} FROM {_OWNED_EXECUTION}", id=execution_id)
+        owner = (rows[0]["WorkflowId"], rows[0]["UserId"]) if rows else self.owner(execution_id)
+        events = self._owned_events(execution_id, owner, 1, None, _MAX_EVENTS)
         if not rows and not events:
             return None
-        execution = _execution(rows[0]) if rows else _execution_from_events(execution_id, events)
+        execution = _execution(rows[0]) if rows else _execution_from_events(execution_id, events, owner)
         attempts = self._rows(
             "SELECT NodeId, Attempt, NodeType, Status, StartTime, EndTime, DurationMs, ErrorType, Error, Model,"
             " InputTokens, OutputTokens, SpanId FROM {db}.node_executions FINAL"
@@ -199,10 +212,29 @@ class History:
         execution["lastSeq"] = events[-1]["seq"] if events else 0
         return execution
 
+    def owner(self, execution_id: str) -> tuple[str, str] | None:
+        """(workflow id, user id or '') of an execution, as its first stored record named them."""
+        rows = self._rows(
+            "SELECT min(Owner).WorkflowId AS workflow, min(Owner).UserId AS user FROM {db}.execution_owners"
+            " WHERE ExecutionId = {id:String} GROUP BY ExecutionId",
+            id=execution_id,
+        )
+        return (rows[0]["workflow"], rows[0]["user"]) if rows else None
+
     def events(
         self, execution_id: str, from_seq: int = 1, to_seq: int | None = None, limit: int = _MAX_EVENTS
     ) -> list[dict[str, Any]]:
-        """Events of one execution by seq, deduplicated (delivery is at least once)."""
+        """Events of one execution by seq, deduplicated (delivery is at least once), without those
+        that claim another owner than the execution's (`owner`): they are not its events."""
+        return self._owned_events(execution_id, self.owner(execution_id), from_seq, to_seq, limit)
+
+    def _owned_events(
+        self, execution_id: str, owner: tuple[str, str] | None, from_seq: int, to_seq: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        events = self._events(execution_id, from_seq, to_seq, limit)
+        return events if owner is None else [e for e in events if _owned_by(e, owner)]
+
+    def _events(self, execution_id: str, from_seq: int, to_seq: int | None, limit: int) -> list[dict[str, Any]]:
         upper = "AND Seq <= {to:UInt64}" if to_seq is not None else ""
         rows = self._rows(
             "SELECT Seq, EventName, Timestamp, ExecutionId, WorkflowId, WorkflowName, NodeId, NodeType, TraceId,"
@@ -231,7 +263,8 @@ class History:
             scopes.append("WorkflowId = {workflow:String}")
         if user_id is not None:
             scopes.append(
-                "ExecutionId IN (SELECT ExecutionId FROM {db}.workflow_executions FINAL WHERE UserId = {user:String})"
+                "ExecutionId IN (SELECT ExecutionId FROM {db}.execution_owners GROUP BY ExecutionId"
+                " HAVING min(Owner).UserId = {user:String})"
             )
         if types is not None:
             scopes.append("EventName IN {types:Array(String)}")
@@ -255,7 +288,7 @@ class History:
             " countIf(Status NOT IN ('success', 'running')) AS failed, countIf(Status = 'running') AS running,"
             " max(StartTime) AS lastRun, quantileIf(0.5)(DurationMs, Status = 'success') AS p50,"
             " quantileIf(0.95)(DurationMs, Status = 'success') AS p95"
-            " FROM {db}.workflow_executions FINAL GROUP BY WorkflowId ORDER BY lastRun DESC"
+            f" FROM {OWNED_EXECUTIONS} GROUP BY WorkflowId ORDER BY lastRun DESC"
         )
         return [
             {
@@ -454,36 +487,78 @@ def _execution(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _execution_from_events(execution_id: str, events: list[dict[str, Any]]) -> dict[str, Any]:
+def _execution_from_events(
+    execution_id: str, events: list[dict[str, Any]], owner: tuple[str, str] | None
+) -> dict[str, Any]:
     first = events[0]
+    data = first["data"]
     return {
         "executionId": execution_id,
-        "workflowId": first["workflowId"],
+        "workflowId": owner[0] if owner else first["workflowId"],
         "workflowName": first["workflowName"],
         "workflowVersion": None,
         "status": "running",
-        "trigger": first["data"].get("trigger"),
-        "userId": first["data"].get("userId"),
+        "trigger": _text(data.get("trigger")),
+        "userId": (owner[1] or None) if owner else _text(data.get("userId")),
         "startTime": first["ts"],
         "endTime": None,
         "durationMs": None,
-        "totalNodes": first["data"].get("totalNodes", 0),
+        "totalNodes": _count(data.get("totalNodes")),
         "completedNodes": 0,
         "failedNodes": 0,
         "skippedNodes": 0,
         "error": None,
         "traceId": first["traceId"],
         "serviceName": "",
-        "resumedFrom": first["data"].get("resumedFrom"),
-        "parentExecutionId": first["data"].get("parentExecutionId"),
+        "resumedFrom": _text(data.get("resumedFrom")),
+        "parentExecutionId": _text(data.get("parentExecutionId")),
     }
+
+
+def _owned_by(event: dict[str, Any], owner: tuple[str, str]) -> bool:
+    """Whether an event agrees with its execution's owner: its workflow, and for the
+    workflow.started that names a user, that user."""
+    workflow, user = owner
+    if workflow and event["workflowId"] and event["workflowId"] != workflow:
+        return False
+    return event["type"] != "workflow.started" or (_text(event["data"].get("userId")) or "") == user
+
+
+# Rows stored before intake checked event bodies (collector/admission.py) may hold anything:
+# readers take what has the documented type and ignore the rest, never failing the request.
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _number(value: Any) -> float | int | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == value and abs(value) != math.inf:
+        return value
+    return None
+
+
+def _node_specs(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        return []
+    return [spec for spec in value if isinstance(spec, dict) and isinstance(spec.get("id"), str) and spec["id"]]
+
+
+def _ids(value: Any) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
 def _event(r: dict[str, Any]) -> dict[str, Any]:
     try:
         data = json.loads(r["Data"]) if r["Data"] else {}
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         data = {"raw": r["Data"]}
+    if not isinstance(data, dict):
+        data = {"value": data}
     return {
         "type": r["EventName"],
         "seq": int(r["Seq"]),
@@ -515,12 +590,12 @@ def fold_nodes(events: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> 
     nodes: dict[str, dict[str, Any]] = {}
     for event in events:
         if event["type"] == "workflow.started":
-            for spec in event["data"].get("nodes", []):
+            for spec in _node_specs(event["data"].get("nodes")):
                 nodes[spec["id"]] = {
                     "nodeId": spec["id"],
-                    "nodeType": spec.get("type"),
-                    "label": spec.get("label") or spec["id"],
-                    "dependsOn": spec.get("dependsOn", []),
+                    "nodeType": _text(spec.get("type")),
+                    "label": _text(spec.get("label")) or spec["id"],
+                    "dependsOn": _ids(spec.get("dependsOn")),
                     "state": "pending",
                     "attempts": 0,
                     "durationMs": None,
@@ -540,16 +615,16 @@ def fold_nodes(events: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> 
         if state == "failed" and data.get("result") == "cancellation":
             state = "cancelled"
         node["state"] = state
-        node["attempts"] = max(node["attempts"], int(data.get("attempt") or 0))
+        node["attempts"] = max(node["attempts"], _count(data.get("attempt")))
         if "durationMs" in data:
-            node["durationMs"] = data["durationMs"]
+            node["durationMs"] = _number(data["durationMs"])
         if state in ("failed", "retrying"):
             node["error"] = data.get("error")
         elif state == "success":
             node["error"] = None
         if data.get("reason"):
             node["reason"] = data["reason"]
-        if data.get("usage"):
+        if isinstance(data.get("usage"), dict) and data["usage"]:
             node["usage"] = data["usage"]
     for attempt in attempts:
         known = nodes.get(attempt["NodeId"])

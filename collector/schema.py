@@ -390,6 +390,43 @@ AS SELECT
 FROM {db}.otel_traces
 WHERE SpanAttributes['workflow.node.id'] != '' AND SpanAttributes['workflow.execution.id'] != ''"""
 
+# Who owns an execution (its workflow and end user) is decided by the first record that
+# names it, in the order ClickHouse stored them: min over (insert time, row in the insert).
+# Later records claiming another owner — a forged workflow.started, a second run span —
+# cannot change who may read the execution (collector/history.py reads the owner here).
+_EXECUTION_OWNERS = """CREATE TABLE IF NOT EXISTS {db}.execution_owners (
+    ExecutionId String,
+    Owner SimpleAggregateFunction(min, Tuple(StoredAt DateTime64(9), Row UInt64, WorkflowId String, UserId String)),
+    FirstSeen SimpleAggregateFunction(min, DateTime64(9))
+) ENGINE = AggregatingMergeTree
+ORDER BY ExecutionId
+{ttl}"""
+
+_EXECUTION_OWNERS_STARTED_MV = """CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.execution_owners_started_mv
+TO {db}.execution_owners
+AS SELECT
+    LogAttributes['workflow.execution.id'] AS ExecutionId,
+    tuple(now64(9), rowNumberInAllBlocks(), LogAttributes['workflow.id'], JSONExtractString(Body, 'userId')) AS Owner,
+    Timestamp AS FirstSeen
+FROM {db}.otel_logs
+WHERE EventName = 'workflow.started' AND LogAttributes['workflow.execution.id'] != ''"""
+
+_EXECUTION_OWNERS_SPAN_MV = """CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.execution_owners_span_mv
+TO {db}.execution_owners
+AS SELECT
+    SpanAttributes['workflow.execution.id'] AS ExecutionId,
+    tuple(now64(9), rowNumberInAllBlocks(), SpanAttributes['workflow.id'], SpanAttributes['enduser.id']) AS Owner,
+    Timestamp AS FirstSeen
+FROM {db}.otel_traces
+WHERE SpanAttributes['gen_ai.operation.name'] = 'invoke_workflow'
+  AND SpanAttributes['workflow.execution.id'] != ''"""
+
+# Executions stored before the owners table existed keep the owner their row shows now.
+_EXECUTION_OWNERS_BACKFILL = """INSERT INTO {db}.execution_owners
+SELECT ExecutionId, tuple(toDateTime64(0, 9), toUInt64(0), WorkflowId, UserId), StartTime
+FROM {db}.workflow_executions FINAL"""
+
+
 _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS {db}.flowscope_schema_migrations (
     Version UInt32,
     Description String,
@@ -452,6 +489,16 @@ def _dedup_window(o: SchemaOptions) -> list[str]:
     ]
 
 
+def _execution_owners(o: SchemaOptions) -> list[str]:
+    db = o.database
+    return [
+        _EXECUTION_OWNERS.format(db=db, ttl=_ttl("toDateTime(FirstSeen)", o.workflow_ttl_days)),
+        _EXECUTION_OWNERS_STARTED_MV.format(db=db),
+        _EXECUTION_OWNERS_SPAN_MV.format(db=db),
+        _EXECUTION_OWNERS_BACKFILL.format(db=db),
+    ]
+
+
 def _trace_intake(o: SchemaOptions) -> list[str]:
     from collector.intake import intake_statements
 
@@ -471,6 +518,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "insert deduplication window for idempotent spool replay", _dedup_window),
     Migration(4, "OTLP trace intake converted inside ClickHouse (Null table and view into otel_traces)", _trace_intake),
     Migration(5, "OTLP log intake converted inside ClickHouse (Null table and view into otel_logs)", _log_intake),
+    Migration(6, "execution owners fixed by the first record stored", _execution_owners),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -75,6 +75,9 @@ def events_from_logs(request: Any) -> list[LiveEvent]:
                 seq = attrs.get(SEQ)
                 if execution is None or seq is None:
                     continue
+                number = _seq(seq)
+                if number is None:
+                    continue  # intake refuses these (collector/admission.py); nothing can order it
                 body = record.body.string_value or any_value(record.body)
                 try:
                     data = orjson.loads(body) if body else {}
@@ -83,7 +86,7 @@ def events_from_logs(request: Any) -> list[LiveEvent]:
                 out.append(
                     {
                         "type": record.event_name,
-                        "seq": int(seq.int_value or any_value(seq) or 0),
+                        "seq": number,
                         "ts": iso_from_ns(record.time_unix_nano or record.observed_time_unix_nano),
                         "executionId": any_value(execution),
                         "workflowId": _text(attrs.get("workflow.id")),
@@ -99,12 +102,25 @@ def events_from_logs(request: Any) -> list[LiveEvent]:
 
 
 def user_of_events(events: Iterable[LiveEvent]) -> str | None:
-    """The end user of an execution, from its workflow.started event."""
+    """The end user of an execution, from its first workflow.started event."""
     for event in events:
         if event["type"] == "workflow.started":
-            user = event["data"].get("userId")
-            return str(user) if user else None
+            data = event.get("data")
+            user = data.get("userId") if isinstance(data, dict) else None
+            return user if isinstance(user, str) and user else None
     return None
+
+
+def _seq(value: Any) -> int | None:
+    """A positive sequence number, from an int attribute or a decimal string; None otherwise."""
+    if value.WhichOneof("value") == "int_value":
+        number = int(value.int_value)
+    else:
+        text = any_value(value)
+        if not (text.isascii() and text.isdigit()):
+            return None
+        number = int(text)
+    return number if 0 < number < 1 << 64 else None
 
 
 def _text(value: Any) -> str:
@@ -139,13 +155,14 @@ def facts_from_spans(request: Any) -> list[SpanFact]:
                     continue
                 node_id = _text(attrs.get("workflow.node.id")) or None
                 attempt = attrs.get("workflow.node.attempt")
+                attempt_no = _seq(attempt) if attempt is not None else 1
                 out.append(
                     SpanFact(
                         execution_id=any_value(execution),
                         workflow_id=None if node_id else _text(attrs.get("workflow.id")) or None,
                         node_id=node_id,
                         node_type=_text(attrs.get("workflow.node.type")) or None,
-                        attempt=int(attempt.int_value) if attempt is not None else 1,
+                        attempt=attempt_no or 1,
                         result=_text(attrs.get("workflow.node.result")),
                         duration_ms=max(0, span.end_time_unix_nano - span.start_time_unix_nano) / 1e6,
                         end_ts=iso_from_ns(span.end_time_unix_nano),

@@ -35,6 +35,8 @@ _TERMINAL = frozenset({"workflow.completed", "workflow.failed", "workflow.cancel
 # this late. One sweep for all, where a timer per node and level cost a heap push and a
 # cancellation per node step (≈ 10 % of the bridge's time at 800 node steps/s).
 _SWEEP_INTERVAL_S = 0.1
+# Owners are a few strings each: remembered for this many times the tracked executions.
+_OWNERS_PER_EXECUTION_BOUND = 10
 
 
 @dataclass(eq=False)
@@ -91,6 +93,11 @@ class Hub:
         self.spans_in = 0
         # Run spans name their workflow; node spans only their execution. Bounded like the buffers.
         self._workflow_of: OrderedDict[str, str] = OrderedDict()
+        # (workflow, user) of each execution as its first workflow.started named them: later
+        # claims change nothing. Kept longer than the buffers, so an execution evicted and
+        # seen again keeps its owner.
+        self._owners: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        self.foreign_dropped = 0
         self._orphans: OrderedDict[str, list[SpanFact]] = OrderedDict()
         # Attempts running, swept for thresholds passed; bounded by the tracked executions.
         self._running: dict[NodeTrack, ExecutionTrack] = {}
@@ -124,6 +131,10 @@ class Hub:
         self.events_in += 1
         execution_id = event["executionId"]
         buffer = self._buffer(execution_id, event)
+        if buffer.track.workflow_id and event.get("workflowId") not in (None, "", buffer.track.workflow_id):
+            # Claims another workflow than the execution's own: not one of its events.
+            self.foreign_dropped += 1
+            return
         seq = int(event["seq"])
         if seq in buffer.seen:
             # The same event through two paths (spans and logs, a retried export): once is enough.
@@ -209,6 +220,9 @@ class Hub:
         buffer = self._buffers.get(execution_id)
         if buffer is None:
             track = ExecutionTrack(event.get("workflowId") or "", event.get("workflowName") or "")
+            owner = self._owners.get(execution_id)
+            if owner is not None:
+                track.workflow_id, track.user_id = owner
             buffer = _Buffer(track)
             self._buffers[execution_id] = buffer
             while len(self._buffers) > self._max_executions:
@@ -231,12 +245,15 @@ class Hub:
     def _track(self, track: ExecutionTrack, event: LiveEvent) -> list[LiveEvent]:
         """Fold the event into what is known of its execution; returns events derived at once."""
         kind = event["type"]
-        data = event.get("data") or {}
+        data = event.get("data")
+        if not isinstance(data, dict):
+            data = {}
         if kind == "workflow.started":
-            track.user_id = data.get("userId") or None
-            for spec in data.get("nodes", []):
-                track.dag[spec["id"]] = list(spec.get("dependsOn", []))
-                track.types[spec["id"]] = spec.get("type", "")
+            self._own(event["executionId"], track, data)
+            for spec in _node_specs(data.get("nodes")):
+                depends = spec.get("dependsOn")
+                track.dag[spec["id"]] = [d for d in depends if isinstance(d, str)] if isinstance(depends, list) else []
+                track.types[spec["id"]] = spec["type"] if isinstance(spec.get("type"), str) else ""
             return []
         if kind in _TERMINAL:
             track.close()
@@ -248,7 +265,7 @@ class Hub:
         node = track.nodes.setdefault(node_id, NodeTrack())
         node.state = state
         warn_ms, critical_ms = self.thresholds.for_type(event.get("nodeType"))
-        attempt = int(data.get("attempt") or node.attempt)
+        attempt = _count(data.get("attempt")) or node.attempt
         if kind == "node.started":
             node.attempt = attempt
             node.started = time.monotonic()
@@ -259,13 +276,23 @@ class Hub:
             return []
         if kind in ("node.completed", "node.failed"):
             node.cancel()
-            actual = float(data.get("durationMs") or 0.0)
+            duration = data.get("durationMs")
+            actual = float(duration) if isinstance(duration, int | float) and not isinstance(duration, bool) else 0.0
             return [
                 self._warned(node, attempt, event, level, limit, actual, running=False)
                 for level, limit in (("warning", warn_ms), ("critical", critical_ms))
                 if actual >= limit and (attempt, level) not in node.warned
             ]
         return []
+
+    def _own(self, execution_id: str, track: ExecutionTrack, data: dict[str, Any]) -> None:
+        owner = self._owners.get(execution_id)
+        if owner is None:
+            user = data.get("userId")
+            owner = self._owners[execution_id] = (track.workflow_id, user if isinstance(user, str) and user else None)
+            while len(self._owners) > self._max_executions * _OWNERS_PER_EXECUTION_BOUND:
+                self._owners.popitem(last=False)
+        track.workflow_id, track.user_id = owner
 
     def _sweep(self) -> None:
         """Warn for running attempts past a threshold; forget those ended or warned twice."""
@@ -318,7 +345,10 @@ class Hub:
 
     def user_of(self, execution_id: str) -> str | None:
         buffer = self._buffers.get(execution_id)
-        return buffer.track.user_id if buffer else None
+        if buffer is not None:
+            return buffer.track.user_id
+        owner = self._owners.get(execution_id)
+        return owner[1] if owner else None
 
     def recent_events(self, execution_id: str, from_seq: int) -> list[LiveEvent]:
         buffer = self._buffers.get(execution_id)
@@ -353,4 +383,19 @@ class Hub:
             "eventsIn": self.events_in,
             "spansIn": self.spans_in,
             "duplicatesDropped": self.duplicates_dropped,
+            "foreignDropped": self.foreign_dropped,
         }
+
+
+# Events stored or sent before intake checked their bodies (collector/admission.py) may hold
+# anything: what lacks the documented type is ignored, never raised on.
+
+
+def _node_specs(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        return []
+    return [spec for spec in value if isinstance(spec, dict) and isinstance(spec.get("id"), str) and spec["id"]]
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

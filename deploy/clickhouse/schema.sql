@@ -1,4 +1,4 @@
--- flowscope schema version 5, database otel
+-- flowscope schema version 6, database otel
 
 CREATE DATABASE IF NOT EXISTS otel;
 
@@ -674,3 +674,38 @@ ARRAY JOIN rl.scope_logs AS sl
 ARRAY JOIN sl.log_records AS l;
 
 INSERT INTO otel.flowscope_schema_migrations (Version, Description) VALUES (5, 'OTLP log intake converted inside ClickHouse (Null table and view into otel_logs)');
+
+-- migration 6: execution owners fixed by the first record stored
+
+CREATE TABLE IF NOT EXISTS otel.execution_owners (
+    ExecutionId String,
+    Owner SimpleAggregateFunction(min, Tuple(StoredAt DateTime64(9), Row UInt64, WorkflowId String, UserId String)),
+    FirstSeen SimpleAggregateFunction(min, DateTime64(9))
+) ENGINE = AggregatingMergeTree
+ORDER BY ExecutionId
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS otel.execution_owners_started_mv
+TO otel.execution_owners
+AS SELECT
+    LogAttributes['workflow.execution.id'] AS ExecutionId,
+    tuple(now64(9), rowNumberInAllBlocks(), LogAttributes['workflow.id'], JSONExtractString(Body, 'userId')) AS Owner,
+    Timestamp AS FirstSeen
+FROM otel.otel_logs
+WHERE EventName = 'workflow.started' AND LogAttributes['workflow.execution.id'] != '';
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS otel.execution_owners_span_mv
+TO otel.execution_owners
+AS SELECT
+    SpanAttributes['workflow.execution.id'] AS ExecutionId,
+    tuple(now64(9), rowNumberInAllBlocks(), SpanAttributes['workflow.id'], SpanAttributes['enduser.id']) AS Owner,
+    Timestamp AS FirstSeen
+FROM otel.otel_traces
+WHERE SpanAttributes['gen_ai.operation.name'] = 'invoke_workflow'
+  AND SpanAttributes['workflow.execution.id'] != '';
+
+INSERT INTO otel.execution_owners
+SELECT ExecutionId, tuple(toDateTime64(0, 9), toUInt64(0), WorkflowId, UserId), StartTime
+FROM otel.workflow_executions FINAL;
+
+INSERT INTO otel.flowscope_schema_migrations (Version, Description) VALUES (6, 'execution owners fixed by the first record stored');

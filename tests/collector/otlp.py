@@ -44,21 +44,25 @@ class OtlpProviders:
         self.meter_provider.shutdown()
 
 
-def otlp_providers(collector: Collector, protocol: str, service: str = "svc-test") -> OtlpProviders:
+def otlp_providers(
+    collector: Collector, protocol: str, service: str = "svc-test", token: str | None = None
+) -> OtlpProviders:
+    """`token`: a bearer token with the "ingest" grant, for a collector with auth configured."""
     resource = Resource.create({"service.name": service, "deployment.environment.name": "test"})
+    headers = {"authorization": f"Bearer {token}"} if token else None
     spans: SpanExporter
     logs: LogRecordExporter
     metrics: MetricExporter
     if protocol == "grpc":
         endpoint = f"http://127.0.0.1:{collector.grpc_port}"
-        spans = GrpcSpanExporter(endpoint=endpoint, insecure=True)
-        logs = GrpcLogExporter(endpoint=endpoint, insecure=True)
-        metrics = GrpcMetricExporter(endpoint=endpoint, insecure=True)
+        spans = GrpcSpanExporter(endpoint=endpoint, insecure=True, headers=headers)
+        logs = GrpcLogExporter(endpoint=endpoint, insecure=True, headers=headers)
+        metrics = GrpcMetricExporter(endpoint=endpoint, insecure=True, headers=headers)
     else:
         base = f"http://127.0.0.1:{collector.http_port}"
-        spans = HttpSpanExporter(endpoint=f"{base}/v1/traces")
-        logs = HttpLogExporter(endpoint=f"{base}/v1/logs")
-        metrics = HttpMetricExporter(endpoint=f"{base}/v1/metrics")
+        spans = HttpSpanExporter(endpoint=f"{base}/v1/traces", headers=headers)
+        logs = HttpLogExporter(endpoint=f"{base}/v1/logs", headers=headers)
+        metrics = HttpMetricExporter(endpoint=f"{base}/v1/metrics", headers=headers)
     tracer_provider = TracerProvider(resource=resource)
     tracer_provider.add_span_processor(BatchSpanProcessor(spans, schedule_delay_millis=50))
     logger_provider = LoggerProvider(resource=resource)

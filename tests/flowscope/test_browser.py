@@ -184,10 +184,13 @@ async def test_list_shows_runs_clickhouse_has_not_stored_yet(stack_factory: Stac
 async def test_a_restricted_viewer_sees_its_runs_live_and_no_others(
     stack_factory: StackFactory, browser: Browser
 ) -> None:
-    tokens = {"tok-ana": ("ana", frozenset({"workflow:granted", "user:ana"}))}
+    tokens = {
+        "tok-ana": ("ana", frozenset({"workflow:granted", "user:ana"})),
+        "tok-engine": ("engine", frozenset({"ingest"})),
+    }
     async with stack_factory(auth_tokens=tokens) as stack:
         assert stack.endpoints is not None
-        providers = otlp_providers(stack.collector, "grpc")
+        providers = otlp_providers(stack.collector, "grpc", token="tok-engine")
         engine = Engine(providers.telemetry())
         granted = WorkflowBuilder("granted").code("a", quick).build()
         other = WorkflowBuilder("other").code("a", quick).build()

@@ -23,8 +23,8 @@ async def broken(ctx: NodeContext) -> None:
     raise RuntimeError("quota exceeded")
 
 
-async def run_some(stack: Stack) -> tuple[list[str], str]:
-    providers = otlp_providers(stack.collector, "http")
+async def run_some(stack: Stack, token: str | None = None) -> tuple[list[str], str]:
+    providers = otlp_providers(stack.collector, "http", token=token)
     engine = Engine(providers.telemetry())
     good = WorkflowBuilder("api-ok", "API ok").code("a", fine).code("b", fine, depends_on=["a"]).build()
     bad = WorkflowBuilder("api-bad", "API bad").code("a", fine).code("b", broken, depends_on=["a"]).build()
@@ -147,10 +147,11 @@ async def test_a_restricted_token_lists_everything_its_grants_cover(stack_factor
     tokens = {
         "tok-ana": ("ana", frozenset({"user:ana", "workflow:api-bad", "not-a-room"})),
         "tok-admin": ("admin", frozenset({"*"})),
+        "tok-engine": ("engine", frozenset({"ingest"})),
     }
     async with stack_factory(auth_tokens=tokens) as stack:
         assert stack.endpoints is not None
-        ok_ids, failed = await run_some(stack)
+        ok_ids, failed = await run_some(stack, "tok-engine")
         async with httpx.AsyncClient(base_url=stack.endpoints.web) as http:
             ana = {"Authorization": "Bearer tok-ana"}
             me = (await http.get("/api/v1/me", headers=ana)).json()
@@ -168,7 +169,7 @@ async def test_a_restricted_token_lists_everything_its_grants_cover(stack_factor
             other = (await http.get("/api/v1/executions", params={"user": "bo"}, headers=ana)).json()
             assert other["items"] == []
 
-        providers = otlp_providers(stack.collector, "http")
+        providers = otlp_providers(stack.collector, "http", token="tok-engine")
         engine = Engine(providers.telemetry())
         hidden = await engine.run(WorkflowBuilder("api-ok", "API ok").code("a", fine).build(), user_id="bo")
         await asyncio.to_thread(providers.flush)
