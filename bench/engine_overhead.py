@@ -2,7 +2,9 @@
 
 Run: .venv/bin/python bench/engine_overhead.py [--nodes 1000] [--repeat 3] [--ablation]
 Full telemetry goes through the real SDK (batch processors) into exporters
-that discard, so the figure is the engine's and the SDK's cost, not a network's.
+that discard, so the figure is the engine's and the SDK's cost, not a network's. Events go
+through the processor `setup()` builds (its queue bound, and the back-pressure checks the
+engine makes before each run and node attempt).
 --ablation adds CPU µs per step with each SDK part (spans, events, metrics) switched on
 alone over no-op providers: where the telemetry cost goes.
 """
@@ -69,8 +71,13 @@ def sdk_telemetry() -> tuple[Telemetry, TracerProvider, LoggerProvider]:
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(BatchSpanProcessor(NullSpanExporter(), max_queue_size=1 << 20))
     logger_provider = LoggerProvider()
-    logger_provider.add_log_record_processor(BatchLogRecordProcessor(NullLogExporter(), max_queue_size=1 << 20))
     meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    try:  # the events' processor as setup() builds it: its queue bound and the back-pressure it drives
+        from engine.telemetry import event_processor
+    except ImportError:  # an engine from before the back-pressure, for a before/after comparison
+        logger_provider.add_log_record_processor(BatchLogRecordProcessor(NullLogExporter(), max_queue_size=1 << 20))
+    else:
+        logger_provider.add_log_record_processor(event_processor(NullLogExporter(), 20, {}, meter_provider))
     return Telemetry(tracer_provider, logger_provider, meter_provider), tracer_provider, logger_provider
 
 

@@ -20,6 +20,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from opentelemetry.sdk.trace import TracerProvider
 
+from collector.batcher import Backpressure
 from collector.convert import Converted
 from collector.receiver import GrpcReceiver
 from collector.types import Signal
@@ -35,16 +36,23 @@ NODES = 10
 
 
 class CountingConsumer:
-    """Counts received events by name and keeps every execution's seq numbers."""
+    """Counts received events by name and keeps every execution's seq numbers.
+
+    The first `refuse` event requests are refused as the collector refuses when its queue is full.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.by_name: collections.Counter[str] = collections.Counter()
         self.seqs: dict[str, list[int]] = collections.defaultdict(list)
+        self.refuse = 0
 
     def __call__(self, signal: Signal, request: Any, raw: bytes | None = None) -> Converted:
         count = 0
         with self._lock:
+            if signal is Signal.LOGS and self.refuse > 0:
+                self.refuse -= 1
+                raise Backpressure("queue full", retry_after_s=0.05)
             for resource_logs in getattr(request, "resource_logs", ()):
                 for scope_logs in resource_logs.scope_logs:
                     for record in scope_logs.log_records:
@@ -127,18 +135,15 @@ async def run_many(engine: Engine, runs: int, concurrency: int) -> dict[str, int
     return emitted
 
 
-async def test_every_event_arrives_while_the_collector_takes_them(
-    monkeypatch: pytest.MonkeyPatch, receiver: tuple[GrpcReceiver, CountingConsumer]
-) -> None:
-    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+async def run_and_count(receiver: tuple[GrpcReceiver, CountingConsumer], runs: int) -> None:
+    """Runs with the engine's event pipeline into `receiver`; every event must arrive, in seq."""
     server, consumer = receiver
     telemetry, logger_provider, reader = providers(server.port)
     engine = Engine(telemetry)
-    runs = 150
     emitted = await run_many(engine, runs, concurrency=10)
     await engine.aclose()
     assert await asyncio.to_thread(logger_provider.force_flush)
-    logger_provider.shutdown()
+    await asyncio.to_thread(logger_provider.shutdown)
 
     assert queue_full_drops(reader) == 0
     for name in ("workflow.started", "workflow.completed"):
@@ -148,6 +153,23 @@ async def test_every_event_arrives_while_the_collector_takes_them(
     assert sum(consumer.by_name.values()) == sum(emitted.values())
     for execution, count in emitted.items():
         assert sorted(consumer.seqs[execution]) == list(range(1, count + 1)), execution
+
+
+async def test_every_event_arrives_while_the_collector_takes_them(
+    monkeypatch: pytest.MonkeyPatch, receiver: tuple[GrpcReceiver, CountingConsumer]
+) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    await run_and_count(receiver, runs=150)
+
+
+async def test_every_event_arrives_while_the_collector_pushes_back(
+    monkeypatch: pytest.MonkeyPatch, receiver: tuple[GrpcReceiver, CountingConsumer]
+) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    # More refusals in a row than the OTLP exporter retries (six): the collector is busy, not gone.
+    receiver[1].refuse = 9
+    await run_and_count(receiver, runs=30)
+    assert receiver[1].refuse == 0
 
 
 async def test_unreachable_collector_never_blocks_runs_and_drops_are_counted(
