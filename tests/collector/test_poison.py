@@ -42,7 +42,7 @@ def logs_request(bodies: list[str], days_ago: list[int] | None = None) -> bytes:
     request = ExportLogsServiceRequest(
         resource_logs=[ResourceLogs(resource=RESOURCE, scope_logs=[ScopeLogs(log_records=records)])]
     )
-    return request.SerializeToString()
+    return bytes(request.SerializeToString())
 
 
 def gauge_request(days_ago: list[int], name: str = "queue.depth") -> bytes:
@@ -52,7 +52,7 @@ def gauge_request(days_ago: list[int], name: str = "queue.depth") -> bytes:
     request = ExportMetricsServiceRequest(
         resource_metrics=[ResourceMetrics(resource=RESOURCE, scope_metrics=[ScopeMetrics(metrics=[metric])])]
     )
-    return request.SerializeToString()
+    return bytes(request.SerializeToString())
 
 
 def export(port: int, signal: str, payload: bytes) -> None:
