@@ -179,9 +179,10 @@ class Bridge:
     async def _serve(self, websocket: WebSocket, initial: dict[str, Any] | None) -> None:
         origin = websocket.headers.get("origin")
         if origin is not None and not self._origin_allowed(origin, websocket.headers.get("host", "")):
-            # Refused at the handshake with an HTTP 403: a page on another origin never gets a
-            # connection, so it cannot use the browser's way round auth-off loopback serving.
-            await _deny(websocket, f"origin {origin[:100]!r} may not open live connections")
+            # Closed before accept, which the server answers with an HTTP 403: a page on another
+            # origin never gets a connection (browsers show scripts no handshake body anyway).
+            logger.info("refused a WebSocket handshake from origin %r", origin[:200])
+            await close_quietly(websocket, 4403, "origin not allowed")
             return
         try:
             principal = self.auth.authenticate(
@@ -238,14 +239,6 @@ class Bridge:
             yield self
         finally:
             await self.aclose()
-
-
-async def _deny(websocket: WebSocket, message: str) -> None:
-    try:
-        await websocket.send_denial_response(JSONResponse({"error": message}, status_code=403))
-    except RuntimeError:
-        # A server without the denial-response extension answers a close before accept with 403 too.
-        await close_quietly(websocket, 4403, message[:120])
 
 
 def _count(signal: Signal, request: Any) -> int:

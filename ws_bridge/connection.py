@@ -135,7 +135,7 @@ class Connection:
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             if initial is not None:
-                await self._handle(initial)
+                await self._handle_or_report(initial)
             await self._receive_loop(sender)
         finally:
             self.closed = True
@@ -173,10 +173,13 @@ class Connection:
             if not isinstance(request, dict):
                 self._error("bad_request", "a frame must be a JSON object with an 'op'")
                 continue
-            try:
-                await self._handle(request)
-            except ProtocolError as exc:
-                self._error(exc.code, exc.message, exc.sub_id)
+            await self._handle_or_report(request)
+
+    async def _handle_or_report(self, request: Message) -> None:
+        try:
+            await self._handle(request)
+        except ProtocolError as exc:
+            self._error(exc.code, exc.message, exc.sub_id)
 
     async def _sender(self) -> None:
         while True:
