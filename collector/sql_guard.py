@@ -101,8 +101,8 @@ def _check_kind(node: _Node, canonical: str) -> None:
         return
     verb = canonical.split(" ", 1)[0].upper()
     if node.kind == "Explain":
-        raise Refused("EXPLAIN is allowed of SELECT, WITH, SHOW and DESCRIBE statements only: SQL here is readonly")
-    raise Refused(f"{verb} is not allowed: SQL here is readonly, only {STATEMENTS} statements run")
+        raise Refused("EXPLAIN is allowed of SELECT, WITH, SHOW and DESCRIBE statements only (readonly mode)")
+    raise Refused(f"{verb} is not allowed: user SQL runs in readonly mode, only {STATEMENTS} statements")
 
 
 def _reads(node: _Node) -> bool:
