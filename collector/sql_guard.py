@@ -75,6 +75,7 @@ def check(client: Client, query: str) -> Checked:
         " formatQuerySingleLineOrNull(concat(formatQuerySingleLine({q:String}), ' FORMAT TabSeparated')) IS NULL,"
         " getSetting('readonly')",
         parameters={"q": query},
+        settings=_explicit_select(client),
     ).result_rows[0]
     tree = _tree(client.command(f"EXPLAIN AST {canonical}"))
     _check_kind(tree, canonical)
@@ -94,6 +95,18 @@ def check(client: Client, query: str) -> Checked:
         if name.lower() in FUNCTIONS_REFUSED:
             raise Refused(f"function {name}() is not allowed: it reads outside the database")
     return Checked(str(canonical), int(readonly) != 0)
+
+
+def _explicit_select(client: Client) -> dict[str, int]:
+    """The embedded engine parses `SELEC x` as `SELECT SELEC AS x` (implicit_select, on in
+    clickhouse-local); a server does not. Off where the session may change it, so a typo is a
+    syntax error everywhere."""
+    setting = client.server_settings.get("implicit_select")
+    # A read-only session refuses the change: a server's reader (setting.readonly) or a
+    # client made read-only after connecting.
+    if setting is None or setting.readonly or client.get_client_setting("readonly") not in (None, "0"):
+        return {}
+    return {} if setting.value == "0" else {"implicit_select": 0}
 
 
 def _check_kind(node: _Node, canonical: str) -> None:
