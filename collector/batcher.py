@@ -13,6 +13,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,7 @@ class Pipeline:
         self._waiting_since: float | None = None
         self.stall_after_s = stall_after_s or max(_DEFAULT_STALL_AFTER_S, 10 * self.flush_interval_s)
         self._spool_refused: tuple[float, str] | None = None
+        self._instance = uuid.uuid4().hex
         self._flush_requested = False
         # Spilling: once memory is full, records live only in the spool until the writer
         # reads them back, oldest first, [spill_next, spill_last].
@@ -432,7 +434,11 @@ class Pipeline:
         """True once every piece is settled (written, or isolated and dead-lettered)."""
         if self.spool is not None:
             self.spool.mark_inflight(current.first, current.last)
-        token_prefix = f"{current.first}-{current.last}" if self.spool is not None else None
+        # Spooled rounds keep their tokens across restarts (replay re-forms them exactly);
+        # without a spool, seqs restart at 1, so the tokens are this pipeline's own.
+        token_prefix = f"{current.first}-{current.last}"
+        if self.spool is None:
+            token_prefix = f"{self._instance}:{token_prefix}"
         try:
             for piece in round_pieces(current.entries, self.max_batch_rows):
                 self._isolation.settle(piece, current.done, token_prefix)

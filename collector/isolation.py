@@ -166,16 +166,15 @@ class Isolation:
         self._dead_letters = dead_letters
         self._metrics = metrics
 
-    def settle(self, piece: Piece, done: set[str], token_prefix: str | None) -> None:
+    def settle(self, piece: Piece, done: set[str], token_prefix: str) -> None:
         """Write `piece`, or what of it ClickHouse takes, dead-lettering the rest; `done`
         holds the keys of pieces already settled (a retried round skips them)."""
         self._settle(piece, done, token_prefix, [_SPLIT_BUDGET])
 
-    def _settle(self, piece: Piece, done: set[str], token_prefix: str | None, budget: list[int]) -> None:
+    def _settle(self, piece: Piece, done: set[str], token_prefix: str, budget: list[int]) -> None:
         if piece.key in done:
             return
-        token = f"{token_prefix}:{piece.key}" if token_prefix is not None else None
-        refusal = self._attempt(piece, token)
+        refusal = self._attempt(piece, f"{token_prefix}:{piece.key}")
         if refusal is not None:
             parts = piece.split() if budget[0] > 0 else []
             if parts:

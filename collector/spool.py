@@ -87,6 +87,7 @@ class Spool:
         self._closed = False
         self._sync_error: OSError | None = None
         self._reserve = directory / "reserve"
+        self._reserve_missing = False
         self._make_reserve()
         self._syncer = threading.Thread(target=self._sync_loop, name="spool-fsync", daemon=True)
         self._syncer.start()
@@ -296,9 +297,13 @@ class Spool:
                 handle.flush()
                 os.fsync(handle.fileno())
         except OSError as exc:
-            logger.warning("spool: cannot set space aside for checkpoints yet: %s", exc)
+            if not self._reserve_missing:
+                logger.warning("spool: cannot set space aside for checkpoints yet: %s", exc)
+            self._reserve_missing = True
             with contextlib.suppress(OSError):
                 self._reserve.unlink()
+            return
+        self._reserve_missing = False
 
     def _truncate(self) -> None:
         """Delete segments every record of which is in ClickHouse (never the open one)."""
