@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +27,7 @@ from collector.schema import SchemaOptions
 from collector.service import Collector, CollectorConfig
 from collector.spool import Spool, SpoolUnwritable
 from collector.types import Signal
+from tests.collector.test_durability import CLI, ROOT, env, stored_span_ids
 from tests.collector.test_end_to_end import query
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -227,3 +230,53 @@ async def test_an_insert_that_fails_part_way_is_completed_not_repeated(chdb_dsn:
         assert await asyncio.to_thread(pipeline.flush, 30.0)
     assert query(collector, "SELECT count(), uniqExact(SpanId) FROM {db}.otel_traces") == [(250, 250)]
     assert query(collector, "SELECT count(), uniqExact(SpanId) FROM {db}.after") == [(250, 250)]
+
+
+@pytest.mark.slow
+async def test_clickhouse_on_a_full_disk_keeps_everything_acknowledged(tmp_path: Path) -> None:
+    # The real thing: `flowscope up` with its embedded ClickHouse's data on a small tmpfs,
+    # filled. The spool is elsewhere, so requests are still acknowledged meanwhile.
+    with small_disk(tmp_path / "disk", "64m") as disk:
+        process = await asyncio.create_subprocess_exec(
+            *CLI, "up", "--data-dir", str(disk / "data"), "--spool-dir", str(tmp_path / "spool"),
+            "--http-port", "0", "--otlp-grpc-port", "0", "--otlp-http-port", "0",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(FLOWSCOPE_FLUSH_INTERVAL_S="0.1"), cwd=ROOT,
+        )  # fmt: skip
+        assert process.stdout is not None
+        banner = ""
+        try:
+            async with asyncio.timeout(90):
+                while "Press Ctrl-C" not in banner:
+                    line = await process.stdout.readline()
+                    assert line, f"flowscope up exited: {banner}"
+                    banner += line.decode()
+            grpc_port = re.search(r"gRPC http://127\.0\.0\.1:(\d+)", banner)
+            web = re.search(r"ready: (http://\S+)/readyz", banner)
+            assert grpc_port is not None and web is not None, banner
+            filler = fill(disk)
+            acked: list[str] = []
+            async with httpx.AsyncClient(base_url=web.group(1)) as http:
+                with grpc.insecure_channel(f"127.0.0.1:{grpc_port.group(1)}") as channel:
+                    export = channel.unary_unary(EXPORT)
+                    for _ in range(40):
+                        payload, ids = request(50)
+                        await asyncio.to_thread(export, payload, timeout=10)
+                        acked.extend(ids)
+                deadline = time.monotonic() + 30
+                while "NOT_ENOUGH_SPACE" not in (state := (await http.get("/readyz")).json()).get("reason", ""):
+                    assert time.monotonic() < deadline, state
+                    await asyncio.sleep(0.1)
+                assert state["writer"] == "running" and not state["ready"]
+                filler.unlink()
+                deadline = time.monotonic() + 60
+                while not (state := (await http.get("/readyz")).json())["ready"] or state["queuedRows"]:
+                    assert time.monotonic() < deadline, state
+                    await asyncio.sleep(0.1)
+                metrics = (await http.get("/metrics")).text
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGINT)
+                await asyncio.wait_for(process.communicate(), 60)
+        stored = await stored_span_ids(disk / "data")
+    assert len(stored) == len(acked) and set(stored) == set(acked)
+    assert [line for line in metrics.splitlines() if line.startswith("flowscope_collector_dropped_rows_total{")] == []
