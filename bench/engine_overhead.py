@@ -4,7 +4,9 @@ Run: .venv/bin/python bench/engine_overhead.py [--nodes 1000] [--repeat 3] [--ab
 Full telemetry goes through the real SDK (batch processors) into exporters
 that discard, so the figure is the engine's and the SDK's cost, not a network's. Events go
 through the processor `setup()` builds (its queue bound, and the back-pressure checks the
-engine makes before each run and node attempt).
+engine makes before each run and node attempt); each round also runs the same telemetry with
+those checks switched off, so `backpressure_checks_cost_ratio` (wall time with ÷ without)
+is measured within the run.
 --ablation adds CPU µs per step with each SDK part (spans, events, metrics) switched on
 alone over no-op providers: where the telemetry cost goes.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import time
 from collections.abc import Sequence
@@ -149,15 +152,21 @@ async def main(nodes: int, repeat: int) -> dict[str, Any]:
         workflow = build(nodes)
         off_engine = Engine(Telemetry.disabled(), concurrency=nodes)
         on_engine = Engine(telemetry, concurrency=nodes)
-        for engine in (off_engine, on_engine):
+        # The same telemetry without the event back-pressure checks, for what they cost.
+        ungated = copy.copy(telemetry)
+        ungated.backpressure = None
+        ungated_engine = Engine(ungated, concurrency=nodes)
+        engines = (off_engine, on_engine, ungated_engine)
+        for engine in engines:
             await engine.run(workflow)  # warm-up: imports, the HTTP client, first-run allocations
-        off = on = on_cpu = float("inf")
+        off = on = on_cpu = no_gate = float("inf")
         for _ in range(repeat):
             off = min(off, (await run_s(off_engine, workflow))[0])
             wall, cpu = await run_s(on_engine, workflow)
             on, on_cpu = min(on, wall), min(on_cpu, cpu)
+            no_gate = min(no_gate, (await run_s(ungated_engine, workflow))[0])
             bare = min(bare, _bare_block(tracer, logger, nodes))
-        for engine in (off_engine, on_engine):
+        for engine in engines:
             await engine.aclose()
         results[shape] = {
             "steps_per_s_telemetry_off": round(nodes / off),
@@ -165,7 +174,15 @@ async def main(nodes: int, repeat: int) -> dict[str, Any]:
             # Process CPU per step, the SDK's worker threads included: the rate on one core.
             "steps_per_cpu_s_telemetry_on": round(nodes / on_cpu),
             "telemetry_cost_us_per_step": round((on - off) / nodes * 1e6, 1),
+            "steps_per_s_telemetry_on_without_backpressure": round(nodes / no_gate),
+            "backpressure_checks_cost_ratio": round(on / no_gate, 3),
         }
+    check = getattr(telemetry, "events_backlogged", None)
+    if check is not None:  # the check each run and node attempt makes, alone
+        started = time.perf_counter()
+        for _ in range(100_000):
+            check()
+        results["backpressure_check_us"] = round((time.perf_counter() - started) / 100_000 * 1e6, 3)
     tracer_provider.shutdown()
     logger_provider.shutdown()
     results["bare_sdk_span_plus_event_us"] = round(bare * 1e6, 1)

@@ -149,29 +149,30 @@ class EventBackpressure:
             return None
         return cls(multi, stall_s=stall_s)
 
-    def _refresh(self) -> tuple[Sized, ...]:
+    def _refresh(self, processors: Any) -> None:
         """The batch queues behind the logger, found again whenever its processors change."""
-        processors = self._multi._log_record_processors
-        if processors is not self._processors:
-            self._processors = processors
-            batches = [getattr(p, "_batch_processor", None) for p in processors if type(p) is BatchLogRecordProcessor]
-            found = [
-                (queue, capacity)
-                for b in batches
-                if isinstance(queue := getattr(b, "_queue", None), Sized)
-                and isinstance(capacity := getattr(b, "_max_queue_size", None), int)
-            ]
-            self._queues = tuple(q for q, _ in found)
-            capacity = min((c for _, c in found), default=0)
-            self._high = capacity // HIGH_WATER_FRACTION
-            self._low = capacity // LOW_WATER_FRACTION
-            exporters = [getattr(b, "_exporter", None) for b in batches]
-            self._health = tuple(e for e in exporters if isinstance(e, ExportHealth))
-        return self._queues
+        self._processors = processors
+        batches = [getattr(p, "_batch_processor", None) for p in processors if type(p) is BatchLogRecordProcessor]
+        found = [
+            (queue, capacity)
+            for b in batches
+            if isinstance(queue := getattr(b, "_queue", None), Sized)
+            and isinstance(capacity := getattr(b, "_max_queue_size", None), int)
+        ]
+        self._queues = tuple(q for q, _ in found)
+        capacity = min((c for _, c in found), default=0)
+        self._high = capacity // HIGH_WATER_FRACTION
+        self._low = capacity // LOW_WATER_FRACTION
+        exporters = [getattr(b, "_exporter", None) for b in batches]
+        self._health = tuple(e for e in exporters if isinstance(e, ExportHealth))
 
     def _fill(self) -> int:
-        queues = self._refresh()
-        return max(map(len, queues)) if queues else 0
+        processors = self._multi._log_record_processors
+        if processors is not self._processors:
+            self._refresh(processors)
+        queues = self._queues
+        # One queue (setup()'s) is the common case: one length read.
+        return len(queues[0]) if len(queues) == 1 else max(map(len, queues), default=0)
 
     def _failing(self) -> bool:
         return any(h.failing for h in self._health)
