@@ -83,7 +83,11 @@ class Spool:
         self._last_seq = self._recover()
         self._written_seq = self._durable_seq = self._last_seq
         self._bytes = sum(path.stat().st_size for _, path in self._segments)
-        self._file = self._open_segment(self._last_seq + 1) if not self._segments else self._segments[-1][1].open("ab")
+        self._file = (
+            self._open_segment(self._last_seq + 1)
+            if not self._segments
+            else self._segments[-1][1].open("ab", buffering=0)
+        )
         self._closed = False
         self._sync_error: OSError | None = None
         self._reserve = directory / "reserve"

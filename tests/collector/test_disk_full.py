@@ -201,7 +201,10 @@ def test_a_spool_write_the_disk_refuses_is_cut_off_and_the_spool_goes_on(tmp_pat
             spool.close()
         reopened = Spool(disk / "spool")
         try:
-            assert [r.payload[:1] for r in reopened.replay()] == [b"a", b"c"]
+            # Appends to the reopened segment are visible (and durable) as soon as synced.
+            third = reopened.append(Signal.TRACES, b"d" * 1000)
+            reopened.wait_durable(third)
+            assert [r.payload[:1] for r in reopened.replay()] == [b"a", b"c", b"d"]
         finally:
             reopened.close()
 
