@@ -4,7 +4,9 @@ HTTP alike, as the SDK's OTEL_EXPORTER_OTLP_HEADERS sends it; no read grant impl
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,10 +20,12 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
+from collector.history import History
 from flowscope.cli import send_token, with_demo_token
 from flowscope.config import Settings
 from flowscope.stack import Stack
 from tests.conftest import StackFactory
+from tests.flowscope.test_cli import WORKFLOW, cli, cli_env
 
 SECRET = "s3cret-for-tests-only-32-bytes-long!"
 TOKENS = {
@@ -175,3 +179,26 @@ async def test_the_demo_mints_an_ingest_only_token_its_stack_accepts(stack_facto
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.endpoints.http_port}") as client:  # type: ignore[union-attr]
             me = await client.get("/api/v1/me", headers={"authorization": f"Bearer {token}"})
         assert me.json()["rooms"] == [] and me.json()["unrestricted"] is False
+
+
+async def test_flowscope_run_sends_its_token(stack_factory: StackFactory, tmp_path: Path) -> None:
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(WORKFLOW)
+    async with stack_factory(auth_tokens=TOKENS) as stack:
+        assert stack.endpoints is not None
+        args = ("run", str(flow), "--otlp-endpoint", stack.endpoints.otlp_grpc)
+        with_flag = await cli(*args, "--token", "writer")
+        from_env = await cli(*args, env=cli_env(FLOWSCOPE_TOKEN="writer"))
+        without = await cli(*args)
+        ids = [_execution_id(ran.stdout) for ran in (with_flag, from_env, without)]
+        assert stack.collector.pipeline is not None
+        assert await asyncio.to_thread(stack.collector.pipeline.flush, 30.0)
+        history = History(stack.collector.client, stack.collector.database)
+        stored = [history.get_execution(i) is not None for i in ids]
+        assert stored == [True, True, False]
+
+
+def _execution_id(stdout: str) -> str:
+    found = re.search(r"execution ([0-9a-f]{32})", stdout)
+    assert found is not None, stdout
+    return found.group(1)
