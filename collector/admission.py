@@ -53,13 +53,19 @@ class TimeWindow:
     max_future_s: float = 86_400.0
     max_age_days: float = 365.0
 
-    def check(self, ns: int, what: str, now_ns: int) -> None:
-        if ns > MAX_NS:
+    def bounds(self, now_ns: int) -> tuple[int, int]:
+        """(earliest, latest) admitted at `now_ns`."""
+        earliest = now_ns - int(self.max_age_days * _NS_PER_DAY) if self.max_age_days > 0 else 0
+        latest = now_ns + int(self.max_future_s * 1e9) if self.max_future_s > 0 else MAX_NS
+        return earliest, latest
+
+    def check(self, ns: int, what: str, bounds: tuple[int, int]) -> None:
+        earliest, latest = bounds
+        if earliest <= ns <= latest or ns > MAX_NS:
             return  # beyond DateTime64 altogether: the converter refuses it, saying so
-        if self.max_future_s > 0 and ns > now_ns + int(self.max_future_s * 1e9):
+        if ns > latest:
             raise Refused(f"{what} {ns} is more than {self.max_future_s:g} s in the future")
-        if self.max_age_days > 0 and ns < now_ns - int(self.max_age_days * _NS_PER_DAY):
-            raise Refused(f"{what} {ns} is more than {self.max_age_days:g} days old")
+        raise Refused(f"{what} {ns} is more than {self.max_age_days:g} days old")
 
 
 OFF = TimeWindow(0, 0)
@@ -71,10 +77,15 @@ def check_lifecycle_event(record: Any) -> None:
         return
     execution = seq = None
     for kv in record.attributes:
-        if kv.key == EXECUTION_ID:
+        key = kv.key
+        if key == EXECUTION_ID:
             execution = kv.value
-        elif kv.key == SEQ:
+            if seq is not None:
+                break
+        elif key == SEQ:
             seq = kv.value
+            if execution is not None:
+                break
     if execution is None or not any_value(execution):
         return
     _check_seq(seq)
@@ -160,17 +171,17 @@ class Admitted:
 
 def admit(signal: Signal, request: Any, window: TimeWindow, now_ns: int | None = None) -> Admitted:
     """Cuts the records the collector does not admit out of `request`, in place."""
-    now = time.time_ns() if now_ns is None else now_ns
+    bounds = window.bounds(time.time_ns() if now_ns is None else now_ns)
     outcome = Admitted()
     if signal is Signal.LOGS:
         for rl in request.resource_logs:
             for sl in rl.scope_logs:
-                _filter(sl.log_records, lambda r: _log_problem(r, window, now), "log record", outcome)
+                _filter(sl.log_records, lambda r: _log_problem(r, window, bounds), "log record", outcome)
     elif signal is Signal.TRACES:
         if window != OFF:
             for rs in request.resource_spans:
                 for ss in rs.scope_spans:
-                    _filter(ss.spans, lambda s: _span_problem(s, window, now), "span", outcome)
+                    _filter(ss.spans, lambda s: _span_problem(s, window, bounds), "span", outcome)
     elif window != OFF:
         for rm in request.resource_metrics:
             for sm in rm.scope_metrics:
@@ -178,7 +189,7 @@ def admit(signal: Signal, request: Any, window: TimeWindow, now_ns: int | None =
                     kind = metric.WhichOneof("data")
                     if kind is not None:
                         points = getattr(metric, kind).data_points
-                        _filter(points, lambda p: _point_problem(p, window, now), "metric", outcome)
+                        _filter(points, lambda p: _point_problem(p, window, bounds), "metric", outcome)
     return outcome
 
 
@@ -195,17 +206,17 @@ def _filter(items: Any, check: Callable[[Any], None], what: str, outcome: Admitt
         del items[index]
 
 
-def _log_problem(record: Any, window: TimeWindow, now: int) -> None:
-    window.check(record.time_unix_nano or record.observed_time_unix_nano, "timeUnixNano", now)
+def _log_problem(record: Any, window: TimeWindow, bounds: tuple[int, int]) -> None:
+    window.check(record.time_unix_nano or record.observed_time_unix_nano, "timeUnixNano", bounds)
     check_lifecycle_event(record)
 
 
-def _point_problem(point: Any, window: TimeWindow, now: int) -> None:
-    window.check(point.time_unix_nano, "timeUnixNano", now)
+def _point_problem(point: Any, window: TimeWindow, bounds: tuple[int, int]) -> None:
+    window.check(point.time_unix_nano, "timeUnixNano", bounds)
 
 
-def _span_problem(span: Any, window: TimeWindow, now: int) -> None:
-    window.check(span.start_time_unix_nano, "startTimeUnixNano", now)
+def _span_problem(span: Any, window: TimeWindow, bounds: tuple[int, int]) -> None:
+    window.check(span.start_time_unix_nano, "startTimeUnixNano", bounds)
 
 
 def admitting(
