@@ -503,7 +503,7 @@ def _execution_from_events(
         "startTime": first["ts"],
         "endTime": None,
         "durationMs": None,
-        "totalNodes": _count(data.get("totalNodes")),
+        "totalNodes": whole(data.get("totalNodes")),
         "completedNodes": 0,
         "failedNodes": 0,
         "skippedNodes": 0,
@@ -525,24 +525,28 @@ def _owned_by(event: dict[str, Any], owner: tuple[str, str]) -> bool:
 
 
 # Rows stored before intake checked event bodies (collector/admission.py) may hold anything:
-# readers take what has the documented type and ignore the rest, never failing the request.
+# readers — these, the live hub, `flowscope watch` — take what has the documented type and
+# ignore the rest, never failing the request.
 
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _count(value: Any) -> int:
+def whole(value: Any) -> int:
+    """A non-negative integer field, else 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-def _number(value: Any) -> float | int | None:
+def number(value: Any) -> float | int | None:
+    """A finite number field, else None."""
     if isinstance(value, int | float) and not isinstance(value, bool) and value == value and abs(value) != math.inf:
         return value
     return None
 
 
-def _node_specs(value: Any) -> list[dict[str, Any]]:
+def node_specs(value: Any) -> list[dict[str, Any]]:
+    """The entries of a `nodes` field that are objects with a non-empty string id."""
     if not isinstance(value, list):
         return []
     return [spec for spec in value if isinstance(spec, dict) and isinstance(spec.get("id"), str) and spec["id"]]
@@ -590,7 +594,7 @@ def fold_nodes(events: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> 
     nodes: dict[str, dict[str, Any]] = {}
     for event in events:
         if event["type"] == "workflow.started":
-            for spec in _node_specs(event["data"].get("nodes")):
+            for spec in node_specs(event["data"].get("nodes")):
                 nodes[spec["id"]] = {
                     "nodeId": spec["id"],
                     "nodeType": _text(spec.get("type")),
@@ -615,9 +619,9 @@ def fold_nodes(events: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> 
         if state == "failed" and data.get("result") == "cancellation":
             state = "cancelled"
         node["state"] = state
-        node["attempts"] = max(node["attempts"], _count(data.get("attempt")))
+        node["attempts"] = max(node["attempts"], whole(data.get("attempt")))
         if "durationMs" in data:
-            node["durationMs"] = _number(data["durationMs"])
+            node["durationMs"] = number(data["durationMs"])
         if state in ("failed", "retrying"):
             node["error"] = data.get("error")
         elif state == "success":

@@ -22,7 +22,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from collector.history import NODE_STATES, History, SqlError
+from collector.history import NODE_STATES, History, SqlError, node_specs, number, whole
 from collector.schema import SchemaOptions, ddl
 from collector.store import Dsn, StoreError, StoreLocked, background_settings, connect, migrate
 from flowscope.config import Settings
@@ -428,19 +428,21 @@ def watch(execution_id: str | None, workflow: str | None, server: str, token: st
         try:
             with Live(table(), console=console, refresh_per_second=8, transient=False) as live:
                 async for event in client:
-                    data = event.get("data") or {}
+                    data = event.get("data")
+                    data = data if isinstance(data, dict) else {}
                     if event["type"] == "workflow.started":
-                        for spec in data.get("nodes", []):
-                            nodes.setdefault(spec["id"], {"id": spec["id"], "type": spec["type"], "state": "pending"})
+                        for spec in node_specs(data.get("nodes")):
+                            kind = spec["type"] if isinstance(spec.get("type"), str) else None
+                            nodes.setdefault(spec["id"], {"id": spec["id"], "type": kind, "state": "pending"})
                     elif event.get("nodeId") and event["type"].startswith("node."):
                         n = nodes.setdefault(event["nodeId"], {"id": event["nodeId"], "state": "pending"})
                         n["type"] = event.get("nodeType")
                         n["state"] = NODE_STATES.get(event["type"], n["state"])
-                        n["attempts"] = max(n.get("attempts", 0), int(data.get("attempt") or 0))
+                        n["attempts"] = max(n.get("attempts", 0), whole(data.get("attempt")))
                         if "durationMs" in data:
-                            n["durationMs"] = data["durationMs"]
+                            n["durationMs"] = number(data["durationMs"])
                     elif event["type"] == "execution.progress":
-                        status["progress"] = data.get("progress", 0.0)
+                        status["progress"] = number(data.get("progress")) or 0.0
                     elif event["type"] in ("workflow.completed", "workflow.failed", "workflow.cancelled"):
                         status["value"] = data.get("result", event["type"].split(".")[1])
                         status["progress"] = 1.0 if event["type"] == "workflow.completed" else status["progress"]

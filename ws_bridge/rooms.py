@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from collector.history import NODE_STATES
+from collector.history import NODE_STATES, node_specs, number, whole
 from ws_bridge.derive import ExecutionTrack, MedianCache, NodeTrack, Thresholds, estimate_eta_ms, performance_event
 from ws_bridge.events import SpanFact, event_from_wire, wire_json
 from ws_bridge.types import LiveEvent
@@ -250,7 +250,7 @@ class Hub:
             data = {}
         if kind == "workflow.started":
             self._own(event["executionId"], track, data)
-            for spec in _node_specs(data.get("nodes")):
+            for spec in node_specs(data.get("nodes")):
                 depends = spec.get("dependsOn")
                 track.dag[spec["id"]] = [d for d in depends if isinstance(d, str)] if isinstance(depends, list) else []
                 track.types[spec["id"]] = spec["type"] if isinstance(spec.get("type"), str) else ""
@@ -265,7 +265,7 @@ class Hub:
         node = track.nodes.setdefault(node_id, NodeTrack())
         node.state = state
         warn_ms, critical_ms = self.thresholds.for_type(event.get("nodeType"))
-        attempt = _count(data.get("attempt")) or node.attempt
+        attempt = whole(data.get("attempt")) or node.attempt
         if kind == "node.started":
             node.attempt = attempt
             node.started = time.monotonic()
@@ -276,8 +276,7 @@ class Hub:
             return []
         if kind in ("node.completed", "node.failed"):
             node.cancel()
-            duration = data.get("durationMs")
-            actual = float(duration) if isinstance(duration, int | float) and not isinstance(duration, bool) else 0.0
+            actual = float(number(data.get("durationMs")) or 0.0)
             return [
                 self._warned(node, attempt, event, level, limit, actual, running=False)
                 for level, limit in (("warning", warn_ms), ("critical", critical_ms))
@@ -385,17 +384,3 @@ class Hub:
             "duplicatesDropped": self.duplicates_dropped,
             "foreignDropped": self.foreign_dropped,
         }
-
-
-# Events stored or sent before intake checked their bodies (collector/admission.py) may hold
-# anything: what lacks the documented type is ignored, never raised on.
-
-
-def _node_specs(value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list):
-        return []
-    return [spec for spec in value if isinstance(spec, dict) and isinstance(spec.get("id"), str) and spec["id"]]
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

@@ -27,6 +27,7 @@ from collector.writer import ClickHouseWriter
 from flowscope.config import Settings
 from tests.collector.test_end_to_end import query
 from tests.conftest import CollectorFactory, StackFactory
+from tests.flowscope.test_cli import cli
 from ws_bridge.events import events_from_logs
 
 DAY_NS = 86_400 * 10**9
@@ -202,3 +203,25 @@ async def test_rows_stored_before_validation_still_read_as_200(stack_factory: St
         assert events.status_code == 200
         assert [e["seq"] for e in events.json()["items"]] == [1, 2, 3, 4]
         assert stack.bridge.hub.user_of(execution) is None
+
+
+async def test_flowscope_watch_reads_rows_stored_before_validation(stack_factory: StackFactory) -> None:
+    execution = uuid.uuid4().hex
+    stored = logs(
+        event(execution, 1, "workflow.started", {"nodes": [{}, {"id": "a", "type": 5}], "totalNodes": 1}),
+        event(execution, 2, "node.started", {"attempt": "abc"}),
+        event(execution, 3, "execution.progress", {"progress": "most"}),
+        event(execution, 4, "node.completed", {"attempt": 1, "durationMs": "slow"}),
+        event(execution, 5, "workflow.completed", {"result": "success"}),
+    )
+    async with stack_factory() as stack:
+        assert stack.endpoints is not None
+        writer = ClickHouseWriter(stack.collector.dsn, stack.collector.database)
+        try:
+            for table in convert_logs(stored).tables:
+                await asyncio.to_thread(writer.insert, table)
+        finally:
+            writer.close()
+        watched = await cli("watch", execution, "--server", stack.endpoints.web)
+    assert watched.returncode == 0, watched.stderr
+    assert "summary: success, 1/1 nodes succeeded" in watched.stdout
