@@ -26,6 +26,8 @@ from flowscope.config import Settings
 from flowscope.stack import Stack
 from tests.conftest import StackFactory
 from tests.flowscope.test_cli import WORKFLOW, cli, cli_env
+from ws_bridge.app import Bridge, BridgeConfig
+from ws_bridge.auth import AuthConfig
 
 SECRET = "s3cret-for-tests-only-32-bytes-long!"
 TOKENS = {
@@ -202,3 +204,10 @@ def _execution_id(stdout: str) -> str:
     found = re.search(r"execution ([0-9a-f]{32})", stdout)
     assert found is not None, stdout
     return found.group(1)
+
+
+async def test_the_bridges_remote_feed_needs_an_ingest_token_too() -> None:
+    bridge = Bridge(BridgeConfig(otlp_port=0, auth=AuthConfig(tokens=TOKENS)), None)
+    async with bridge.running():
+        outcomes = [await asyncio.to_thread(_grpc_export, bridge.otlp_port, t) for t in (None, "reader", "writer")]
+    assert outcomes == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OK]
