@@ -246,8 +246,9 @@ def batch_delays_millis(explicit: int | None, env: Mapping[str, str]) -> tuple[i
 def event_processor(
     exporter: LogRecordExporter, schedule_delay_millis: int, env: Mapping[str, str], meter_provider: MeterProvider
 ) -> BatchLogRecordProcessor:
-    """The events' batch processor: sized by `log_queue_sizes`, its exporter's failures visible to
-    the engine's back-pressure (`ExportHealth`), so runs never wait on a failing collector."""
+    """The events' batch processor: sized by `log_queue_sizes`; its exporter (`ExportHealth`) sends
+    batches a busy collector refused again and tells the engine's back-pressure when the collector
+    is unreachable, so runs never wait on one that is gone (docs/telemetry.md "Event delivery")."""
     queue_size, batch_size = log_queue_sizes(env)
     return BatchLogRecordProcessor(
         ExportHealth(exporter),
