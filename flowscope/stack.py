@@ -16,7 +16,7 @@ from flowscope.config import Settings
 from flowscope.runtime import server_runtime
 from ws_bridge.api import Links
 from ws_bridge.app import Bridge, BridgeConfig
-from ws_bridge.auth import Authenticator, require_auth_on_public_bind
+from ws_bridge.auth import ADMIN, INGEST, Authenticator, require_auth_on_public_bind
 from ws_bridge.connection import ConnectionLimits
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,12 @@ class Stack:
         require_auth_on_public_bind(settings.host, settings.auth)
         self.settings = settings
         authenticator = Authenticator(settings.auth)
+        if (
+            authenticator.enabled
+            and not settings.jwt_secret
+            and not any(grants & {INGEST, ADMIN} for _, grants in settings.auth_tokens.values())
+        ):
+            logger.warning("no token has the 'ingest' grant: OTLP will refuse every sender (docs/security-ingest.md)")
         self.collector = Collector(
             CollectorConfig(
                 dsn=settings.dsn,
