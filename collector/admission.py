@@ -1,10 +1,11 @@
 """What the collector admits before anything is queued: workflow lifecycle events the readers
 can fold, and records inside a sane time window.
 
-Runs on every OTLP request ahead of the pipeline, so both conversion paths (ClickHouse's
-intake and the Python converter, collector/intake.py) and the live stream only ever see
-admitted records: a refused record is cut out of the request and explained to the client
-in the response's `partial_success`, the rest is stored as usual.
+The collector's receivers and the bridge's remote feed run it on every OTLP request ahead of
+the pipeline (`admitting`), so both conversion paths (ClickHouse's intake and the Python
+converter, collector/intake.py), the spool and the live stream only ever see admitted
+records: a refused record is cut out of the request and explained to the client in the
+response's `partial_success`, the rest is stored as usual.
 
 A lifecycle event is a log record with an EventName and a `workflow.execution.id`
 attribute (what the workflow views read, collector/schema.py). Its `workflow.event.seq`
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -157,14 +158,13 @@ def _short(value: Any) -> str:
 
 @dataclass
 class Admitted:
+    """What `admit` cut out: all counted, the first few explained to the client."""
+
     rejected: int = 0
-    reasons: list[str] | None = None
-    changed: bool = False
+    reasons: list[str] = field(default_factory=list)
 
     def refuse(self, reason: str) -> None:
         self.rejected += 1
-        self.changed = True
-        self.reasons = self.reasons or []
         if len(self.reasons) < 5:
             self.reasons.append(reason)
 
@@ -226,7 +226,7 @@ def admitting(
 
     def admitted_consume(signal: Signal, request: Any, raw: bytes | None = None) -> Converted:
         outcome = admit(signal, request, window)
-        if not outcome.changed:
+        if not outcome.rejected:
             return consume(signal, request, raw)
         if count_rejected is not None:
             count_rejected(signal, outcome.rejected)
@@ -236,7 +236,7 @@ def admitting(
             converted.tables,
             converted.accepted,
             converted.rejected + outcome.rejected,
-            [*(outcome.reasons or []), *converted.reasons][:5],
+            [*outcome.reasons, *converted.reasons][:5],
         )
 
     return admitted_consume
