@@ -1,4 +1,5 @@
-"""Node types: what each does when it runs, how its config is checked, how its span is named."""
+"""Node types: what each does when it runs, how its config is checked, how its span is named
+and what it adds to its span's attributes, and (for conditions) which dependents a result skips."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Protocol
 
 from opentelemetry.trace import SpanKind
 
+from engine import telemetry as t
 from engine.context import LlmUsage, NodeContext
 from engine.dag import Node, Workflow, WorkflowValidationError, structural_problems
 from engine.llm import LlmProvider, LlmRequest, LocalProvider
@@ -31,6 +33,32 @@ class NodeExecutor(Protocol):
     def span_name(self, node: Node) -> str: ...
 
     async def execute(self, ctx: NodeContext) -> Any: ...
+
+
+# Optional parts of a node type (the built-in ones have them through `ExecutorBase`):
+#   span_attributes(node) -> Mapping[str, Any]: what its attempt spans carry besides the engine's own;
+#   untaken(node, output) -> Mapping[str, str]: dependents its output leaves untaken, with the reason.
+_NONE: Mapping[str, Any] = {}
+
+
+def span_attributes_of(executor: NodeExecutor, node: Node) -> Mapping[str, Any]:
+    own = getattr(executor, "span_attributes", None)
+    return own(node) if own is not None else _NONE
+
+
+def untaken_of(executor: NodeExecutor, node: Node, output: Any) -> Mapping[str, str]:
+    own = getattr(executor, "untaken", None)
+    return own(node, output) if own is not None else _NONE
+
+
+class ExecutorBase:
+    """Defaults of the optional parts: no attributes of its own, no branch left untaken."""
+
+    def span_attributes(self, node: Node) -> Mapping[str, Any]:
+        return _NONE
+
+    def untaken(self, node: Node, output: Any) -> Mapping[str, str]:
+        return _NONE
 
 
 def scope_for(ctx: NodeContext) -> dict[str, Any]:
@@ -77,7 +105,7 @@ async def _call(fn: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
-class CodeExecutor:
+class CodeExecutor(ExecutorBase):
     kind = SpanKind.INTERNAL
 
     def problems(self, node: Node, workflow: Workflow, registry: NodeRegistry) -> list[str]:
@@ -90,7 +118,7 @@ class CodeExecutor:
         return await _call(resolve_callable(ctx.node.config["fn"]), ctx)
 
 
-class ToolExecutor:
+class ToolExecutor(ExecutorBase):
     kind = SpanKind.INTERNAL
 
     def problems(self, node: Node, workflow: Workflow, registry: NodeRegistry) -> list[str]:
@@ -109,6 +137,9 @@ class ToolExecutor:
     def span_name(self, node: Node) -> str:
         return f"execute_tool {node.config.get('tool', node.id)}"
 
+    def span_attributes(self, node: Node) -> Mapping[str, Any]:
+        return _TOOL_ATTRIBUTES
+
     async def execute(self, ctx: NodeContext) -> Any:
         tool = ctx.execution.registry.tools.get(ctx.node.config["tool"])
         if tool is None:
@@ -118,10 +149,11 @@ class ToolExecutor:
         return await tool.call(args)
 
 
+_TOOL_ATTRIBUTES: Mapping[str, Any] = {t.GEN_AI_OPERATION: "execute_tool"}
 _HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
-class HttpExecutor:
+class HttpExecutor(ExecutorBase):
     kind = SpanKind.CLIENT
 
     def problems(self, node: Node, workflow: Workflow, registry: NodeRegistry) -> list[str]:
@@ -175,7 +207,7 @@ class HttpStatusError(NodeError):
         super().__init__(f"HTTP {status}: {body}")
 
 
-class LlmExecutor:
+class LlmExecutor(ExecutorBase):
     kind = SpanKind.CLIENT
 
     def problems(self, node: Node, workflow: Workflow, registry: NodeRegistry) -> list[str]:
@@ -193,6 +225,9 @@ class LlmExecutor:
 
     def span_name(self, node: Node) -> str:
         return f"chat {node.config.get('model', node.id)}"
+
+    def span_attributes(self, node: Node) -> Mapping[str, Any]:
+        return {t.GEN_AI_OPERATION: "chat", t.GEN_AI_REQUEST_MODEL: str(node.config.get("model", ""))}
 
     async def execute(self, ctx: NodeContext) -> Any:
         config = render(dict(ctx.node.config), scope_for(ctx))
@@ -228,8 +263,8 @@ class LlmExecutor:
         }
 
 
-class ConditionExecutor:
-    """Chooses one branch; the scheduler skips the dependents listed under the others."""
+class ConditionExecutor(ExecutorBase):
+    """Chooses one branch; the dependents listed under the others are skipped (`untaken`)."""
 
     kind = SpanKind.INTERNAL
 
@@ -258,6 +293,17 @@ class ConditionExecutor:
     def span_name(self, node: Node) -> str:
         return f"condition {node.id}"
 
+    def untaken(self, node: Node, output: Any) -> Mapping[str, str]:
+        if not isinstance(output, dict):
+            return _NONE
+        chosen = output.get("branch")
+        return {
+            target: f"branch {name!r} of {node.id!r} not taken (chose {chosen!r})"
+            for name, targets in node.config.get("branches", {}).items()
+            if name != chosen
+            for target in targets
+        }
+
     async def execute(self, ctx: NodeContext) -> Any:
         config = ctx.node.config
         if "fn" in config:
@@ -272,7 +318,7 @@ class ConditionExecutor:
         return {"branch": choice}
 
 
-class WaitExecutor:
+class WaitExecutor(ExecutorBase):
     kind = SpanKind.INTERNAL
 
     def problems(self, node: Node, workflow: Workflow, registry: NodeRegistry) -> list[str]:
@@ -297,7 +343,7 @@ class WaitExecutor:
         return {"signal": name, "payload": await ctx.wait_for_signal(name)}
 
 
-class SubworkflowExecutor:
+class SubworkflowExecutor(ExecutorBase):
     kind = SpanKind.INTERNAL
 
     def problems(self, node: Node, workflow: Workflow, registry: NodeRegistry) -> list[str]:
