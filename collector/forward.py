@@ -31,8 +31,11 @@ class OtlpForwarder:
         *,
         signals: frozenset[Signal] = frozenset({Signal.LOGS, Signal.TRACES}),
         max_queue: int = _DEFAULT_QUEUE,
+        token: str | None = None,
     ) -> None:
         self.endpoint = endpoint.removeprefix("http://")
+        # A bridge with auth configured takes its feed only with an ingest token, as any OTLP receiver.
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._signals = signals
         self._metrics = metrics
         self._queue: deque[tuple[Signal, bytes]] = deque(maxlen=max_queue)
@@ -64,7 +67,7 @@ class OtlpForwarder:
                     return
                 signal, payload = self._queue.popleft()
             try:
-                self._calls[signal](payload, timeout=10)
+                self._calls[signal](payload, timeout=10, metadata=self._metadata)
                 self._metrics.forwarded.labels(self.endpoint).inc()
             except grpc.RpcError as exc:
                 self._metrics.forward_dropped.labels(self.endpoint).inc()

@@ -33,6 +33,10 @@ class HistoryError(ValueError):
     """A bad request to the history layer (unknown sort, bad cursor, bad bucket…)."""
 
 
+class HistoryUnavailable(RuntimeError):
+    """ClickHouse cannot be reached now: the caller may retry (HTTP 503)."""
+
+
 class SqlError(ValueError):
     """ClickHouse refused a user query; the message says why."""
 
@@ -124,12 +128,11 @@ class History:
         self.sql_limits = sql_limits or SqlLimits()
         self._local = threading.local()
 
-    def _client(self, purpose: str = "history") -> Client:
-        # User SQL runs on its own session: readonly=1 sticks to a session once set.
-        client: Client | None = getattr(self._local, purpose, None)
+    def _client(self) -> Client:
+        client: Client | None = getattr(self._local, "history", None)
         if client is None:
             client = self._factory()
-            setattr(self._local, purpose, client)
+            self._local.history = client
         return client
 
     def _rows(self, sql: str, **params: Any) -> list[dict[str, Any]]:
@@ -379,7 +382,10 @@ class History:
         statement that runs is the parser's canonical text of it, under readonly=1 and the
         limits — or, when the session is read-only already (a server user's settings
         profile), under that profile's limits, which forbid any change."""
-        client = self._sql_client()
+        try:
+            client = self._sql_client()
+        except Exception as exc:
+            raise HistoryUnavailable(f"the SQL store cannot be reached: {_clickhouse_message(exc)}") from exc
         try:
             checked = sql_guard.check(client, query)
             settings = None if checked.readonly_session else self.sql_limits.settings()

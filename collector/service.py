@@ -45,6 +45,8 @@ class CollectorConfig:
     create_schema: bool = True
     # OTLP/gRPC endpoints of remote bridges that get the accepted event stream.
     forward_endpoints: tuple[str, ...] = ()
+    # Bearer token (with the ingest grant) the forwarders present to bridges that require one.
+    forward_token: str | None = None
     # Write-ahead spool: acknowledged requests are fsync'd here until written. None = off.
     spool_dir: Path | None = None
     spool_max_bytes: int | None = None
@@ -123,7 +125,7 @@ class Collector:
         self._grpc.start()
         self.grpc_port = self._grpc.port
         for endpoint in self.config.forward_endpoints:
-            forwarder = OtlpForwarder(endpoint, self.metrics)
+            forwarder = OtlpForwarder(endpoint, self.metrics, token=self.config.forward_token)
             self._forwarders.append(forwarder)
             self.pipeline.subscribe(forwarder)
 

@@ -29,6 +29,7 @@ class Settings:
     http_port: int = 8080
     bridge_otlp_port: int | None = None
     forward_otlp: tuple[str, ...] = ()
+    forward_token: str | None = None
     spool_dir: Path | None = None
     spool_max_bytes: int | None = None
     auth_tokens: Mapping[str, tuple[str, frozenset[str]]] = field(default_factory=dict)

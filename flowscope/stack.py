@@ -11,7 +11,7 @@ from collector.batcher import Writer
 from collector.history import History
 from collector.service import Collector, CollectorConfig
 from collector.serving import serve_asgi
-from collector.store import Dsn, background_settings
+from collector.store import Dsn, background_settings, connect
 from flowscope.config import Settings
 from flowscope.runtime import server_runtime
 from ws_bridge.api import Links
@@ -53,7 +53,7 @@ class Stack:
             and not settings.jwt_secret
             and not any(grants & {INGEST, ADMIN} for _, grants in settings.auth_tokens.values())
         ):
-            logger.warning("no token has the 'ingest' grant: OTLP will refuse every sender (docs/security-ingest.md)")
+            logger.warning("no token has the 'ingest' grant: OTLP will refuse every sender (docs/security.md)")
         self.collector = Collector(
             CollectorConfig(
                 dsn=settings.dsn,
@@ -64,6 +64,7 @@ class Stack:
                 max_queue_rows=settings.max_queue_rows,
                 flush_interval_s=settings.flush_interval_s,
                 forward_endpoints=settings.forward_otlp,
+                forward_token=settings.forward_token,
                 spool_dir=settings.spool_dir,
                 spool_max_bytes=settings.spool_max_bytes,
                 authorize=authenticator.authorize_ingest if authenticator.enabled else None,
@@ -81,7 +82,14 @@ class Stack:
         collector = self.collector
         collector.start()
         try:
-            history = History(collector.client, collector.database, background=background_settings(collector.dsn))
+            # User SQL may go through its own (read-only) ClickHouse user: FLOWSCOPE_SQL_DSN.
+            sql_dsn = Dsn.parse(s.sql_dsn) if s.sql_dsn else None
+            history = History(
+                collector.client,
+                collector.database,
+                background=background_settings(collector.dsn),
+                sql_client_factory=(lambda: connect(sql_dsn)) if sql_dsn is not None else None,
+            )
             bridge = Bridge(
                 BridgeConfig(
                     host=s.host,

@@ -8,13 +8,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from clickhouse_connect.driver.exceptions import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
-from collector.history import ExecutionQuery, History, HistoryError, Scope, SqlError
+from collector.history import ExecutionQuery, History, HistoryError, HistoryUnavailable, Scope, SqlError
+from collector.store import StoreError
 from ws_bridge.auth import Authenticator, AuthError, Principal
 from ws_bridge.events import user_of_events
 
@@ -89,6 +91,11 @@ def api_routes(history: History | None, auth: Authenticator, links: Links) -> li
                 return _error(415, str(exc))
             except (BadRequest, HistoryError) as exc:
                 return _error(400, str(exc))
+            except (HistoryUnavailable, OperationalError, StoreError) as exc:
+                # The store is down or unreachable: retryable, and not the caller's fault.
+                return JSONResponse(
+                    {"error": f"history is unavailable: {exc}"}, status_code=503, headers={"Retry-After": "5"}
+                )
 
         endpoint.__doc__ = handler.__doc__
         return endpoint
@@ -166,7 +173,14 @@ def api_routes(history: History | None, auth: Authenticator, links: Links) -> li
         to_seq = _int(q.get("toSeq"), "toSeq", 0, 1, 2**62) if q.get("toSeq") else None
         limit = _int(q.get("limit"), "limit", 10_000, 1, 10_000)
         events = await run_in_threadpool(assert_history().events, execution_id, from_seq, to_seq, limit)
-        if not events:
+        # Who may read is decided by the execution's first stored record, not by whichever
+        # events this page holds: a later forged workflow.started changes nothing.
+        owner = await run_in_threadpool(assert_history().owner, execution_id)
+        if owner is not None:
+            claimed = {"workflowId": owner[0], "executionId": execution_id}
+            if not principal.may_see(claimed, owner[1] or None):
+                return _error(404, f"no execution {execution_id!r}")
+        elif not events:
             exists = await run_in_threadpool(assert_history().get_execution, execution_id)
             if exists is None:
                 return _error(404, f"no execution {execution_id!r}")

@@ -201,6 +201,7 @@ class Bridge:
             self.config.limits,
             self.history.events if self.history else None,
             self._history_since if self.history else None,
+            self.history.owner if self.history else None,
         )
         self._connections.add(connection)
         try:

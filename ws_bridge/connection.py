@@ -54,6 +54,8 @@ class ConnectionLimits:
 
 HistoryEvents = Callable[[str, int], list[LiveEvent]]
 HistorySince = Callable[[dt.datetime, str | None, str | None, frozenset[str] | None], list[LiveEvent]]
+# (workflow id, user id or "") of an execution, as its first stored record named them.
+HistoryOwner = Callable[[str], tuple[str, str] | None]
 
 
 class ProtocolError(Exception):
@@ -73,6 +75,7 @@ class Connection:
         limits: ConnectionLimits,
         history_events: HistoryEvents | None,
         history_since: HistorySince | None,
+        history_owner: HistoryOwner | None = None,
     ) -> None:
         self.ws = websocket
         self.principal = principal
@@ -80,6 +83,7 @@ class Connection:
         self.limits = limits
         self._history_events = history_events
         self._history_since = history_since
+        self._history_owner = history_owner
         # Events are queued with their subscription id; control messages are plain dicts.
         self._events: deque[tuple[LiveEvent, str] | Message] = deque()
         self._control: deque[Message] = deque(maxlen=256)
@@ -296,7 +300,11 @@ class Connection:
                     merged = {int(e["seq"]): e for e in stored}
                     for event in self.hub.recent_events(execution_id, max(1, from_seq)):
                         merged.setdefault(int(event["seq"]), event)
-                    user = self.hub.user_of(execution_id) or user_of_events(merged.values())
+                    user = (
+                        self.hub.user_of(execution_id)
+                        or await self._stored_owner(execution_id)
+                        or user_of_events(merged.values())
+                    )
                     backlog.extend((merged[s], user) for s in sorted(merged))
             if since is not None:
                 backlog.extend(await self._events_since(sub, since))
@@ -318,6 +326,14 @@ class Connection:
             for event, _user in held:
                 self._deliver(sub, event)
             self._replays.pop(sub.id, None)
+
+    async def _stored_owner(self, execution_id: str) -> str | None:
+        """The user the execution's first stored record named: a later record claiming the
+        execution for someone else (even one that replaced its workflow.started) changes nothing."""
+        if self._history_owner is None:
+            return None
+        owner = await asyncio.to_thread(self._history_owner, execution_id)
+        return owner[1] or None if owner is not None else None
 
     async def _stored_events(self, execution_id: str, from_seq: int) -> list[LiveEvent]:
         if self._history_events is None:

@@ -12,6 +12,7 @@ from engine import Engine, NodeContext, WorkflowBuilder
 from tests.collector.otlp import otlp_providers
 from tests.ws_bridge.conftest import recv_until, ws_client
 from ws_bridge.app import Bridge, BridgeConfig
+from ws_bridge.auth import AuthConfig
 
 
 async def one(ctx: NodeContext) -> int:
@@ -42,3 +43,29 @@ async def test_events_reach_a_remote_bridge_through_its_otlp_feed(chdb_dsn: str,
             metrics = collector.metrics.render().decode()
     assert [m["seq"] for m in received] == list(range(1, result.events_emitted + 1))
     assert "flowscope_collector_forwarded_requests_total" in metrics
+
+
+async def test_a_bridge_with_auth_takes_the_feed_of_a_collector_holding_an_ingest_token(
+    chdb_dsn: str, database: str
+) -> None:
+    tokens = {"feed": ("collector", frozenset({"ingest"})), "reader": ("reader", frozenset({"*"}))}
+    bridge = Bridge(BridgeConfig(otlp_port=0, auth=AuthConfig(tokens=tokens)), None)
+    async with bridge.running():
+        config = CollectorConfig(
+            dsn=chdb_dsn, schema=SchemaOptions(database=database), grpc_port=0, http_port=0, flush_interval_s=0.05,
+            forward_endpoints=(f"127.0.0.1:{bridge.otlp_port}",), forward_token="feed",
+        )  # fmt: skip
+        async with Collector(config).running() as collector, serve_asgi(bridge.app()) as port:
+            providers = otlp_providers(collector, "grpc")
+            engine = Engine(providers.telemetry())
+            async with ws_client(f"ws://127.0.0.1:{port}/ws?token=reader") as ws:
+                await ws.send(json.dumps({"op": "subscribe", "id": "r", "rooms": ["workflow:remote-auth"]}))
+                await recv_until(ws, lambda m: m.get("type") == "replay.done")
+                result = await engine.run(WorkflowBuilder("remote-auth").code("a", one).build())
+                await asyncio.to_thread(providers.flush)
+                received = await recv_until(ws, lambda m: m.get("type") == "workflow.completed")
+            await asyncio.to_thread(providers.shutdown)
+            await engine.aclose()
+            metrics = collector.metrics.render().decode()
+    assert [m["seq"] for m in received] == list(range(1, result.events_emitted + 1))
+    assert "flowscope_collector_forward_dropped_requests_total{" not in metrics

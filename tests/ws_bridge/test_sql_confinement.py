@@ -15,6 +15,7 @@ from collector.history import History, SqlError
 from collector.service import Collector
 from collector.store import Dsn, connect
 from flowscope.stack import Stack
+from tests.conftest import StackFactory
 from tests.flowscope.test_cli import cli
 
 
@@ -149,3 +150,18 @@ async def test_cli_sql_on_a_data_directory_uses_the_history_database(tmp_path: P
     assert json.loads(counted.stdout) == [{"runs": 0}]
     refused = await cli("sql", "SELECT file('/etc/passwd')", "--server", "http://127.0.0.1:9", "--data-dir", str(data))
     assert refused.returncode == 1 and "function file() is not allowed" in refused.stderr
+
+
+async def test_user_sql_goes_through_its_own_dsn_and_an_unreachable_one_is_a_503(
+    stack_factory: StackFactory,
+) -> None:
+    # Nothing listens on port 1: user SQL fails as a store outage, the history API does not use it.
+    async with stack_factory(sql_dsn="http://reader:pw@127.0.0.1:1/otel") as stack:
+        assert stack.endpoints is not None
+        async with httpx.AsyncClient(base_url=stack.endpoints.web) as client:
+            sql = await client.post("/api/v1/sql", json={"sql": "SELECT 1"})
+            listed = await client.get("/api/v1/executions")
+    assert sql.status_code == 503, sql.text
+    assert sql.headers["retry-after"] == "5"
+    assert "cannot be reached" in sql.json()["error"]
+    assert listed.status_code == 200
