@@ -22,8 +22,9 @@ up to its capacity and the SDK then drops with its count (`otel.sdk.processor.lo
 
 The queue length and capacity are the SDK's private `BatchProcessor._queue` and
 `_max_queue_size` (the SDK has no public reading of either besides an observable gauge):
-every part is looked up with a guard, and without them there is no gate and the engine
-behaves as before (the queue sizing of `engine.telemetry.setup()` still applies).
+the gate exists only on an SDK that engine/sdk_compat.py verified, every part is looked up
+with a guard, and without them there is no gate and the engine behaves as before (the queue
+sizing of `engine.telemetry.setup()` still applies).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from urllib.parse import urlsplit
 
 from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
+
+from engine import sdk_compat
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +146,9 @@ class EventBackpressure:
 
     @classmethod
     def for_logger(cls, events: Any, *, stall_s: float = DEFAULT_STALL_S) -> EventBackpressure | None:
-        """A gate for the SDK's logger, while the SDK keeps the parts used here; else None."""
+        """A gate for the SDK's logger, on a verified SDK that keeps the parts used here; else None."""
+        if not sdk_compat.fast_path():
+            return None
         multi = getattr(events, "_multi_log_record_processor", None)
         if not hasattr(multi, "_log_record_processors"):
             return None

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from opentelemetry import trace
@@ -21,10 +21,14 @@ from opentelemetry.metrics import Histogram, MeterProvider, NoOpMeterProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
 from opentelemetry.trace import Link, NoOpTracerProvider, Span, SpanContext, SpanKind, TracerProvider
 
+from engine import sdk_compat
 from engine.dag import Node
 from engine.event_backpressure import EventBackpressure, ExportHealth
-from engine.sdk_direct import DirectRecords
-from engine.sdk_metrics import DirectHistogram
+
+if TYPE_CHECKING:
+    # Imported at run time only once engine/sdk_compat.py allows the fast paths.
+    from engine.sdk_direct import DirectRecords
+    from engine.sdk_metrics import DirectHistogram
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +116,17 @@ class Telemetry:
         self.tracer = tp.get_tracer(SCOPE)
         self.events: Logger = lp.get_logger(SCOPE)
         # Node spans and events skip the SDK's per-value validation when the providers are the SDK's.
-        self.direct = DirectRecords.for_sdk(self.tracer, self.events) if direct_records else None
+        self.direct: DirectRecords | None = None
+        wrap: Any = None
+        if direct_records and sdk_compat.fast_path():
+            try:
+                from engine.sdk_direct import DirectRecords
+                from engine.sdk_metrics import DirectHistogram
+            except (ImportError, AttributeError) as error:
+                sdk_compat.fell_back("node spans, events and histograms", error)
+            else:
+                self.direct = DirectRecords.for_sdk(self.tracer, self.events)
+                wrap = DirectHistogram.wrap
         # Runs wait (asynchronously, bounded) for room in the SDK's event queue rather than overflow it.
         self.backpressure = EventBackpressure.for_logger(self.events)
         meter = mp.get_meter(SCOPE)
@@ -120,7 +134,7 @@ class Telemetry:
         def histogram(name: str, unit: str, description: str) -> Histogram | DirectHistogram:
             created = meter.create_histogram(name, unit=unit, description=description)
             # Per step records skip the SDK's attribute cleaning when the meter is the SDK's.
-            return DirectHistogram.wrap(created) if direct_records else created
+            return wrap(created) if wrap is not None else created
 
         self.run_duration = histogram("workflow.run.duration", unit="s", description="Duration of workflow runs")
         self.run_active = meter.create_up_down_counter(
@@ -339,13 +353,11 @@ def _otlp_exporters(protocol: str, endpoint: str | None) -> tuple[Any, Any, Any]
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
-        from engine.otlp_encoding import GrpcLogExporter, GrpcSpanExporter
-
+        span_class, log_class = _grpc_exporter_classes()
         insecure = None if endpoint is None else endpoint.startswith("http://")
-        # The SDK's exporters, encoding spans and events in place (engine/otlp_encoding.py).
         return (
-            GrpcSpanExporter(endpoint=endpoint, insecure=insecure),
-            GrpcLogExporter(endpoint=endpoint, insecure=insecure),
+            span_class(endpoint=endpoint, insecure=insecure),
+            log_class(endpoint=endpoint, insecure=insecure),
             OTLPMetricExporter(endpoint=endpoint, insecure=insecure),
         )
     if protocol in {"http/protobuf", "http"}:
@@ -362,3 +374,19 @@ def _otlp_exporters(protocol: str, endpoint: str | None) -> tuple[Any, Any, Any]
             HttpMetricExporter(endpoint=f"{base}/v1/metrics" if base else None),
         )
     raise ValueError(f"unsupported OTLP protocol {protocol!r}: use 'grpc' or 'http/protobuf'")
+
+
+def _grpc_exporter_classes() -> tuple[Any, Any]:
+    """The SDK's OTLP/gRPC exporters; on the fast path, encoding spans and events in place
+    (engine/otlp_encoding.py)."""
+    if sdk_compat.fast_path():
+        try:
+            from engine.otlp_encoding import GrpcLogExporter, GrpcSpanExporter
+        except (ImportError, AttributeError) as error:
+            sdk_compat.fell_back("OTLP encoding", error)
+        else:
+            return GrpcSpanExporter, GrpcLogExporter
+    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter, OTLPLogExporter
