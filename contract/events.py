@@ -1,0 +1,86 @@
+"""Lifecycle event names and the live event's shape (docs/telemetry.md, docs/live-protocol.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, Final, NotRequired, TypedDict
+
+from contract.states import NodeState, Result
+
+
+class EventName(StrEnum):
+    """The `EventName` of the engine's log records, and `type` of a live event."""
+
+    WORKFLOW_STARTED = "workflow.started"
+    WORKFLOW_COMPLETED = "workflow.completed"
+    WORKFLOW_FAILED = "workflow.failed"
+    WORKFLOW_CANCELLED = "workflow.cancelled"
+    WORKFLOW_PAUSED = "workflow.paused"
+    WORKFLOW_RESUMED = "workflow.resumed"
+    NODE_STARTED = "node.started"
+    NODE_COMPLETED = "node.completed"
+    NODE_FAILED = "node.failed"
+    NODE_RETRYING = "node.retrying"
+    NODE_SKIPPED = "node.skipped"
+    NODE_WAITING = "node.waiting"
+    EXECUTION_PROGRESS = "execution.progress"
+    EXECUTION_LOG = "execution.log"
+
+
+class DerivedEventName(StrEnum):
+    """Events the bridge derives (`"derived": true`): outside the gapless sequence."""
+
+    PERFORMANCE_WARNING = "performance.warning"
+    PERFORMANCE_CRITICAL = "performance.critical"
+
+
+LIFECYCLE_EVENTS: Final = frozenset(EventName)
+# Every `type` a live subscription may filter on.
+LIVE_EVENT_TYPES: Final = frozenset[str](EventName) | frozenset(DerivedEventName)
+# A run's last event: one of these ends it.
+TERMINAL_EVENTS: Final = frozenset(
+    {EventName.WORKFLOW_COMPLETED, EventName.WORKFLOW_FAILED, EventName.WORKFLOW_CANCELLED}
+)
+# What a run's list row follows: its start and end (progress is live only).
+RUN_EVENTS: Final = frozenset({EventName.WORKFLOW_STARTED}) | TERMINAL_EVENTS
+NODE_EVENTS: Final = frozenset(e for e in EventName if e.startswith("node."))
+
+# A node's state after each node event; `node_state` adds what the event's data says.
+NODE_STATES: Final[Mapping[str, NodeState]] = {
+    EventName.NODE_STARTED: NodeState.RUNNING,
+    EventName.NODE_COMPLETED: NodeState.SUCCESS,
+    EventName.NODE_FAILED: NodeState.FAILED,
+    EventName.NODE_RETRYING: NodeState.RETRYING,
+    EventName.NODE_SKIPPED: NodeState.SKIPPED,
+    EventName.NODE_WAITING: NodeState.WAITING,
+}
+
+
+def node_state(event_type: str, data: Mapping[str, Any]) -> NodeState | None:
+    """A node's state after an event of this type and data; None for events that are no node's.
+
+    A node failed by cancellation is `cancelled`, not `failed`: what every reader shows."""
+    state = NODE_STATES.get(event_type)
+    if state is NodeState.FAILED and data.get("result") == Result.CANCELLATION:
+        return NodeState.CANCELLED
+    return state
+
+
+class LiveEvent(TypedDict):
+    """A lifecycle event as the live protocol carries it (camelCase on the wire); the history
+    API returns stored events in the same shape."""
+
+    type: str  # an EventName, a DerivedEventName, or whatever name a foreign producer sent
+    seq: int
+    ts: str | None
+    executionId: str
+    workflowId: str
+    workflowName: str
+    nodeId: str | None
+    nodeType: str | None
+    traceId: str
+    spanId: str
+    data: dict[str, Any]
+    derived: NotRequired[bool]  # performance.* only
+    sub: NotRequired[str]  # the subscription that matched, as sent on a connection

@@ -1,0 +1,46 @@
+"""The shared vocabulary agrees with the documents that publish it."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+
+import contract
+from contract import DerivedEventName, EventName, NodeState, Result, RunStatus, attributes
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_contract_imports_nothing_of_the_project() -> None:
+    """The bottom of the dependency graph: any component may import it without a cycle."""
+    project = {"engine", "collector", "ws_bridge", "flowscope"}
+    for path in (ROOT / "contract").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not {n.split(".")[0] for n in names} & project, f"{path.name} imports {names}"
+
+
+def test_every_documented_event_name_is_in_the_contract() -> None:
+    docs = (ROOT / "docs" / "telemetry.md").read_text() + (ROOT / "docs" / "live-protocol.md").read_text()
+    # `workflow.id`, `workflow.name`… are attribute keys with the same shape as event names.
+    named = set(re.findall(r"`((?:workflow|node|execution|performance)\.[a-z]+)`", docs))
+    documented = named - attributes.ATTRIBUTE_KEYS
+    names = {str(e) for e in EventName} | {str(e) for e in DerivedEventName}
+    assert documented == names
+    assert names == set(contract.LIVE_EVENT_TYPES)
+
+
+def test_results_are_the_documented_ones() -> None:
+    text = (ROOT / "docs" / "telemetry.md").read_text()
+    paragraph = text[text.index("Results (") :].split("Failed spans", 1)[0]
+    assert {str(r) for r in Result} == set(re.findall(r"`([a-z]+)`", paragraph))
+    assert set(contract.STORED_RUN_STATUSES) == {RunStatus.RUNNING, *(r.value for r in Result if r is not Result.SKIP)}
+
+
+def test_a_node_failed_by_cancellation_is_cancelled() -> None:
+    assert contract.node_state("node.failed", {"result": "cancellation"}) is NodeState.CANCELLED
+    assert contract.node_state("node.failed", {"result": "failure"}) is NodeState.FAILED
+    assert contract.node_state("workflow.started", {}) is None
