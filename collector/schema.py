@@ -393,7 +393,7 @@ WHERE SpanAttributes['workflow.node.id'] != '' AND SpanAttributes['workflow.exec
 # Who owns an execution (its workflow and end user) is decided by the first record that
 # names it, in the order ClickHouse stored them: min over (insert time, row in the insert).
 # Later records claiming another owner — a forged workflow.started, a second run span —
-# cannot change who may read the execution (collector/history.py reads the owner here).
+# cannot change who may read the execution (ws_bridge/history.py reads the owner here).
 _EXECUTION_OWNERS = """CREATE TABLE IF NOT EXISTS {db}.execution_owners (
     ExecutionId String,
     Owner SimpleAggregateFunction(min, Tuple(StoredAt DateTime64(9), Row UInt64, WorkflowId String, UserId String)),

@@ -22,11 +22,11 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from collector.history import NODE_STATES, History, SqlError, node_specs, number, whole
 from collector.schema import SchemaOptions, ddl
 from collector.store import Dsn, StoreError, StoreLocked, background_settings, connect, migrate
 from flowscope.config import Settings
 from ws_bridge.auth import require_auth_on_public_bind
+from ws_bridge.history import NODE_STATES, History, SqlError, node_specs, number, whole
 
 # soft_wrap: URLs and SQL stay on one line when output is not a terminal.
 console = Console(soft_wrap=True)

@@ -15,10 +15,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
-from collector.history import ExecutionQuery, History, HistoryError, HistoryUnavailable, Scope, SqlError
 from collector.store import StoreError
 from ws_bridge.auth import Authenticator, AuthError, Principal
 from ws_bridge.events import user_of_events
+from ws_bridge.history import ExecutionQuery, History, HistoryError, HistoryUnavailable, Scope, SqlError
 
 SCHEMAS = SchemaGenerator(
     {

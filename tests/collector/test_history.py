@@ -5,11 +5,11 @@ import datetime as dt
 
 import pytest
 
-from collector.history import ExecutionQuery, History, HistoryError, SqlError, SqlLimits
 from collector.service import Collector
 from collector.store import background_settings
 from engine import Engine, NodeContext, WorkflowBuilder
 from tests.collector.otlp import otlp_providers
+from ws_bridge.history import ExecutionQuery, History, HistoryError, SqlError, SqlLimits
 
 
 async def fine(ctx: NodeContext) -> int:

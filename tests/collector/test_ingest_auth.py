@@ -20,7 +20,6 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
-from collector.history import History
 from flowscope.cli import send_token, with_demo_token
 from flowscope.config import Settings
 from flowscope.stack import Stack
@@ -28,6 +27,7 @@ from tests.conftest import StackFactory
 from tests.flowscope.test_cli import WORKFLOW, cli, cli_env
 from ws_bridge.app import Bridge, BridgeConfig
 from ws_bridge.auth import AuthConfig
+from ws_bridge.history import History
 
 SECRET = "s3cret-for-tests-only-32-bytes-long!"
 TOKENS = {

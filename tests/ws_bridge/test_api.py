@@ -7,12 +7,12 @@ import json
 
 import httpx
 
-from collector.history import History
 from engine import Engine, NodeContext, WorkflowBuilder
 from flowscope.stack import Stack
 from tests.collector.otlp import otlp_providers
 from tests.ws_bridge.conftest import StackFactory, recv_until, ws_client, ws_url
 from ws_bridge.derive import Thresholds
+from ws_bridge.history import History
 
 
 async def fine(ctx: NodeContext) -> int:

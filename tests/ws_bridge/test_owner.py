@@ -16,9 +16,9 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
 
-from collector.history import History
 from flowscope.stack import Stack
 from tests.ws_bridge.conftest import StackFactory, recv_until, ws_client, ws_url
+from ws_bridge.history import History
 
 TOKENS = {
     "tok-alice": ("alice", frozenset({"user:alice"})),
