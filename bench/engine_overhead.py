@@ -1,6 +1,6 @@
 """Engine overhead: node steps/s for wide and deep workflows, telemetry off vs on.
 
-Run: .venv/bin/python bench/engine_overhead.py [--nodes 1000] [--repeat 3] [--ablation]
+Run: .venv/bin/python bench/engine_overhead.py [--nodes 1000] [--repeat 3] [--ablation] [--sdk-fallback]
 Full telemetry goes through the real SDK (batch processors) into exporters
 that discard, so the figure is the engine's and the SDK's cost, not a network's. Events go
 through the processor `setup()` builds (its queue bound, and the back-pressure checks the
@@ -9,6 +9,9 @@ those checks switched off, so `backpressure_checks_cost_ratio` (wall time with Ã
 is measured within the run.
 --ablation adds CPU Âµs per step with each SDK part (spans, events, metrics) switched on
 alone over no-op providers: where the telemetry cost goes.
+--sdk-fallback measures the public SDK path the engine falls back to on an SDK it has not been
+verified against (as FLOWSCOPE_SDK_FAST_PATH=0 does; engine/sdk_compat.py); `sdk_path` says
+which path was measured.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import copy
 import json
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -139,11 +143,19 @@ async def ablation(nodes: int, repeat: int) -> dict[str, Any]:
     return out
 
 
+def sdk_path() -> str:
+    try:
+        from engine import sdk_compat
+    except ImportError:  # an engine from before the check: always the fast paths
+        return "fast"
+    return "fast" if sdk_compat.fast_path() else f"fallback ({sdk_compat.decision().reason})"
+
+
 async def main(nodes: int, repeat: int) -> dict[str, Any]:
     """Each round runs telemetry off, telemetry on and a bare-SDK block back to back, and each
     figure is its best round: a shared machine's slow spells then hit all three alike, so the
     ratios compare like with like."""
-    results: dict[str, Any] = {"nodes": nodes}
+    results: dict[str, Any] = {"nodes": nodes, "sdk_path": sdk_path()}
     telemetry, tracer_provider, logger_provider = sdk_telemetry()
     tracer = tracer_provider.get_tracer("bench")
     logger = logger_provider.get_logger("bench")
@@ -197,7 +209,10 @@ if __name__ == "__main__":
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--ablation", action="store_true")
+    parser.add_argument("--sdk-fallback", action="store_true", help="the public SDK path (FLOWSCOPE_SDK_FAST_PATH=0)")
     args = parser.parse_args()
+    if args.sdk_fallback:
+        os.environ["FLOWSCOPE_SDK_FAST_PATH"] = "0"
     results = asyncio.run(main(args.nodes, args.repeat))
     if args.ablation:
         results["ablation"] = asyncio.run(ablation(args.nodes, max(args.repeat, 5)))

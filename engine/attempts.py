@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Span
 
-from engine.context import NodeContext
 from engine.dag import Node
-from engine.nodes import NodeExecutor
+from engine.nodes import NodeType
 from engine.results import NodeState, Result
 from engine.retry import NonRetryableError
 from engine.template import TemplateError
@@ -69,18 +68,17 @@ class AttemptRunner:
     async def run(self, node: Node) -> Attempt:
         """Attempts until one succeeds, the retry policy gives up, or the error is not retryable."""
         execution, reporter = self._execution, self._reporter
-        executor = execution.registry.executor(node.type)
+        node_type = execution.registry.node_type(node.type)
         ready_at = time.perf_counter()
-        metric_attrs = reporter.node_metric_attributes(node)
         attempt_no = 0
         while True:
             attempt_no += 1
-            await execution.until_unpaused()
+            await execution.unpaused.wait()
             if reporter.events_backlogged():
                 await reporter.event_room()
             async with execution.slots:
-                reporter.queue_waited(time.perf_counter() - ready_at, metric_attrs)
-                attempt, span = await self._attempt(node, attempt_no, executor)
+                reporter.queue_waited(node, time.perf_counter() - ready_at)
+                attempt, span = await self._attempt(node, attempt_no, node_type)
             if attempt.result is Result.SUCCESS or attempt.error is None:
                 return attempt
             if attempt.result is Result.CANCELLATION or not node.retry.should_retry(attempt.error, attempt_no):
@@ -89,28 +87,36 @@ class AttemptRunner:
                 return attempt
             delay = node.retry.delay_s(attempt_no, execution.engine.rng)
             execution.set_state(node.id, NodeState.RETRYING)
-            reporter.node_retrying(node, span, attempt_no, delay, attempt.error, metric_attrs)
+            reporter.node_retrying(node, span, attempt_no, delay, attempt.error)
             await asyncio.sleep(delay)
             ready_at = time.perf_counter()
 
-    async def _attempt(self, node: Node, attempt_no: int, executor: NodeExecutor) -> tuple[Attempt, Span]:
+    async def _attempt(self, node: Node, attempt_no: int, node_type: NodeType) -> tuple[Attempt, Span]:
         execution, reporter = self._execution, self._reporter
         inputs = {d: execution.outputs[d] for d in node.depends_on if d in execution.outputs}
-        span, span_ctx, secret_keys, input_preview = reporter.open_attempt(node, attempt_no, executor, inputs)
-        ctx = NodeContext(node, attempt_no, inputs, execution.workflow_input, span, span_ctx, execution)
         execution.attempts[node.id] = attempt_no
         execution.set_state(node.id, NodeState.RUNNING)
-        reporter.node_started(ctx, input_preview)
+        ctx, secret_keys = reporter.attempt_started(execution, node, attempt_no, node_type, inputs)
+        span, span_ctx, executor = ctx.span, ctx.otel_context, node_type.executor
 
         started = time.perf_counter()
         token = otel_context.attach(span_ctx)
+        # Without a node timeout the step runs bare: a Timeout context per attempt is a measurable share of a step.
+        timeout = asyncio.timeout(node.timeout_s) if node.timeout_s is not None else None
         try:
-            attempt = await _execute(executor, ctx)
+            if timeout is None:
+                output = await executor.execute(ctx)
+            else:
+                async with timeout:
+                    output = await executor.execute(ctx)
+            attempt = Attempt(Result.SUCCESS, output)
+        except BaseException as exc:
+            attempt = _failed(node, timeout, exc)
         finally:
             otel_context.detach(token)
         duration_s = time.perf_counter() - started
         if attempt.result is Result.SUCCESS:
-            execution.node_succeeded(node, executor, attempt.output)
+            execution.node_succeeded(node, node_type, attempt.output)
         else:
             failed = NodeState.CANCELLED if attempt.result is Result.CANCELLATION else NodeState.FAILED
             execution.set_state(node.id, failed)
@@ -121,25 +127,16 @@ class AttemptRunner:
         return attempt, span
 
 
-async def _execute(executor: NodeExecutor, ctx: NodeContext) -> Attempt:
-    """One attempt's outcome; only the node's timeout bounds it."""
-    node = ctx.node
-    # Without a node timeout the step runs bare: a Timeout context per attempt is a measurable share of a step.
-    timeout = asyncio.timeout(node.timeout_s) if node.timeout_s is not None else None
-    try:
-        if timeout is None:
-            output = await executor.execute(ctx)
-        else:
-            async with timeout:
-                output = await executor.execute(ctx)
-        return Attempt(Result.SUCCESS, output)
-    except asyncio.CancelledError as exc:
-        return Attempt(Result.CANCELLATION, error=exc)
-    except TimeoutError as exc:
+def _failed(node: Node, timeout: asyncio.Timeout | None, error: BaseException) -> Attempt:
+    """What an attempt that raised `error` comes to; only the node's timeout counts as its timeout."""
+    if isinstance(error, asyncio.CancelledError):
+        return Attempt(Result.CANCELLATION, error=error)
+    if isinstance(error, TimeoutError):
         if timeout is not None and timeout.expired():
             return Attempt(Result.TIMEOUT, error=NodeTimeout(f"node {node.id!r} timed out after {node.timeout_s:g}s"))
-        return Attempt(Result.FAILURE, error=exc)
-    except ERROR_TYPES as exc:
-        return Attempt(Result.ERROR, error=exc)
-    except Exception as exc:
-        return Attempt(Result.FAILURE, error=exc)
+        return Attempt(Result.FAILURE, error=error)
+    if isinstance(error, ERROR_TYPES):
+        return Attempt(Result.ERROR, error=error)
+    if isinstance(error, Exception):
+        return Attempt(Result.FAILURE, error=error)
+    raise error  # KeyboardInterrupt, SystemExit: not an outcome of the node

@@ -8,6 +8,7 @@ import importlib
 import inspect
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from opentelemetry.trace import SpanKind
@@ -35,30 +36,37 @@ class NodeExecutor(Protocol):
     async def execute(self, ctx: NodeContext) -> Any: ...
 
 
-# Optional parts of a node type (the built-in ones have them through `ExecutorBase`):
-#   span_attributes(node) -> Mapping[str, Any]: what its attempt spans carry besides the engine's own;
-#   untaken(node, output) -> Mapping[str, str]: dependents its output leaves untaken, with the reason.
-_NONE: Mapping[str, Any] = {}
-
-
-def span_attributes_of(executor: NodeExecutor, node: Node) -> Mapping[str, Any]:
-    own = getattr(executor, "span_attributes", None)
-    return own(node) if own is not None else _NONE
-
-
-def untaken_of(executor: NodeExecutor, node: Node, output: Any) -> Mapping[str, str]:
-    own = getattr(executor, "untaken", None)
-    return own(node, output) if own is not None else _NONE
-
-
 class ExecutorBase:
-    """Defaults of the optional parts: no attributes of its own, no branch left untaken."""
+    """Defaults of a node type's optional parts: no span attributes of its own, no dependent left untaken.
+
+    `span_attributes(node)` is what its attempt spans carry besides the engine's own;
+    `untaken(node, output)` maps each dependent its output leaves untaken to the reason.
+    """
 
     def span_attributes(self, node: Node) -> Mapping[str, Any]:
-        return _NONE
+        return {}
 
     def untaken(self, node: Node, output: Any) -> Mapping[str, str]:
-        return _NONE
+        return {}
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """An executor with the optional parts it really has (None: the default, so not asked per step)."""
+
+    executor: NodeExecutor
+    span_attributes: Callable[[Node], Mapping[str, Any]] | None
+    untaken: Callable[[Node, Any], Mapping[str, str]] | None
+
+    @classmethod
+    def of(cls, executor: NodeExecutor) -> NodeType:
+        def own(name: str) -> Any:
+            # An executor written against the protocol alone may lack the optional parts.
+            method = getattr(executor, name, None)
+            inherited = getattr(type(executor), name, None) is getattr(ExecutorBase, name)
+            return None if method is None or inherited else method
+
+        return cls(executor, own("span_attributes"), own("untaken"))
 
 
 def scope_for(ctx: NodeContext) -> dict[str, Any]:
@@ -295,7 +303,7 @@ class ConditionExecutor(ExecutorBase):
 
     def untaken(self, node: Node, output: Any) -> Mapping[str, str]:
         if not isinstance(output, dict):
-            return _NONE
+            return {}
         chosen = output.get("branch")
         return {
             target: f"branch {name!r} of {node.id!r} not taken (chose {chosen!r})"
@@ -383,9 +391,18 @@ class NodeRegistry:
         self.executors: dict[str, NodeExecutor] = dict(executors or _builtin_executors())
         self.tools = tools or ToolRegistry()
         self.providers: dict[str, LlmProvider] = {"local": LocalProvider(), **(providers or {})}
+        self._types: dict[str, NodeType] = {}
 
     def executor(self, node_type: str) -> NodeExecutor:
         return self.executors[node_type]
+
+    def node_type(self, name: str) -> NodeType:
+        """The executor of node type `name` with its optional parts, found once per executor."""
+        executor = self.executors[name]
+        known = self._types.get(name)
+        if known is None or known.executor is not executor:
+            known = self._types[name] = NodeType.of(executor)
+        return known
 
     def problems(self, workflow: Workflow) -> list[str]:
         found = structural_problems(workflow)

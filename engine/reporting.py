@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -23,10 +23,13 @@ from engine.attempts import Attempt, describe, error_type
 from engine.context import NodeContext
 from engine.dag import Node, Workflow
 from engine.events import EventBus, EventType, WorkflowEvent
-from engine.nodes import NodeExecutor, span_attributes_of
+from engine.nodes import NodeType
 from engine.redact import preview
 from engine.results import DONE_STATES, NodeState, NodeStates, Result, RunOptions
 from engine.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from engine.scheduler import Execution
 
 _NO_IDS = ("0" * 32, "0" * 16)
 _END_EVENTS = {Result.SUCCESS: EventType.WORKFLOW_COMPLETED, Result.CANCELLATION: EventType.WORKFLOW_CANCELLED}
@@ -64,16 +67,13 @@ class RunReporter:
         self._exporting = True
         self._event_attributes: dict[str, Any] = {}
         self._run_metric_attrs: dict[str, Any] = {t.WORKFLOW_NAME: workflow.name}
+        # Per node type; shared by its nodes' records (the SDK does not keep or change the mapping).
+        self._node_metric_attrs: dict[str, dict[str, Any]] = {}
         self._last_progress = 0.0
         self._progress_timer: asyncio.TimerHandle | None = None
-
-    # -- back-pressure ---------------------------------------------------------------------
-
-    def events_backlogged(self) -> bool:
-        return self._tel.events_backlogged()
-
-    async def event_room(self) -> None:
-        await self._tel.event_room()
+        # Back-pressure: before a run or an attempt starts, it awaits `event_room()` when backlogged.
+        self.events_backlogged = telemetry.events_backlogged
+        self.event_room = telemetry.event_room
 
     # -- events ----------------------------------------------------------------------------
 
@@ -255,11 +255,11 @@ class RunReporter:
 
     # -- nodes -----------------------------------------------------------------------------
 
-    def open_attempt(
-        self, node: Node, attempt_no: int, executor: NodeExecutor, inputs: dict[str, Any]
-    ) -> tuple[Span, Context, frozenset[str], str | None]:
-        """An attempt's span (with the node type's own attributes) and, when I/O is captured, its
-        redaction keys and input preview."""
+    def attempt_started(
+        self, execution: Execution, node: Node, attempt_no: int, node_type: NodeType, inputs: dict[str, Any]
+    ) -> tuple[NodeContext, frozenset[str]]:
+        """An attempt's span (with the node type's own attributes), the context its node runs in,
+        and `node.started`; with the redaction keys its end needs when I/O is captured."""
         attrs: dict[str, Any] = {
             t.EXECUTION_ID: self._execution_id,
             t.NODE_ID: node.id,
@@ -267,27 +267,26 @@ class RunReporter:
             t.NODE_LABEL: node.display_label,
             t.NODE_ATTEMPT: attempt_no,
         }
-        own = span_attributes_of(executor, node)
-        if own:
-            attrs.update(own)
+        if node_type.span_attributes is not None:
+            attrs.update(node_type.span_attributes(node))
         options = self._tel.options
         secret_keys = frozenset(node.config.get("secret_keys", ())) if options.capture_io else frozenset()
         input_preview = None
         if options.capture_io:
             input_preview = preview(inputs or self._workflow_input, options.max_io_chars, secret_keys=secret_keys)
             attrs[t.NODE_INPUT] = input_preview
+        executor = node_type.executor
         span = self._tel.start_child_span(
             executor.span_name(node), self._run_context, self.span.get_span_context(), executor.kind, attrs
         )
-        return span, trace.set_span_in_context(span, self._run_context), secret_keys, input_preview
-
-    def node_started(self, ctx: NodeContext, input_preview: str | None) -> None:
-        node = ctx.node
-        data: dict[str, Any] = {"attempt": ctx.attempt, "nodeLabel": node.display_label}
+        span_ctx = trace.set_span_in_context(span, self._run_context)
+        ctx = NodeContext(node, attempt_no, inputs, self._workflow_input, span, span_ctx, execution)
+        data: dict[str, Any] = {"attempt": attempt_no, "nodeLabel": node.display_label}
         if input_preview is not None:
             data["input"] = input_preview
-        self.emit(EventType.NODE_STARTED, node=node, span=ctx.span, context=ctx.otel_context, data=data)
+        self.emit(EventType.NODE_STARTED, node=node, span=span, context=span_ctx, data=data)
         self.progress()
+        return ctx, secret_keys
 
     def attempt_ended(self, ctx: NodeContext, attempt: Attempt, duration_s: float, secret_keys: frozenset[str]) -> None:
         """The attempt's span ended with its result, its duration recorded, and its event."""
@@ -338,16 +337,20 @@ class RunReporter:
         self._tel.token_usage.record(usage.output_tokens, {**base, t.GEN_AI_TOKEN_TYPE: "output"})
         self._tel.llm_duration.record(duration_s, base)
 
-    def node_metric_attributes(self, node: Node) -> dict[str, Any]:
-        return {t.WORKFLOW_NAME: self._workflow.name, t.NODE_TYPE: node.type}
+    def _node_metric_attributes(self, node: Node) -> dict[str, Any]:
+        found = self._node_metric_attrs.get(node.type)
+        if found is None:
+            found = self._node_metric_attrs[node.type] = {t.WORKFLOW_NAME: self._workflow.name, t.NODE_TYPE: node.type}
+        return found
 
-    def queue_waited(self, seconds: float, metric_attrs: Mapping[str, Any]) -> None:
-        self._tel.node_queue_wait.record(seconds, metric_attrs)
+    def queue_waited(self, node: Node, seconds: float) -> None:
+        attrs = self._node_metric_attrs.get(node.type) or self._node_metric_attributes(node)
+        self._tel.node_queue_wait.record(seconds, attrs)
 
     def node_retrying(
-        self, node: Node, span: Span, attempt_no: int, delay_s: float, error: BaseException | None, metric_attrs: Any
+        self, node: Node, span: Span, attempt_no: int, delay_s: float, error: BaseException | None
     ) -> None:
-        self._tel.node_retries.add(1, metric_attrs)
+        self._tel.node_retries.add(1, self._node_metric_attributes(node))
         self.emit(
             EventType.NODE_RETRYING,
             node=node,

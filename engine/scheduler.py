@@ -22,7 +22,7 @@ from engine.attempts import Attempt, AttemptRunner, NodeTimeout, describe
 from engine.context import NodeContext
 from engine.dag import Node, Workflow
 from engine.events import EventBus
-from engine.nodes import NodeExecutor, NodeRegistry, untaken_of
+from engine.nodes import NodeRegistry, NodeType
 from engine.propagation import extract_context
 from engine.reporting import RunReporter
 from engine.results import ExecutionFailed, ExecutionResult, NodeState, NodeStates, Result, RunOptions
@@ -57,6 +57,7 @@ class Execution:
         self.registry: NodeRegistry = engine.registry
         self._book = NodeStates(workflow.node_ids)
         self.states: dict[str, NodeState] = self._book.states
+        self.set_state = self._book.set
         self.outputs: dict[str, Any] = {}
         self.attempts: dict[str, int] = dict.fromkeys(workflow.node_ids, 0)
         self.slots = asyncio.Semaphore(engine.concurrency)
@@ -73,8 +74,9 @@ class Execution:
         )
         self._runner = AttemptRunner(self, self._reporter)
         self._untaken: dict[str, str] = {}
-        self._unpaused = asyncio.Event()
-        self._unpaused.set()
+        # Set while the run is not paused; attempts wait on it before they start.
+        self.unpaused = asyncio.Event()
+        self.unpaused.set()
         self._cancel_requested = asyncio.Event()
         self._cancel_reason = "cancelled by request"
         self._signals: dict[str, asyncio.Future[Any]] = {}
@@ -100,21 +102,18 @@ class Execution:
         self._cancel_requested.set()
 
     def pause(self, reason: str = "paused by request") -> None:
-        if self._unpaused.is_set() and not self._finished:
-            self._unpaused.clear()
+        if self.unpaused.is_set() and not self._finished:
+            self.unpaused.clear()
             self._reporter.paused(reason)
 
     def resume(self, reason: str = "resumed by request") -> None:
-        if not self._unpaused.is_set() and not self._finished:
-            self._unpaused.set()
+        if not self.unpaused.is_set() and not self._finished:
+            self.unpaused.set()
             self._reporter.resumed(reason)
 
     @property
     def paused(self) -> bool:
-        return not self._unpaused.is_set()
-
-    async def until_unpaused(self) -> None:
-        await self._unpaused.wait()
+        return not self.unpaused.is_set()
 
     def signal(self, name: str, payload: Any = None) -> None:
         future = self._signal_future(name)
@@ -159,16 +158,12 @@ class Execution:
             raise ChildWorkflowFailed(result)
         return result.output
 
-    def set_state(self, node_id: str, state: NodeState) -> None:
-        self._book.set(node_id, state)
-
-    def node_succeeded(self, node: Node, executor: NodeExecutor, output: Any) -> None:
+    def node_succeeded(self, node: Node, node_type: NodeType, output: Any) -> None:
         """A node's output is in: record it, and which dependents its node type leaves untaken."""
         self.outputs[node.id] = output
         self.set_state(node.id, NodeState.SUCCESS)
-        untaken = untaken_of(executor, node, output)
-        if untaken:
-            self._untaken.update(untaken)
+        if node_type.untaken is not None:
+            self._untaken.update(node_type.untaken(node, output))
 
     def _signal_future(self, name: str) -> asyncio.Future[Any]:
         future = self._signals.get(name)
@@ -314,7 +309,7 @@ class Execution:
         return None
 
     def _reuse(self, node: Node) -> None:
-        self.node_succeeded(node, self.registry.executor(node.type), self.options.reused[node.id])
+        self.node_succeeded(node, self.registry.node_type(node.type), self.options.reused[node.id])
         self._reporter.node_reused(node)
 
     async def _cancel_all(self) -> None:
