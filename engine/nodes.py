@@ -27,6 +27,8 @@ class NodeError(RuntimeError):
 
 
 class NodeExecutor(Protocol):
+    """A node type. Optional: `span_attributes` and `untaken` (see `ExecutorBase`)."""
+
     kind: SpanKind
 
     def problems(self, node: Node, workflow: Workflow, registry: NodeRegistry) -> list[str]: ...

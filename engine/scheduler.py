@@ -55,9 +55,9 @@ class Execution:
         self.execution_id = execution_id
         self.options = options
         self.registry: NodeRegistry = engine.registry
-        self._book = NodeStates(workflow.node_ids)
-        self.states: dict[str, NodeState] = self._book.states
-        self.set_state = self._book.set
+        self._node_states = NodeStates(workflow.node_ids)
+        self.states: dict[str, NodeState] = self._node_states.states
+        self.set_state = self._node_states.set
         self.outputs: dict[str, Any] = {}
         self.attempts: dict[str, int] = dict.fromkeys(workflow.node_ids, 0)
         self.slots = asyncio.Semaphore(engine.concurrency)
@@ -69,7 +69,7 @@ class Execution:
             workflow,
             workflow_input,
             options,
-            self._book,
+            self._node_states,
             engine.progress_interval_s,
         )
         self._runner = AttemptRunner(self, self._reporter)

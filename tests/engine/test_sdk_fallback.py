@@ -14,20 +14,34 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import opentelemetry.sdk.metrics._internal.instrument as instrument
 import pytest
+from google.protobuf import json_format
 from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk._logs import ReadableLogRecord
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
+from opentelemetry.sdk.metrics.export import (
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    NumberDataPoint,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from engine import Engine, Telemetry, TelemetryOptions, sdk_compat, telemetry
+from tests.engine.test_sdk_direct import _TIMES as _TIMED_ATTRIBUTES
 from tests.engine.test_sdk_direct import providers, records_view, spans_view, workflow
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -168,7 +182,12 @@ _RENAMED_PRIVATE = textwrap.dedent(
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
+    from opentelemetry.sdk.metrics.export import (
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    NumberDataPoint,
+    PeriodicExportingMetricReader,
+)
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -210,3 +229,152 @@ def test_import_engine_survives_an_sdk_without_a_private_part() -> None:
     assert "instrument:_Histogram" in out["reason"]
     assert out["spans"] >= 8 and out["events"] >= 15
     assert {"workflow.node.duration", "workflow.run.duration", "gen_ai.client.token.usage"} <= set(out["metrics"])
+
+
+class OtlpReceiver:
+    """A real OTLP/gRPC endpoint on 127.0.0.1 that keeps every request it is sent."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, list[Any]] = {"traces": [], "logs": [], "metrics": []}
+        self._lock = threading.Lock()
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        receiver = self
+
+        class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:
+                receiver.keep("traces", request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        class Logs(logs_service_pb2_grpc.LogsServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:
+                receiver.keep("logs", request)
+                return logs_service_pb2.ExportLogsServiceResponse()
+
+        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:
+                receiver.keep("metrics", request)
+                return metrics_service_pb2.ExportMetricsServiceResponse()
+
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self.server)  # type: ignore[no-untyped-call]
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(Logs(), self.server)  # type: ignore[no-untyped-call]
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self.server)  # type: ignore[no-untyped-call]
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def keep(self, signal: str, request: Any) -> None:
+        with self._lock:
+            self.requests[signal].append(request)
+
+    def take(self) -> dict[str, list[Any]]:
+        with self._lock:
+            taken, self.requests = self.requests, {"traces": [], "logs": [], "metrics": []}
+        return taken
+
+
+def _value(any_value: Any) -> Any:
+    return json_format.MessageToDict(any_value)
+
+
+def _attrs(pairs: Any, drop: frozenset[str] = frozenset()) -> dict[str, Any]:
+    return {p.key: _value(p.value) for p in pairs if p.key not in drop}
+
+
+_DROP = frozenset(_TIMED_ATTRIBUTES)
+
+
+def received_view(requests: dict[str, list[Any]]) -> dict[str, Any]:
+    """What the receiver got, without ids and times: spans, events and metric points."""
+    spans = [
+        (rs, span)
+        for req in requests["traces"]
+        for rs in req.resource_spans
+        for ss in rs.scope_spans
+        for span in ss.spans
+    ]
+    names = {span.span_id: span.name for _, span in spans}
+    span_view = sorted(
+        (
+            {
+                "resource": _attrs(rs.resource.attributes),
+                "name": span.name,
+                "kind": span.kind,
+                "parent": names.get(span.parent_span_id),
+                "flags": span.flags,
+                "attributes": _attrs(span.attributes, _DROP),
+                "status": (span.status.code, span.status.message),
+                "events": [(e.name, _attrs(e.attributes, frozenset({"exception.stacktrace"}))) for e in span.events],
+                "links": len(span.links),
+            }
+            for rs, span in spans
+        ),
+        key=repr,
+    )
+    records = [
+        (sl.scope.name, record)
+        for req in requests["logs"]
+        for rl in req.resource_logs
+        for sl in rl.scope_logs
+        for record in sl.log_records
+    ]
+    event_view = [
+        {
+            "scope": scope,
+            "event_name": r.event_name,
+            "severity": (r.severity_number, r.severity_text),
+            "attributes": _attrs(r.attributes),
+            "body": {k: v for k, v in json.loads(r.body.string_value).items() if k not in _DROP},
+            "span": names.get(r.span_id),
+            "flags": r.flags,
+        }
+        for scope, r in records
+        if r.event_name != "execution.progress"
+    ]
+    points = set()
+    for req in requests["metrics"]:
+        for rm in req.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    for kind in ("histogram", "sum"):
+                        if metric.HasField(kind):
+                            for p in getattr(metric, kind).data_points:
+                                measured = p.count if kind == "histogram" else _value(p)["asInt"]
+                                points.add((metric.name, repr(sorted(_attrs(p.attributes).items())), kind, measured))
+    return {"spans": span_view, "events": sorted(event_view, key=repr), "metrics": sorted(points)}
+
+
+async def export_through_otlp(receiver: OtlpReceiver) -> dict[str, list[Any]]:
+    """One run with the exporters and processors `setup()` builds, sent to `receiver`; all of it flushed."""
+    span_exporter, log_exporter, metric_exporter = telemetry._otlp_exporters(
+        "grpc", f"http://127.0.0.1:{receiver.port}"
+    )
+    resource = Resource.create({"service.name": "fallback-check"})
+    reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=3_600_000)
+    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter, schedule_delay_millis=50))
+    logger_provider = LoggerProvider(resource=resource)
+    logger_provider.add_log_record_processor(telemetry.event_processor(log_exporter, 20, {}, meter_provider))
+    tel = Telemetry(tracer_provider, logger_provider, meter_provider, TelemetryOptions(capture_io=True))
+    async with Engine(tel, concurrency=4) as engine:
+        await engine.run(workflow(), {"q": 1}, execution_id="exec-1")
+    # Shutting down flushes: every request has been answered by the receiver when these return.
+    for provider in (tracer_provider, logger_provider, meter_provider):
+        provider.shutdown()
+    return receiver.take()
+
+
+async def test_fallback_sends_a_real_receiver_what_the_fast_path_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    receiver = OtlpReceiver()
+    try:
+        fast = await export_through_otlp(receiver)
+        monkeypatch.setenv(sdk_compat.ENV, "0")
+        sdk_compat.reset()
+        slow = await export_through_otlp(receiver)
+    finally:
+        receiver.server.stop(None)
+    fast_view, slow_view = received_view(fast), received_view(slow)
+    assert slow_view["spans"] == fast_view["spans"]
+    assert slow_view["events"] == fast_view["events"]
+    assert slow_view["metrics"] == fast_view["metrics"]
+    assert len(slow_view["spans"]) >= 8 and len(slow_view["events"]) >= 15
+    assert {"workflow.node.duration", "workflow.node.retries"} <= {p[0] for p in slow_view["metrics"]}
