@@ -23,9 +23,9 @@ from typing import Any
 
 import orjson
 
-from collector.convert import MAX_NS, Converted, any_value
+from collector.convert import MAX_NS, any_value
 from collector.receiver import Consume
-from collector.types import Signal
+from collector.types import Outcome, Signal
 
 EXECUTION_ID = "workflow.execution.id"
 SEQ = "workflow.event.seq"
@@ -224,19 +224,18 @@ def admitting(
 ) -> Consume:
     """`consume` behind `admit`: refused records are cut out and reported with the outcome."""
 
-    def admitted_consume(signal: Signal, request: Any, raw: bytes | None = None) -> Converted:
-        outcome = admit(signal, request, window)
-        if not outcome.rejected:
+    def admitted_consume(signal: Signal, request: Any, raw: bytes | None = None) -> Outcome:
+        cut = admit(signal, request, window)
+        if not cut.rejected:
             return consume(signal, request, raw)
         if count_rejected is not None:
-            count_rejected(signal, outcome.rejected)
+            count_rejected(signal, cut.rejected)
         # The request changed: its received bytes no longer describe it.
-        converted = consume(signal, request, None)
-        return Converted(
-            converted.tables,
-            converted.accepted,
-            converted.rejected + outcome.rejected,
-            [*outcome.reasons, *converted.reasons][:5],
+        rest = consume(signal, request, None)
+        return Outcome(
+            accepted=rest.accepted,
+            rejected=rest.rejected + cut.rejected,
+            reasons=[*cut.reasons, *rest.reasons][:5],
         )
 
     return admitted_consume

@@ -24,7 +24,7 @@ from collector.intake import FAST_PATHS
 from collector.isolation import Entry, Isolation, Piece, Stopped, Writer, round_pieces
 from collector.spool import Spool, SpoolFull, SpoolUnwritable
 from collector.telemetry import SelfMetrics
-from collector.types import Signal, StreamSubscriber, Unsubscribe
+from collector.types import Outcome, Signal, StreamSubscriber, Unsubscribe
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class Pipeline:
 
     # -- intake ------------------------------------------------------------------------------
 
-    def consume(self, signal: Signal, request: Any, raw: bytes | None = None) -> Converted:
+    def consume(self, signal: Signal, request: Any, raw: bytes | None = None) -> Outcome:
         """Convert and queue one OTLP request; raises Backpressure when it cannot be taken now.
 
         With a spool, returns only once the request is fsync'd: acknowledged means durable.
@@ -136,14 +136,14 @@ class Pipeline:
         if converted.rejected:
             self.metrics.rejected.labels(signal.value, "invalid").inc(converted.rejected)
         if rows == 0:
-            return converted
+            return converted.outcome
         # The spool and the intake take the bytes the receiver already holds; only OTLP/JSON needs encoding.
         payload = (raw if raw is not None else request.SerializeToString()) if self.spool is not None or otlp else b""
         digest = hashlib.blake2b(payload, digest_size=16).digest() if self.spool is not None else b""
         with self._cond:
             if digest and digest in self._recent:
                 self.metrics.duplicate_requests.inc()
-                return converted
+                return converted.outcome
             if self._closing:
                 self.metrics.refused.labels(signal.value, "shutting_down").inc()
                 raise Backpressure("collector is shutting down", retry_after_s=2.0)
@@ -170,7 +170,7 @@ class Pipeline:
                 self._cond.notify_all()
         if self.spool is not None:
             self._wait_durable(signal, seq)
-        return converted
+        return converted.outcome
 
     def _wait_durable(self, signal: Signal, seq: int) -> None:
         """A request whose fsync failed is refused (retryable). It stays queued and is
@@ -222,7 +222,7 @@ class Pipeline:
     def _spilling(self) -> bool:
         return self._spill_next != 0 and self._spill_next <= self._spill_last
 
-    def _spill(self, signal: Signal, request: Any, payload: bytes, digest: bytes, converted: Converted) -> Converted:
+    def _spill(self, signal: Signal, request: Any, payload: bytes, digest: bytes, converted: Converted) -> Outcome:
         """Accept into the spool only (called with the lock held); the writer reads it back later."""
         assert self.spool is not None
         seq = self._append_to_spool(signal, payload, digest)
@@ -238,7 +238,7 @@ class Pipeline:
             self._wait_durable(signal, seq)
         finally:
             self._cond.acquire()
-        return converted
+        return converted.outcome
 
     def resume_from_spool(self) -> int:
         """After a restart: everything past the checkpoint is read back from the spool, the
@@ -500,6 +500,6 @@ def _convert(signal: Signal, request: Any) -> tuple[Converted, int, bool]:
     if fast_path is not None:
         count = fast_path(request)
         if count is not None:
-            return Converted([], count, 0, []), count, True
+            return Converted([], accepted=count), count, True
     converted = CONVERTERS[signal](request)
     return converted, converted.rows, False

@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from collector.types import Signal
+from collector.types import Outcome, Signal
 
 SPAN_KINDS = ("Unspecified", "Internal", "Server", "Client", "Producer", "Consumer")
 STATUS_CODES = ("Unset", "Ok", "Error")
@@ -93,16 +93,23 @@ class Columns:
         ]
 
 
-@dataclass
-class Converted:
+@dataclass(frozen=True)
+class Converted(Outcome):
+    """A request's rows, with what became of its items. Stays inside the collector's
+    conversion and queue: what a consumer answers a receiver with is the `outcome`.
+
+    An Outcome itself only so consumers written against the old contract, which answered
+    with a Converted, still fit `Consume`."""
+
     tables: list[Columns]
-    accepted: int
-    rejected: int
-    reasons: list[str]
 
     @property
     def rows(self) -> int:
         return sum(c.rows for c in self.tables)
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome(accepted=self.accepted, rejected=self.rejected, reasons=self.reasons)
 
 
 @dataclass
@@ -281,7 +288,9 @@ def convert_traces(request: Any) -> Converted:
                     ln_state.append(_EMPTY)
                     ln_attrs.append(_EMPTY)
                 accepted += 1
-    return Converted([cols] if accepted else [], accepted, rejections.count, rejections.reasons)
+    return Converted(
+        [cols] if accepted else [], accepted=accepted, rejected=rejections.count, reasons=rejections.reasons
+    )
 
 
 def convert_logs(request: Any) -> Converted:
@@ -322,7 +331,9 @@ def convert_logs(request: Any) -> Converted:
                 log_attrs.append(attributes(record.attributes))
                 event_names.append(record.event_name)
                 accepted += 1
-    return Converted([cols] if accepted else [], accepted, rejections.count, rejections.reasons)
+    return Converted(
+        [cols] if accepted else [], accepted=accepted, rejected=rejections.count, reasons=rejections.reasons
+    )
 
 
 def _exemplar_columns(
@@ -403,7 +414,8 @@ def convert_metrics(request: Any) -> Converted:
                     for column, value in zip(table.data, row, strict=True):
                         column.append(value)
                     accepted += 1
-    return Converted([t for t in tables.values() if t.rows], accepted, rejections.count, rejections.reasons)
+    tables_out = [t for t in tables.values() if t.rows]
+    return Converted(tables_out, accepted=accepted, rejected=rejections.count, reasons=rejections.reasons)
 
 
 _METRIC_TABLE = {

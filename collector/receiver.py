@@ -42,8 +42,7 @@ from starlette.routing import Route
 
 from collector import otlp_json
 from collector.batcher import Backpressure
-from collector.convert import Converted
-from collector.types import Signal
+from collector.types import Outcome, Signal
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ SPECS = {
 class Consume(Protocol):
     """Takes a parsed request; `raw` is its protobuf encoding when the receiver already has it."""
 
-    def __call__(self, signal: Signal, request: Any, raw: bytes | None = None) -> Converted: ...
+    def __call__(self, signal: Signal, request: Any, raw: bytes | None = None) -> Outcome: ...
 
 
 class RejectedError(ValueError):
@@ -106,14 +105,14 @@ class Forbidden(Exception):
 Authorize = Callable[[str | None], None]
 
 
-def build_response(spec: SignalSpec, converted: Converted) -> Message:
-    if converted.rejected and not converted.accepted:
-        raise RejectedError("; ".join(converted.reasons) or "every item was invalid")
+def build_response(spec: SignalSpec, outcome: Outcome) -> Message:
+    if outcome.rejected and not outcome.accepted:
+        raise RejectedError("; ".join(outcome.reasons) or "every item was invalid")
     response = spec.response()
-    if converted.rejected:
+    if outcome.rejected:
         partial = response.partial_success
-        setattr(partial, spec.rejected_field, converted.rejected)
-        partial.error_message = "; ".join(converted.reasons)
+        setattr(partial, spec.rejected_field, outcome.rejected)
+        partial.error_message = "; ".join(outcome.reasons)
     return response
 
 
@@ -261,8 +260,8 @@ def http_routes(
                 return _status(400, f"malformed OTLP request: {exc}", content_type)
             try:
                 raw = body if content_type == _PROTOBUF else None
-                converted = await run_in_threadpool(consume, spec.signal, message, raw)
-                response = build_response(spec, converted)
+                outcome = await run_in_threadpool(consume, spec.signal, message, raw)
+                response = build_response(spec, outcome)
             except Backpressure as bp:
                 code = 503
                 return _status(

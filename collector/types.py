@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, TypeAlias
 
@@ -13,6 +14,16 @@ class Signal(StrEnum):
     TRACES = "traces"
     METRICS = "metrics"
     LOGS = "logs"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """What became of one OTLP request's items: the receivers answer with it (all refused →
+    INVALID_ARGUMENT / 400, some → `partial_success`). `reasons` explains the first few refusals."""
+
+    accepted: int
+    rejected: int = 0
+    reasons: list[str] = field(default_factory=list)
 
 
 class StreamSubscriber(Protocol):

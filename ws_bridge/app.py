@@ -21,10 +21,9 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from collector.convert import Converted
 from collector.history import History
 from collector.receiver import GrpcReceiver
-from collector.types import Signal
+from collector.types import Outcome, Signal
 from ws_bridge.api import Links, api_routes, openapi_route
 from ws_bridge.auth import AuthConfig, Authenticator, AuthError, require_auth_on_public_bind
 from ws_bridge.connection import Connection, ConnectionLimits, close_quietly
@@ -109,9 +108,9 @@ class Bridge:
             if facts:
                 self.hub.observe_spans(facts)
 
-    def _consume_remote(self, signal: Signal, request: Any, raw: bytes | None = None) -> Converted:
+    def _consume_remote(self, signal: Signal, request: Any, raw: bytes | None = None) -> Outcome:
         self.feed(signal, request)
-        return Converted([], accepted=_count(signal, request), rejected=0, reasons=[])
+        return Outcome(accepted=_count(signal, request))
 
     def start_otlp(self) -> None:
         """The remote feed takes what the collector tier admits, from writers holding "ingest"."""
