@@ -51,6 +51,11 @@ PRIVATE_PARTS: tuple[tuple[str, str], ...] = (
     ("opentelemetry.sdk.trace", "Event"),
     ("opentelemetry.sdk.trace.sampling", "ParentBased"),
     ("opentelemetry.sdk.trace.sampling", "StaticSampler"),
+)
+# What engine/otlp_encoding.py replaces in the OTLP/gRPC exporters: checked only when those
+# exporters are built, so that choosing a path does not import gRPC.
+EXPORTER_DISTRIBUTION = "opentelemetry-exporter-otlp-proto-grpc"
+EXPORTER_PARTS: tuple[tuple[str, str], ...] = (
     ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter", "OTLPSpanExporter._translate_data"),
     ("opentelemetry.exporter.otlp.proto.grpc._log_exporter", "OTLPLogExporter._translate_data"),
 )
@@ -62,9 +67,9 @@ class Decision:
     reason: str
 
 
-def installed_version() -> str | None:
+def installed_version(distribution: str = "opentelemetry-sdk") -> str | None:
     try:
-        return metadata.version("opentelemetry-sdk")
+        return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return None
 
@@ -87,9 +92,10 @@ _SPAN_FIELDS = ("_name", "_context", "_end_time", "_events", "_status", "_attrib
 
 
 def _missing_span_fields() -> list[str]:
+    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan
 
-    probe = ReadableSpan(name="probe")
+    probe = ReadableSpan(name="probe", resource=Resource.get_empty())
     return [f"opentelemetry.sdk.trace:ReadableSpan().{f}" for f in _SPAN_FIELDS if not hasattr(probe, f)]
 
 
@@ -136,7 +142,20 @@ def fast_path() -> bool:
     return decision().fast
 
 
-def fell_back(part: str, error: BaseException) -> None:
+def grpc_encoding() -> bool:
+    """Whether the OTLP/gRPC exporters may encode in place: the fast paths are on, and the
+    installed exporter is a verified version with the hook it replaces."""
+    if not fast_path():
+        return False
+    version = installed_version(EXPORTER_DISTRIBUTION)
+    missing = missing_parts(EXPORTER_PARTS)
+    if version is not None and _verified(version) and not missing:
+        return True
+    fell_back("OTLP encoding", f"{EXPORTER_DISTRIBUTION} {version}, lacking {missing or 'nothing'}")
+    return False
+
+
+def fell_back(part: str, error: BaseException | str) -> None:
     """A fast path failed to load although the check passed: the public path is taken for it."""
     logger.warning("flowscope engine telemetry: %s falls back to the public SDK path (%s)", part, error)
 

@@ -379,7 +379,7 @@ def _otlp_exporters(protocol: str, endpoint: str | None) -> tuple[Any, Any, Any]
 def _grpc_exporter_classes() -> tuple[Any, Any]:
     """The SDK's OTLP/gRPC exporters; on the fast path, encoding spans and events in place
     (engine/otlp_encoding.py)."""
-    if sdk_compat.fast_path():
+    if sdk_compat.grpc_encoding():
         try:
             from engine.otlp_encoding import GrpcLogExporter, GrpcSpanExporter
         except (ImportError, AttributeError) as error:

@@ -164,6 +164,12 @@ def test_grpc_exporters_encode_in_place_only_on_the_fast_path(monkeypatch: pytes
     from engine.otlp_encoding import GrpcLogExporter, GrpcSpanExporter
 
     assert telemetry._grpc_exporter_classes() == (GrpcSpanExporter, GrpcLogExporter)
+    # An OTLP exporter release the in-place encoding was not verified against, beside a verified SDK.
+    versions = {"opentelemetry-sdk": "1.45.1", sdk_compat.EXPORTER_DISTRIBUTION: "1.46.0"}
+    monkeypatch.setattr(sdk_compat, "installed_version", versions.get)
+    assert sdk_compat.fast_path()
+    assert telemetry._grpc_exporter_classes() == (OTLPSpanExporter, OTLPLogExporter)
+    monkeypatch.undo()
     monkeypatch.setenv(sdk_compat.ENV, "0")
     sdk_compat.reset()
     assert telemetry._grpc_exporter_classes() == (OTLPSpanExporter, OTLPLogExporter)
@@ -182,12 +188,7 @@ _RENAMED_PRIVATE = textwrap.dedent(
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import (
-    HistogramDataPoint,
-    InMemoryMetricReader,
-    NumberDataPoint,
-    PeriodicExportingMetricReader,
-)
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
