@@ -249,11 +249,8 @@ def demo(runs: int | None, interval: float, exit_after: bool, **flags: Any) -> N
 @click.option("--no-auth", is_flag=True, default=None, help="Serve without auth on a public address.")
 def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no_auth: bool | None) -> None:
     """Run the live bridge alone: fed over OTLP by a collector tier, history from a ClickHouse server."""
-    from collector.serving import serve_asgi
     from flowscope.runtime import server_runtime
-    from ws_bridge.api import Links
-    from ws_bridge.app import Bridge, BridgeConfig
-    from ws_bridge.connection import ConnectionLimits
+    from flowscope.stack import assemble_bridge
 
     settings = Settings.from_env().with_overrides(clickhouse_dsn=dsn, host=host, http_port=http_port, no_auth=no_auth)
     try:
@@ -268,25 +265,11 @@ def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no
             loop.add_signal_handler(sig, stop.set)
         try:
             parsed = Dsn.parse(settings.dsn)
-            database = parsed.database or settings.database
-            sql_dsn = Dsn.parse(settings.sql_dsn) if settings.sql_dsn else parsed
-            history = History(
-                lambda: connect(parsed), database, background=background_settings(parsed),
-                sql_client_factory=lambda: connect(sql_dsn),
+            live = assemble_bridge(
+                settings, lambda: connect(parsed), parsed.database or settings.database,
+                background=background_settings(parsed), otlp_port=otlp_port,
             )  # fmt: skip
-            live = Bridge(
-                BridgeConfig(
-                    host=settings.host, port=settings.http_port, auth=settings.auth, cors_origins=settings.cors_origins,
-                    allowed_hosts=settings.allowed_hosts,
-                    links=Links(settings.jaeger_url, settings.grafana_url), otlp_port=otlp_port,
-                    limits=ConnectionLimits(queue_size=settings.ws_queue_size),
-                ),
-                history,
-            )  # fmt: skip
-            async with live.running(), serve_asgi(
-                live.app(), settings.host, settings.http_port, ws_ping_interval=20.0, ws_ping_timeout=20.0,
-                ws_per_message_deflate=True,
-            ) as port, server_runtime():  # fmt: skip
+            async with live.running(), live.serve() as port, server_runtime():
                 console.print(f"bridge up: http://{settings.host}:{port}/  OTLP feed on :{live.otlp_port}")
                 await stop.wait()
         except (StoreError, OSError, ValueError) as exc:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
 
 from collector.batcher import Writer
-from collector.history import History
 from collector.service import Collector, CollectorConfig
 from collector.serving import serve_asgi
 from collector.store import Dsn, background_settings, connect
@@ -18,8 +20,44 @@ from ws_bridge.api import Links
 from ws_bridge.app import Bridge, BridgeConfig
 from ws_bridge.auth import ADMIN, INGEST, Authenticator, require_auth_on_public_bind
 from ws_bridge.connection import ConnectionLimits
+from ws_bridge.history import History
 
 logger = logging.getLogger(__name__)
+
+
+def bridge_config(settings: Settings, *, otlp_port: int | None) -> BridgeConfig:
+    """The bridge's configuration from the settings: the same for the embedded stack and
+    `flowscope bridge`, which differ only in where the OTLP feed comes from."""
+    return BridgeConfig(
+        host=settings.host,
+        port=settings.http_port,
+        auth=settings.auth,
+        cors_origins=settings.cors_origins,
+        allowed_hosts=settings.allowed_hosts,
+        links=Links(settings.jaeger_url, settings.grafana_url),
+        otlp_port=otlp_port,
+        limits=ConnectionLimits(queue_size=settings.ws_queue_size, heartbeat_interval_s=settings.heartbeat_interval_s),
+    )
+
+
+def assemble_bridge(
+    settings: Settings,
+    client_factory: Callable[[], Client],
+    database: str,
+    *,
+    background: Mapping[str, Any],
+    otlp_port: int | None,
+) -> Bridge:
+    """The bridge over the history in `database`; user SQL goes through FLOWSCOPE_SQL_DSN's
+    (read-only) user when set. Serve it with `Bridge.serve`."""
+    sql_dsn = Dsn.parse(settings.sql_dsn) if settings.sql_dsn else None
+    history = History(
+        client_factory,
+        database,
+        background=background,
+        sql_client_factory=(lambda: connect(sql_dsn)) if sql_dsn is not None else None,
+    )
+    return Bridge(bridge_config(settings, otlp_port=otlp_port), history)
 
 
 @dataclass
@@ -82,26 +120,12 @@ class Stack:
         collector = self.collector
         collector.start()
         try:
-            # User SQL may go through its own (read-only) ClickHouse user: FLOWSCOPE_SQL_DSN.
-            sql_dsn = Dsn.parse(s.sql_dsn) if s.sql_dsn else None
-            history = History(
+            bridge = assemble_bridge(
+                s,
                 collector.client,
                 collector.database,
                 background=background_settings(collector.dsn),
-                sql_client_factory=(lambda: connect(sql_dsn)) if sql_dsn is not None else None,
-            )
-            bridge = Bridge(
-                BridgeConfig(
-                    host=s.host,
-                    port=s.http_port,
-                    auth=s.auth,
-                    cors_origins=s.cors_origins,
-                    allowed_hosts=s.allowed_hosts,
-                    links=Links(s.jaeger_url, s.grafana_url),
-                    otlp_port=s.bridge_otlp_port,
-                    limits=ConnectionLimits(queue_size=s.ws_queue_size, heartbeat_interval_s=s.heartbeat_interval_s),
-                ),
-                history,
+                otlp_port=s.bridge_otlp_port,
             )
             self.bridge = bridge
             async with bridge.running():
@@ -109,15 +133,7 @@ class Stack:
                 try:
                     async with (
                         serve_asgi(collector.http_app(), s.host, s.otlp_http_port) as otlp_http_port,
-                        serve_asgi(
-                            bridge.app(collector.ops_routes()),
-                            s.host,
-                            s.http_port,
-                            ws_ping_interval=20.0,
-                            ws_ping_timeout=20.0,
-                            ws_max_size=1 << 20,
-                            ws_per_message_deflate=True,
-                        ) as http_port,
+                        bridge.serve(collector.ops_routes()) as http_port,
                     ):
                         collector.http_port = otlp_http_port
                         self.endpoints = Endpoints(s.host, collector.grpc_port, otlp_http_port, http_port)

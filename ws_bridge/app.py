@@ -21,14 +21,15 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from collector.history import History
 from collector.receiver import GrpcReceiver
+from collector.serving import serve_asgi
 from collector.types import Outcome, Signal
 from ws_bridge.api import Links, api_routes, openapi_route
 from ws_bridge.auth import AuthConfig, Authenticator, AuthError, require_auth_on_public_bind
 from ws_bridge.connection import Connection, ConnectionLimits, close_quietly
 from ws_bridge.derive import MedianCache, Thresholds
 from ws_bridge.events import events_from_logs, facts_from_spans
+from ws_bridge.history import History
 from ws_bridge.rooms import Hub
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class BridgeConfig:
     # Host names (without port; "*.example.com" patterns) the HTTP server answers to, besides
     # the loopback names on a loopback bind: see trusted_hosts.
     allowed_hosts: tuple[str, ...] = ()
+    # The server closes a WebSocket whose message exceeds this (1009) before connection.py reads it.
+    ws_max_message_bytes: int = 1 << 20
+    ws_ping_interval_s: float = 20.0
 
 
 def trusted_hosts(bind_host: str, allowed: Sequence[str]) -> list[str]:
@@ -156,6 +160,18 @@ class Bridge:
                 )
             )
         return Starlette(routes=[*extra_routes, *self.routes()], middleware=middleware)
+
+    def serve(self, extra_routes: Sequence[BaseRoute] = ()) -> contextlib.AbstractAsyncContextManager[int]:
+        """Serve the app on the configured address until the block exits; yields the bound port."""
+        return serve_asgi(
+            self.app(extra_routes),
+            self.config.host,
+            self.config.port,
+            ws_ping_interval=self.config.ws_ping_interval_s,
+            ws_ping_timeout=self.config.ws_ping_interval_s,
+            ws_max_size=self.config.ws_max_message_bytes,
+            ws_per_message_deflate=True,
+        )
 
     async def _index(self, request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
