@@ -35,6 +35,18 @@ class DerivedEventName(StrEnum):
     PERFORMANCE_CRITICAL = "performance.critical"
 
 
+class ControlType(StrEnum):
+    """The `type` of the live protocol's control frames (not events: no seq, no execution)."""
+
+    SUBSCRIBED = "subscribed"
+    UNSUBSCRIBED = "unsubscribed"
+    REPLAY_DONE = "replay.done"
+    HEARTBEAT = "heartbeat"
+    PONG = "pong"
+    LAGGED = "lagged"
+    ERROR = "error"
+
+
 LIFECYCLE_EVENTS: Final = frozenset(EventName)
 # Every `type` a live subscription may filter on.
 LIVE_EVENT_TYPES: Final = frozenset[str](EventName) | frozenset(DerivedEventName)
@@ -57,13 +69,19 @@ NODE_STATES: Final[Mapping[str, NodeState]] = {
 }
 
 
-def node_state(event_type: str, data: Mapping[str, Any]) -> NodeState | None:
-    """A node's state after an event of this type and data; None for events that are no node's.
+# Where an ended node event's `result` says more than its name: a node failed by
+# cancellation is `cancelled`, not `failed` — what every reader shows.
+NODE_STATES_BY_RESULT: Final[Mapping[str, Mapping[str, NodeState]]] = {
+    EventName.NODE_FAILED: {Result.CANCELLATION: NodeState.CANCELLED},
+}
 
-    A node failed by cancellation is `cancelled`, not `failed`: what every reader shows."""
+
+def node_state(event_type: str, data: Mapping[str, Any]) -> NodeState | None:
+    """A node's state after an event of this type and data; None for events that are no node's."""
     state = NODE_STATES.get(event_type)
-    if state is NodeState.FAILED and data.get("result") == Result.CANCELLATION:
-        return NodeState.CANCELLED
+    result = data.get("result")
+    if state is not None and isinstance(result, str):
+        return NODE_STATES_BY_RESULT.get(event_type, {}).get(result, state)
     return state
 
 
@@ -73,7 +91,7 @@ class LiveEvent(TypedDict):
 
     type: str  # an EventName, a DerivedEventName, or whatever name a foreign producer sent
     seq: int
-    ts: str | None
+    ts: str
     executionId: str
     workflowId: str
     workflowName: str

@@ -24,9 +24,10 @@ from rich.table import Table
 
 from collector.schema import SchemaOptions, ddl
 from collector.store import Dsn, StoreError, StoreLocked, background_settings, connect, migrate
+from contract import NODE_EVENTS, TERMINAL_EVENTS, EventName, LiveEvent, NodeState, Result, RunStatus, node_state
 from flowscope.config import Settings
 from ws_bridge.auth import require_auth_on_public_bind
-from ws_bridge.history import NODE_STATES, History, SqlError, node_specs, number, whole
+from ws_bridge.history import History, SqlError, node_specs, number, whole
 
 # soft_wrap: URLs and SQL stay on one line when output is not a terminal.
 console = Console(soft_wrap=True)
@@ -362,13 +363,13 @@ def run(
         result = await handle.result()
         await engine.aclose()
         await asyncio.to_thread(shutdown)
-        colour = "green" if result.result.value == "success" else "red"
+        colour = "green" if result.result.value == Result.SUCCESS else "red"
         console.print(
             f"[{colour}]{result.result.value}[/] in {result.duration_s * 1000:.0f} ms  execution {result.execution_id}"
         )
         if result.error:
             err.print(result.error)
-        return EXIT_OK if result.result.value == "success" else EXIT_FAILED
+        return EXIT_OK if result.result.value == Result.SUCCESS else EXIT_FAILED
 
     sys.exit(_run(go))
 
@@ -393,16 +394,14 @@ def watch(execution_id: str | None, workflow: str | None, server: str, token: st
             else LiveClient(server, rooms=[f"workflow:{workflow}"], token=token, max_retries=5)
         )
         nodes: dict[str, dict[str, Any]] = {}
-        status: dict[str, Any] = {"value": "running", "progress": 0.0, "error": None}
+        status: dict[str, Any] = {"value": RunStatus.RUNNING, "progress": 0.0, "error": None}
 
         def table() -> Table:
             t = Table(title=f"{execution_id or workflow}  {status['value']}  {status['progress'] * 100:.0f}%")
             for column in ("node", "type", "state", "attempts", "duration"):
                 t.add_column(column)
             for n in nodes.values():
-                colour = {"success": "green", "failed": "red", "running": "blue", "retrying": "yellow"}.get(
-                    n["state"], ""
-                )
+                colour = _STATE_COLOURS.get(n["state"], "")
                 ms = n.get("durationMs")
                 t.add_row(n["id"], n.get("type") or "", f"[{colour}]{n['state']}[/]" if colour else n["state"],
                           str(n.get("attempts", 0)), f"{ms:.1f} ms" if ms is not None else "")  # fmt: skip
@@ -411,25 +410,7 @@ def watch(execution_id: str | None, workflow: str | None, server: str, token: st
         try:
             with Live(table(), console=console, refresh_per_second=8, transient=False) as live:
                 async for event in client:
-                    data = event.get("data")
-                    data = data if isinstance(data, dict) else {}
-                    if event["type"] == "workflow.started":
-                        for spec in node_specs(data.get("nodes")):
-                            kind = spec["type"] if isinstance(spec.get("type"), str) else None
-                            nodes.setdefault(spec["id"], {"id": spec["id"], "type": kind, "state": "pending"})
-                    elif event.get("nodeId") and event["type"].startswith("node."):
-                        n = nodes.setdefault(event["nodeId"], {"id": event["nodeId"], "state": "pending"})
-                        n["type"] = event.get("nodeType")
-                        n["state"] = NODE_STATES.get(event["type"], n["state"])
-                        n["attempts"] = max(n.get("attempts", 0), whole(data.get("attempt")))
-                        if "durationMs" in data:
-                            n["durationMs"] = number(data["durationMs"])
-                    elif event["type"] == "execution.progress":
-                        status["progress"] = number(data.get("progress")) or 0.0
-                    elif event["type"] in ("workflow.completed", "workflow.failed", "workflow.cancelled"):
-                        status["value"] = data.get("result", event["type"].split(".")[1])
-                        status["progress"] = 1.0 if event["type"] == "workflow.completed" else status["progress"]
-                        status["error"] = data.get("error")
+                    _watch_fold(nodes, status, event)
                     live.update(table())
         except LiveClientError as exc:
             raise CliError(str(exc), EXIT_UNAVAILABLE) from exc
@@ -437,11 +418,44 @@ def watch(execution_id: str | None, workflow: str | None, server: str, token: st
             raise CliError(f"cannot reach {server}: is `flowscope up` running? ({exc})", EXIT_UNAVAILABLE) from exc
         if status["error"]:
             err.print(f"[red]{status['error']}[/]")
-        succeeded = sum(n["state"] == "success" for n in nodes.values())
+        succeeded = sum(n["state"] == NodeState.SUCCESS for n in nodes.values())
         console.print(f"summary: {status['value']}, {succeeded}/{len(nodes)} nodes succeeded")
-        return EXIT_OK if status["value"] == "success" else EXIT_FAILED
+        return EXIT_OK if status["value"] == RunStatus.SUCCESS else EXIT_FAILED
 
     sys.exit(_run(go))
+
+
+_STATE_COLOURS = {
+    NodeState.SUCCESS: "green",
+    NodeState.FAILED: "red",
+    NodeState.RUNNING: "blue",
+    NodeState.RETRYING: "yellow",
+}
+
+
+def _watch_fold(nodes: dict[str, dict[str, Any]], status: dict[str, Any], event: LiveEvent) -> None:
+    """What `flowscope watch` shows after one more event: node rows and the run's status."""
+    data: Any = event.get("data")
+    data = data if isinstance(data, dict) else {}
+    kind = event["type"]
+    node_id = event.get("nodeId")
+    if kind == EventName.WORKFLOW_STARTED:
+        for spec in node_specs(data.get("nodes")):
+            node_type = spec["type"] if isinstance(spec.get("type"), str) else None
+            nodes.setdefault(spec["id"], {"id": spec["id"], "type": node_type, "state": NodeState.PENDING})
+    elif node_id and kind in NODE_EVENTS:
+        n = nodes.setdefault(node_id, {"id": node_id, "state": NodeState.PENDING})
+        n["type"] = event.get("nodeType")
+        n["state"] = node_state(kind, data) or n["state"]
+        n["attempts"] = max(n.get("attempts", 0), whole(data.get("attempt")))
+        if "durationMs" in data:
+            n["durationMs"] = number(data["durationMs"])
+    elif kind == EventName.EXECUTION_PROGRESS:
+        status["progress"] = number(data.get("progress")) or 0.0
+    elif kind in TERMINAL_EVENTS:
+        status["value"] = data.get("result", kind.split(".")[1])
+        status["progress"] = 1.0 if kind == EventName.WORKFLOW_COMPLETED else status["progress"]
+        status["error"] = data.get("error")
 
 
 def _get(server: str, token: str | None, path: str, **params: Any) -> Any:

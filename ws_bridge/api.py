@@ -1,9 +1,11 @@
-"""The history REST API: executions, events, workflows, stats and read-only SQL."""
+"""The history REST API: executions, events, workflows, stats and read-only SQL; and the
+contract's names as the live page reads them (`/static/contract.js`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +18,7 @@ from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
 from collector.store import StoreError
+from contract.page import page_constants
 from ws_bridge.auth import Authenticator, AuthError, Principal
 from ws_bridge.events import user_of_events
 from ws_bridge.history import ExecutionQuery, History, HistoryError, HistoryUnavailable, Scope, SqlError
@@ -267,7 +270,23 @@ def api_routes(history: History | None, auth: Authenticator, links: Links) -> li
         Route("/api/v1/workflows", guarded(workflows)),
         Route("/api/v1/stats", guarded(stats)),
         Route("/api/v1/sql", guarded(sql), methods=["POST"]),
+        contract_route(),
     ]
+
+
+# The page's event names and states, from the same source as everyone else's. A script, not a
+# fetch, so the page has them before app.js runs; listed before the /static mount, so it wins.
+CONTRACT_JS = (
+    "// Generated from the contract package (contract/page.py): do not edit.\n"
+    f"const CONTRACT = Object.freeze({json.dumps(page_constants(), indent=1)});\n"
+)
+
+
+def contract_route() -> Route:
+    async def contract_js(request: Request) -> Response:
+        return Response(CONTRACT_JS, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
+
+    return Route("/static/contract.js", contract_js, include_in_schema=False)
 
 
 def openapi_route(routes: list[Any]) -> Route:

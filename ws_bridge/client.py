@@ -17,9 +17,12 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from contract import TERMINAL_EVENTS, ControlType, LiveEvent
+
 logger = logging.getLogger(__name__)
 
-_TERMINAL = frozenset({"workflow.completed", "workflow.failed", "workflow.cancelled"})
+# Frames that are no event: answered or skipped, never yielded.
+_CONTROL = frozenset(ControlType)
 
 
 class LiveClientError(RuntimeError):
@@ -52,10 +55,10 @@ class LiveClient:
         self.reconnects = 0
         self._ws: ClientConnection | None = None
 
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+    def __aiter__(self) -> AsyncIterator[LiveEvent]:
         return self._events()
 
-    async def _events(self) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self) -> AsyncIterator[LiveEvent]:
         attempt = 0
         while True:
             try:
@@ -66,26 +69,27 @@ class LiveClient:
                     async for raw in ws:
                         message = json.loads(raw)
                         kind = message.get("type")
-                        if kind == "error":
+                        if kind == ControlType.ERROR:
                             if message.get("code") in ("forbidden", "unknown_room", "bad_request"):
                                 raise LiveClientError(message.get("message", "refused"))
                             logger.warning("live server error: %s", message)
                             continue
-                        if kind == "heartbeat":
+                        if kind == ControlType.HEARTBEAT:
                             await ws.send('{"op":"ping"}')
                             continue
-                        if kind in ("subscribed", "replay.done", "pong", "unsubscribed", "lagged"):
-                            if kind == "lagged":
+                        if kind in _CONTROL:
+                            if kind == ControlType.LAGGED:
                                 # Missed ranges come back on the next connection through fromSeq.
                                 await ws.close()
                             continue
-                        if not message.get("derived"):
-                            execution = message["executionId"]
-                            if message["seq"] < self._next_seq.get(execution, 1):
+                        event: LiveEvent = message
+                        if not event.get("derived"):
+                            execution = event["executionId"]
+                            if event["seq"] < self._next_seq.get(execution, 1):
                                 continue
-                            self._next_seq[execution] = message["seq"] + 1
-                        yield message
-                        if self._stop_when_finished and kind in _TERMINAL:
+                            self._next_seq[execution] = event["seq"] + 1
+                        yield event
+                        if self._stop_when_finished and kind in TERMINAL_EVENTS:
                             return
             except InvalidStatus as exc:
                 raise LiveClientError(f"server refused the connection: HTTP {exc.response.status_code}") from exc

@@ -20,6 +20,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from contract import LIVE_EVENT_TYPES, ControlType
 from ws_bridge.auth import Principal
 from ws_bridge.events import user_of_events, wire_json
 from ws_bridge.rooms import Hub, Subscription
@@ -27,13 +28,7 @@ from ws_bridge.types import LiveEvent, Message
 
 logger = logging.getLogger(__name__)
 
-EVENT_TYPES = frozenset(
-    {
-        "workflow.started", "workflow.completed", "workflow.failed", "workflow.cancelled", "workflow.paused",
-        "workflow.resumed", "node.started", "node.completed", "node.failed", "node.retrying", "node.skipped",
-        "node.waiting", "execution.progress", "execution.log", "performance.warning", "performance.critical",
-    }
-)  # fmt: skip
+EVENT_TYPES = LIVE_EVENT_TYPES
 _ROOM = re.compile(r"^(all|(execution|workflow|user):[A-Za-z0-9_.:@\-]{1,200})$")
 _SUB_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _MAX_SEQ = 2**62
@@ -204,7 +199,7 @@ class Connection:
         for sub_id, ranges in self._lag.items():
             self._control.append(
                 {
-                    "type": "lagged",
+                    "type": ControlType.LAGGED,
                     "id": sub_id,
                     "executions": [{"executionId": e, "fromSeq": r[0], "toSeq": r[1]} for e, r in ranges.items()],
                     "message": "events were dropped for this connection; re-subscribe with fromSeq to fetch them",
@@ -216,10 +211,10 @@ class Connection:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.limits.heartbeat_interval_s)
-            self.control({"type": "heartbeat", "ts": _now_iso()})
+            self.control({"type": ControlType.HEARTBEAT, "ts": _now_iso()})
 
     def _error(self, code: str, message: str, sub_id: str | None = None) -> None:
-        error: Message = {"type": "error", "code": code, "message": message}
+        error: Message = {"type": ControlType.ERROR, "code": code, "message": message}
         if sub_id is not None:
             error["id"] = sub_id
         self.control(error)
@@ -229,7 +224,7 @@ class Connection:
     async def _handle(self, request: dict[str, Any]) -> None:
         op = request.get("op")
         if op == "ping":
-            self.control({"type": "pong", "ts": _now_iso()})
+            self.control({"type": ControlType.PONG, "ts": _now_iso()})
         elif op == "subscribe":
             self._subscribe(request)
         elif op == "unsubscribe":
@@ -238,7 +233,7 @@ class Connection:
             if sub is None:
                 raise ProtocolError("unknown_subscription", f"no subscription {sub_id!r}", str(sub_id))
             self._drop_subscription(sub)
-            self.control({"type": "unsubscribed", "id": sub.id})
+            self.control({"type": ControlType.UNSUBSCRIBED, "id": sub.id})
         else:
             raise ProtocolError("unknown_op", f"unknown op {op!r}: use subscribe, unsubscribe or ping")
 
@@ -285,7 +280,7 @@ class Connection:
         self.subscriptions[sub_id] = sub
         # Live first, then backfill: live events are held while history is read.
         self.hub.register(sub)
-        self.control({"type": "subscribed", "id": sub_id, "rooms": sorted(rooms), "fromSeq": from_seq})
+        self.control({"type": ControlType.SUBSCRIBED, "id": sub_id, "rooms": sorted(rooms), "fromSeq": from_seq})
         self._replays[sub_id] = asyncio.create_task(self._replay(sub, executions, from_seq, since))
 
     async def _replay(
@@ -318,7 +313,7 @@ class Connection:
         finally:
             # In-band, after the backfill it closes (control messages would overtake it).
             last = dict(sub.last_seq.items())
-            self._events.append({"type": "replay.done", "id": sub.id, "replayed": replayed, "lastSeq": last})
+            self._events.append({"type": ControlType.REPLAY_DONE, "id": sub.id, "replayed": replayed, "lastSeq": last})
             self._wake.set()
             # Handoff: release what arrived live meanwhile; _deliver drops what replay already sent.
             held, sub.held = sub.held, []

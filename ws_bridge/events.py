@@ -6,21 +6,28 @@ import datetime as dt
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
 from collector.convert import any_value
+from contract import EventName
+from contract.attributes import (
+    EVENT_SEQ,
+    EXECUTION_ID,
+    NODE_ATTEMPT,
+    NODE_ID,
+    NODE_RESULT,
+    NODE_TYPE,
+    WORKFLOW_ID,
+    WORKFLOW_NAME,
+)
 from ws_bridge.types import LiveEvent
 
-EXECUTION_ID = "workflow.execution.id"
-SEQ = "workflow.event.seq"
-_SPAN_KEYS = frozenset({EXECUTION_ID, "workflow.id", "workflow.node.id", "workflow.node.type",
-                        "workflow.node.attempt", "workflow.node.result"})  # fmt: skip
+_SPAN_KEYS = frozenset({EXECUTION_ID, WORKFLOW_ID, NODE_ID, NODE_TYPE, NODE_ATTEMPT, NODE_RESULT})
 
-
-# Where an event's JSON is cached on its dict: the hub and every connection share the dict.
-WIRE = "_wire"
+# Where an event's JSON is cached on its dict (ws_bridge.types.LiveEvent).
+WIRE: Final = "_wire"
 
 
 def wire_json(event: LiveEvent) -> str:
@@ -72,7 +79,7 @@ def events_from_logs(request: Any) -> list[LiveEvent]:
                     continue
                 attrs = {kv.key: kv.value for kv in record.attributes}
                 execution = attrs.get(EXECUTION_ID)
-                seq = attrs.get(SEQ)
+                seq = attrs.get(EVENT_SEQ)
                 if execution is None or seq is None:
                     continue
                 number = _seq(seq)
@@ -89,10 +96,10 @@ def events_from_logs(request: Any) -> list[LiveEvent]:
                         "seq": number,
                         "ts": iso_from_ns(record.time_unix_nano or record.observed_time_unix_nano),
                         "executionId": any_value(execution),
-                        "workflowId": _text(attrs.get("workflow.id")),
-                        "workflowName": _text(attrs.get("workflow.name")),
-                        "nodeId": _text(attrs.get("workflow.node.id")) or None,
-                        "nodeType": _text(attrs.get("workflow.node.type")) or None,
+                        "workflowId": _text(attrs.get(WORKFLOW_ID)),
+                        "workflowName": _text(attrs.get(WORKFLOW_NAME)),
+                        "nodeId": _text(attrs.get(NODE_ID)) or None,
+                        "nodeType": _text(attrs.get(NODE_TYPE)) or None,
                         "traceId": record.trace_id.hex(),
                         "spanId": record.span_id.hex(),
                         "data": data if isinstance(data, dict) else {"value": data},
@@ -104,7 +111,7 @@ def events_from_logs(request: Any) -> list[LiveEvent]:
 def user_of_events(events: Iterable[LiveEvent]) -> str | None:
     """The end user of an execution, from its first workflow.started event."""
     for event in events:
-        if event["type"] == "workflow.started":
+        if event["type"] == EventName.WORKFLOW_STARTED:
             data = event.get("data")
             user = data.get("userId") if isinstance(data, dict) else None
             return user if isinstance(user, str) and user else None
@@ -153,17 +160,17 @@ def facts_from_spans(request: Any) -> list[SpanFact]:
                 execution = attrs.get(EXECUTION_ID)
                 if execution is None:
                     continue
-                node_id = _text(attrs.get("workflow.node.id")) or None
-                attempt = attrs.get("workflow.node.attempt")
+                node_id = _text(attrs.get(NODE_ID)) or None
+                attempt = attrs.get(NODE_ATTEMPT)
                 attempt_no = _seq(attempt) if attempt is not None else 1
                 out.append(
                     SpanFact(
                         execution_id=any_value(execution),
-                        workflow_id=None if node_id else _text(attrs.get("workflow.id")) or None,
+                        workflow_id=None if node_id else _text(attrs.get(WORKFLOW_ID)) or None,
                         node_id=node_id,
-                        node_type=_text(attrs.get("workflow.node.type")) or None,
+                        node_type=_text(attrs.get(NODE_TYPE)) or None,
                         attempt=attempt_no or 1,
-                        result=_text(attrs.get("workflow.node.result")),
+                        result=_text(attrs.get(NODE_RESULT)),
                         duration_ms=max(0, span.end_time_unix_nano - span.start_time_unix_nano) / 1e6,
                         end_ts=iso_from_ns(span.end_time_unix_nano),
                         trace_id=span.trace_id.hex(),

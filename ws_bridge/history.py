@@ -18,6 +18,9 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from collector import sql_guard
+from contract import NODE_STATES, NOT_FAILED_RUN_STATUSES, STORED_RUN_STATUSES, EventName, NodeState, Result, RunStatus
+from contract import node_state as _node_state
+from ws_bridge.types import LiveEvent
 
 _DEFAULT_PAGE = 50
 _MAX_PAGE = 500
@@ -26,7 +29,13 @@ SORTS = {
     "-startTime": "StartTime DESC, ExecutionId DESC",
     "startTime": "StartTime ASC, ExecutionId ASC",
 }
-STATUSES = frozenset({"running", "success", "failure", "error", "timeout", "cancellation"})
+STATUSES = STORED_RUN_STATUSES
+# The aggregates' conditions, their literals from the contract: a run succeeded, is running,
+# or failed (neither); a node attempt succeeded.
+_SUCCEEDED = f"Status = '{RunStatus.SUCCESS}'"
+_RUNNING = f"Status = '{RunStatus.RUNNING}'"
+_FAILED = f"Status NOT IN ({', '.join(sorted(repr(str(s)) for s in NOT_FAILED_RUN_STATUSES))})"
+_NODE_SUCCEEDED = f"n.Status = '{Result.SUCCESS}'"
 
 
 class HistoryError(ValueError):
@@ -226,18 +235,18 @@ class History:
 
     def events(
         self, execution_id: str, from_seq: int = 1, to_seq: int | None = None, limit: int = _MAX_EVENTS
-    ) -> list[dict[str, Any]]:
+    ) -> list[LiveEvent]:
         """Events of one execution by seq, deduplicated (delivery is at least once), without those
         that claim another owner than the execution's (`owner`): they are not its events."""
         return self._owned_events(execution_id, self.owner(execution_id), from_seq, to_seq, limit)
 
     def _owned_events(
         self, execution_id: str, owner: tuple[str, str] | None, from_seq: int, to_seq: int | None, limit: int
-    ) -> list[dict[str, Any]]:
+    ) -> list[LiveEvent]:
         events = self._events(execution_id, from_seq, to_seq, limit)
         return events if owner is None else [e for e in events if _owned_by(e, owner)]
 
-    def _events(self, execution_id: str, from_seq: int, to_seq: int | None, limit: int) -> list[dict[str, Any]]:
+    def _events(self, execution_id: str, from_seq: int, to_seq: int | None, limit: int) -> list[LiveEvent]:
         upper = "AND Seq <= {to:UInt64}" if to_seq is not None else ""
         rows = self._rows(
             "SELECT Seq, EventName, Timestamp, ExecutionId, WorkflowId, WorkflowName, NodeId, NodeType, TraceId,"
@@ -258,7 +267,7 @@ class History:
         user_id: str | None = None,
         types: Collection[str] | None = None,
         limit: int = _MAX_EVENTS,
-    ) -> list[dict[str, Any]]:
+    ) -> list[LiveEvent]:
         """Events since a time, for room replay: of one workflow's executions, one user's, or
         (neither given) every execution's; `types` narrows them to those event names."""
         scopes = ["Timestamp >= {since:DateTime64(9)}"]
@@ -287,10 +296,10 @@ class History:
 
     def workflows(self) -> list[dict[str, Any]]:
         rows = self._rows(
-            "SELECT WorkflowId, any(WorkflowName) AS name, count() AS runs, countIf(Status = 'success') AS succeeded,"
-            " countIf(Status NOT IN ('success', 'running')) AS failed, countIf(Status = 'running') AS running,"
-            " max(StartTime) AS lastRun, quantileIf(0.5)(DurationMs, Status = 'success') AS p50,"
-            " quantileIf(0.95)(DurationMs, Status = 'success') AS p95"
+            f"SELECT WorkflowId, any(WorkflowName) AS name, count() AS runs, countIf({_SUCCEEDED}) AS succeeded,"
+            f" countIf({_FAILED}) AS failed, countIf({_RUNNING}) AS running,"
+            f" max(StartTime) AS lastRun, quantileIf(0.5)(DurationMs, {_SUCCEEDED}) AS p50,"
+            f" quantileIf(0.95)(DurationMs, {_SUCCEEDED}) AS p95"
             f" FROM {OWNED_EXECUTIONS} GROUP BY WorkflowId ORDER BY lastRun DESC"
         )
         return [
@@ -319,15 +328,15 @@ class History:
             until=until,
         )
         by_workflow = self._rows(
-            "SELECT WorkflowId, count() AS runs, countIf(Status NOT IN ('success', 'running')) AS failed,"
-            " quantileIf(0.95)(DurationMs, Status = 'success') AS p95"
+            f"SELECT WorkflowId, count() AS runs, countIf({_FAILED}) AS failed,"
+            f" quantileIf(0.95)(DurationMs, {_SUCCEEDED}) AS p95"
             f" FROM {{db}}.workflow_executions FINAL WHERE {window} GROUP BY WorkflowId ORDER BY runs DESC",
             since=since,
             until=until,
         )
         by_time = self._rows(
             "SELECT toStartOfInterval(StartTime, toIntervalSecond({bucket:UInt32})) AS bucket, count() AS runs,"
-            " countIf(Status NOT IN ('success', 'running')) AS failed"
+            f" countIf({_FAILED}) AS failed"
             f" FROM {{db}}.workflow_executions FINAL WHERE {window} GROUP BY bucket ORDER BY bucket",
             since=since,
             until=until,
@@ -358,12 +367,12 @@ class History:
             return {}
         rows = self._rows_with(
             "WITH recent AS (SELECT ExecutionId, WorkflowId FROM {db}.workflow_executions FINAL"
-            " WHERE WorkflowId IN {workflows:Array(String)} AND Status = 'success'"
+            f" WHERE WorkflowId IN {{workflows:Array(String)}} AND {_SUCCEEDED}"
             " ORDER BY StartTime DESC LIMIT {runs:UInt32} BY WorkflowId)"
             " SELECT r.WorkflowId AS WorkflowId, n.NodeId AS NodeId, quantile(0.5)(n.DurationMs) AS median"
             " FROM {db}.node_executions AS n FINAL INNER JOIN recent AS r ON n.ExecutionId = r.ExecutionId"
             # The IN repeats the join so the primary key (ExecutionId first) narrows the read.
-            " WHERE n.Status = 'success' AND n.ExecutionId IN (SELECT ExecutionId FROM recent)"
+            f" WHERE {_NODE_SUCCEEDED} AND n.ExecutionId IN (SELECT ExecutionId FROM recent)"
             " GROUP BY WorkflowId, NodeId",
             {"workflows": list(workflow_ids), "runs": runs},
             self._background,
@@ -493,9 +502,7 @@ def _execution(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _execution_from_events(
-    execution_id: str, events: list[dict[str, Any]], owner: tuple[str, str] | None
-) -> dict[str, Any]:
+def _execution_from_events(execution_id: str, events: list[LiveEvent], owner: tuple[str, str] | None) -> dict[str, Any]:
     first = events[0]
     data = first["data"]
     return {
@@ -503,7 +510,7 @@ def _execution_from_events(
         "workflowId": owner[0] if owner else first["workflowId"],
         "workflowName": first["workflowName"],
         "workflowVersion": None,
-        "status": "running",
+        "status": RunStatus.RUNNING,
         "trigger": _text(data.get("trigger")),
         "userId": (owner[1] or None) if owner else _text(data.get("userId")),
         "startTime": first["ts"],
@@ -521,13 +528,13 @@ def _execution_from_events(
     }
 
 
-def _owned_by(event: dict[str, Any], owner: tuple[str, str]) -> bool:
+def _owned_by(event: LiveEvent, owner: tuple[str, str]) -> bool:
     """Whether an event agrees with its execution's owner: its workflow, and for the
     workflow.started that names a user, that user."""
     workflow, user = owner
     if workflow and event["workflowId"] and event["workflowId"] != workflow:
         return False
-    return event["type"] != "workflow.started" or (_text(event["data"].get("userId")) or "") == user
+    return event["type"] != EventName.WORKFLOW_STARTED or (_text(event["data"].get("userId")) or "") == user
 
 
 # Rows stored before intake checked event bodies (collector/admission.py) may hold anything:
@@ -562,7 +569,7 @@ def _ids(value: Any) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
-def _event(r: dict[str, Any]) -> dict[str, Any]:
+def _event(r: dict[str, Any]) -> LiveEvent:
     try:
         data = json.loads(r["Data"]) if r["Data"] else {}
     except (json.JSONDecodeError, RecursionError):
@@ -572,7 +579,7 @@ def _event(r: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": r["EventName"],
         "seq": int(r["Seq"]),
-        "ts": _iso(r["Timestamp"]),
+        "ts": _iso(r["Timestamp"]) or "",
         "executionId": r["ExecutionId"],
         "workflowId": r["WorkflowId"],
         "workflowName": r["WorkflowName"],
@@ -584,53 +591,44 @@ def _event(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# Node state after each node event: shared by history folding, the live hub and the CLI.
-NODE_STATES = {
-    "node.started": "running",
-    "node.completed": "success",
-    "node.failed": "failed",
-    "node.retrying": "retrying",
-    "node.skipped": "skipped",
-    "node.waiting": "waiting",
-}
+# Node state after each node event, for the callers that import it from here (contract.NODE_STATES).
+__all__ = ["NODE_STATES"]
 
 
-def fold_nodes(events: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def fold_nodes(events: list[LiveEvent], attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Node states from the event log (which sees running nodes), enriched by finished attempts."""
     nodes: dict[str, dict[str, Any]] = {}
     for event in events:
-        if event["type"] == "workflow.started":
+        if event["type"] == EventName.WORKFLOW_STARTED:
             for spec in node_specs(event["data"].get("nodes")):
                 nodes[spec["id"]] = {
                     "nodeId": spec["id"],
                     "nodeType": _text(spec.get("type")),
                     "label": _text(spec.get("label")) or spec["id"],
                     "dependsOn": _ids(spec.get("dependsOn")),
-                    "state": "pending",
+                    "state": NodeState.PENDING,
                     "attempts": 0,
                     "durationMs": None,
                     "error": None,
                 }
             continue
         node_id = event["nodeId"]
-        state = NODE_STATES.get(event["type"])
+        data = event["data"]
+        state = _node_state(event["type"], data)
         if not node_id or state is None:
             continue
         node = nodes.setdefault(
             node_id,
-            {"nodeId": node_id, "nodeType": event["nodeType"], "label": node_id, "dependsOn": [], "state": "pending",
-             "attempts": 0, "durationMs": None, "error": None},
+            {"nodeId": node_id, "nodeType": event["nodeType"], "label": node_id, "dependsOn": [],
+             "state": NodeState.PENDING, "attempts": 0, "durationMs": None, "error": None},
         )  # fmt: skip
-        data = event["data"]
-        if state == "failed" and data.get("result") == "cancellation":
-            state = "cancelled"
         node["state"] = state
         node["attempts"] = max(node["attempts"], whole(data.get("attempt")))
         if "durationMs" in data:
             node["durationMs"] = number(data["durationMs"])
-        if state in ("failed", "retrying"):
+        if state in (NodeState.FAILED, NodeState.RETRYING):
             node["error"] = data.get("error")
-        elif state == "success":
+        elif state is NodeState.SUCCESS:
             node["error"] = None
         if data.get("reason"):
             node["reason"] = data["reason"]

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
+from contract import STORED_RUN_STATUSES, RunStatus
 from engine import Engine, NodeContext, WorkflowBuilder
 from flowscope.stack import Stack
 from tests.collector.otlp import otlp_providers
@@ -220,3 +221,27 @@ async def test_a_restricted_viewer_sees_its_runs_live_and_no_others(
         assert unseen.execution_id not in shown
         await asyncio.to_thread(providers.shutdown)
         await engine.aclose()
+
+
+async def test_the_page_names_states_as_the_contract_does(stack: Stack, browser: Browser) -> None:
+    """The page's names come from /static/contract.js: a node failed by cancellation is drawn
+    cancelled, and the status filter offers every status the history API filters on."""
+    assert stack.endpoints is not None
+    providers = otlp_providers(stack.collector, "grpc")
+    engine = Engine(providers.telemetry())
+    gate = Gate()
+    handle = engine.start(WorkflowBuilder("browser-cancel").code("hold", gate).build())
+    await gate.entered.wait()
+    handle.cancel()
+    await handle.result()
+    await asyncio.to_thread(providers.flush)
+    page = await browser.new_page()
+    await page.goto(f"{stack.endpoints.web}/executions/{handle.execution_id}")
+    await node_state(page, "hold", "cancelled")
+    await page.wait_for_selector('#status[data-status="cancellation"]')
+
+    await page.goto(stack.endpoints.web + "/")
+    options = await page.eval_on_selector_all("#f-status option", "els => els.map(e => e.value)")
+    assert options == ["", *(s.value for s in RunStatus if s in STORED_RUN_STATUSES)]
+    await asyncio.to_thread(providers.shutdown)
+    await engine.aclose()

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 from collector.schema import SchemaOptions, ddl
+from engine import Engine, WorkflowBuilder
 from flowscope.stack import Stack
+from tests.collector.otlp import otlp_providers
+from tests.helpers import Gate
 
 ROOT = Path(__file__).parents[2]
 FLOWSCOPE = [sys.executable, "-m", "flowscope.cli"]
@@ -85,6 +88,31 @@ async def test_run_watch_executions_sql_against_a_stack(stack: Stack, tmp_path: 
     assert bad_sql.returncode == 1 and "Syntax error" in bad_sql.stderr and "Traceback" not in bad_sql.stderr
     missing = await cli("executions", "show", "nope", "--server", server)
     assert missing.returncode == 1 and "404: no execution 'nope'" in missing.stderr
+
+
+async def test_watch_shows_a_cancelled_node_as_cancelled(stack: Stack) -> None:
+    """A node failed by cancellation is `cancelled` in `flowscope watch`, as on the page and in
+    the history API — not `failed`."""
+    assert stack.endpoints is not None
+    providers = otlp_providers(stack.collector, "grpc")
+    engine = Engine(providers.telemetry())
+    gate = Gate()
+    handle = engine.start(WorkflowBuilder("watch-cancel").code("hold", gate).build())
+    await gate.entered.wait()
+    handle.cancel()
+    result = await handle.result()
+    assert result.result.value == "cancellation"
+    await asyncio.to_thread(providers.flush)
+    assert stack.collector.pipeline is not None
+    await asyncio.to_thread(stack.collector.pipeline.flush, 30.0)
+
+    watched = await cli("watch", handle.execution_id, "--server", stack.endpoints.web)
+    assert watched.returncode == 1, watched.stderr
+    row = next(line for line in watched.stdout.splitlines() if " hold " in line)
+    assert "cancelled" in row and "failed" not in row, watched.stdout
+    assert "summary: cancellation, 0/1 nodes succeeded" in watched.stdout
+    await asyncio.to_thread(providers.shutdown)
+    await engine.aclose()
 
 
 async def test_error_paths_are_clear(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 
 import httpx
 
+from contract.page import page_constants
 from engine import Engine, NodeContext, WorkflowBuilder
 from flowscope.stack import Stack
 from tests.collector.otlp import otlp_providers
@@ -182,3 +183,16 @@ async def test_a_restricted_token_lists_everything_its_grants_cover(stack_factor
             everything = (await http.get("/api/v1/executions", headers={"Authorization": "Bearer tok-admin"})).json()
         assert hidden.execution_id not in {e["executionId"] for e in listed}
         assert hidden.execution_id in {e["executionId"] for e in everything["items"]}
+
+
+async def test_the_page_takes_its_names_from_the_contract(stack: Stack) -> None:
+    """/static/contract.js is the contract package's data, loaded before the page's script."""
+    assert stack.endpoints is not None
+    async with httpx.AsyncClient(base_url=stack.endpoints.web) as http:
+        script = await http.get("/static/contract.js")
+        index = (await http.get("/")).text
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    body = script.text.split("const CONTRACT = Object.freeze(", 1)[1].rsplit(");", 1)[0]
+    assert json.loads(body) == page_constants()
+    assert json.loads(body)["nodeStateByResult"] == {"node.failed": {"cancellation": "cancelled"}}
+    assert index.index("/static/contract.js") < index.index("/static/app.js")

@@ -1,10 +1,17 @@
 // flowscope live view: an executions list and an execution page, both fed by the
 // WebSocket protocol (docs/live-protocol.md). Framework-free so nothing is built at install time.
+// Event names and states come from /static/contract.js (`CONTRACT`, generated from contract/).
 "use strict";
 
 const params = new URLSearchParams(location.search);
 const TOKEN = params.get("token");
-const TERMINAL = new Set(["workflow.completed", "workflow.failed", "workflow.cancelled"]);
+const E = CONTRACT.events, RS = CONTRACT.runStatuses, NS = CONTRACT.nodeStates, CT = CONTRACT.control;
+const TERMINAL = new Set(CONTRACT.terminalEvents);
+// A node's state after one of its events: the event's name, unless its result says more.
+const nodeStateOf = (type, d) => {
+  const byResult = CONTRACT.nodeStateByResult[type];
+  return byResult && Object.hasOwn(byResult, d.result) ? byResult[d.result] : CONTRACT.nodeStateOf[type];
+};
 const app = document.getElementById("app");
 const conn = document.getElementById("conn");
 
@@ -45,7 +52,7 @@ function liveSocket(path, onOpen, onMessage) {
     socket.onopen = () => { delay = 250; conn.textContent = "live"; conn.className = "conn live"; onOpen(socket); };
     socket.onmessage = (m) => {
       const msg = JSON.parse(m.data);
-      if (msg.type === "heartbeat") { socket.send('{"op":"ping"}'); return; }
+      if (msg.type === CT.HEARTBEAT) { socket.send('{"op":"ping"}'); return; }
       onMessage(msg, socket);
     };
     socket.onclose = (e) => {
@@ -64,7 +71,7 @@ function listView() {
   const tbody = h("tbody");
   const workflowFilter = h("input", { placeholder: "workflow id", "aria-label": "Filter by workflow", id: "f-workflow" });
   const statusFilter = h("select", { "aria-label": "Filter by status", id: "f-status" },
-    ["", "running", "success", "failure", "timeout", "cancellation"].map((s) => h("option", { value: s }, s || "any status")));
+    ["", ...CONTRACT.storedRunStatuses].map((s) => h("option", { value: s }, s || "any status")));
   const matches = (e) => (!workflowFilter.value || e.workflowId === workflowFilter.value) &&
     (!statusFilter.value || e.status === statusFilter.value);
   const render = () => {
@@ -73,7 +80,7 @@ function listView() {
       h("td", {}, h("a", { href: `/executions/${e.executionId}${TOKEN ? `?token=${TOKEN}` : ""}` }, e.executionId.slice(0, 12))),
       h("td", {}, e.workflowName || e.workflowId),
       h("td", {}, h("span", { class: statusClass(e.status) }, e.status)),
-      h("td", {}, e.progress !== undefined && e.status === "running" ? `${Math.round(e.progress * 100)}%` : `${e.completedNodes ?? 0}/${e.totalNodes ?? "?"}`),
+      h("td", {}, e.progress !== undefined && e.status === RS.RUNNING ? `${Math.round(e.progress * 100)}%` : `${e.completedNodes ?? 0}/${e.totalNodes ?? "?"}`),
       h("td", {}, fmtMs(e.durationMs)),
       h("td", {}, fmtTime(e.startTime)),
       h("td", {}, e.trigger || ""), h("td", {}, e.userId || ""),
@@ -98,7 +105,7 @@ function listView() {
   // executions' events in memory too), and after a reconnect everything since the last event seen.
   // Progress is live only: replaying it would crowd run events out of a replay's 10,000-event cap.
   let since = new Date(Date.now() - 30_000).toISOString();
-  const runTypes = ["workflow.started", "workflow.completed", "workflow.failed", "workflow.cancelled"];
+  const runTypes = CONTRACT.runEvents;
   // An unrestricted token watches `all`; a restricted one the rooms of its grants, 16 to a
   // subscription, two subscriptions (runs, progress) per 16 rooms within the 16 a connection may hold.
   api("/api/v1/me").then(({ status, body }) => {
@@ -107,18 +114,18 @@ function listView() {
     for (let i = 0; i < body.rooms.length && groups.length < 8; i += 16) groups.push(body.rooms.slice(i, i + 16));
     if (groups.length) liveSocket("/ws", (s) => groups.forEach((rooms, i) => {
       s.send(JSON.stringify({ op: "subscribe", id: `runs-${i}`, rooms, since, types: runTypes }));
-      s.send(JSON.stringify({ op: "subscribe", id: `progress-${i}`, rooms, types: ["execution.progress"] }));
+      s.send(JSON.stringify({ op: "subscribe", id: `progress-${i}`, rooms, types: [E.EXECUTION_PROGRESS] }));
     }), onEvent);
   });
   function onEvent(msg) {
     if (!msg.executionId) return;
     if (msg.ts && msg.ts > since) since = msg.ts;
-    const row = rows.get(msg.executionId) || { executionId: msg.executionId, workflowId: msg.workflowId, workflowName: msg.workflowName, status: "running" };
-    const ended = row.status !== "running" && row.status !== "paused";
+    const row = rows.get(msg.executionId) || { executionId: msg.executionId, workflowId: msg.workflowId, workflowName: msg.workflowName, status: RS.RUNNING };
+    const ended = row.status !== RS.RUNNING && row.status !== RS.PAUSED;
     if (TERMINAL.has(msg.type)) merge(row, { status: msg.data.result || msg.type.split(".")[1], durationMs: msg.data.durationMs, completedNodes: msg.data.completedNodes });
     else if (ended) return;  // a replayed event older than the end the row already shows
-    else if (msg.type === "workflow.started") merge(row, { startTime: msg.ts, totalNodes: msg.data.totalNodes, trigger: msg.data.trigger, userId: msg.data.userId, status: "running" });
-    else if (msg.type === "execution.progress") merge(row, { progress: msg.data.progress, completedNodes: msg.data.completedNodes, totalNodes: msg.data.totalNodes });
+    else if (msg.type === E.WORKFLOW_STARTED) merge(row, { startTime: msg.ts, totalNodes: msg.data.totalNodes, trigger: msg.data.trigger, userId: msg.data.userId, status: RS.RUNNING });
+    else if (msg.type === E.EXECUTION_PROGRESS) merge(row, { progress: msg.data.progress, completedNodes: msg.data.completedNodes, totalNodes: msg.data.totalNodes });
     rows.set(msg.executionId, row);
     render();
   }
@@ -126,7 +133,7 @@ function listView() {
 
 // ---------------------------------------------------------------- one execution
 function executionView(id) {
-  const state = { lastSeq: 0, nodes: new Map(), order: [], status: "pending", progress: 0, eta: null, meta: {}, warnings: [], finished: false };
+  const state = { lastSeq: 0, nodes: new Map(), order: [], status: RS.PENDING, progress: 0, eta: null, meta: {}, warnings: [], finished: false };
   const metaEl = h("div", { class: "meta", id: "meta" });
   const bar = h("div", { style: "width:0%" });
   const progressText = h("div", { class: "meta", id: "progress-text" });
@@ -141,7 +148,7 @@ function executionView(id) {
     linksEl, errorEl, h("h2", {}, "Graph"), dagEl, h("h2", {}, "Performance"), noWarnings, warnEl, h("h2", {}, "Event log"), logEl);
 
   const node = (nid) => {
-    if (!state.nodes.has(nid)) { state.nodes.set(nid, { id: nid, label: nid, type: "", dependsOn: [], state: "pending", attempts: 0, durationMs: null, error: null }); state.order.push(nid); }
+    if (!state.nodes.has(nid)) { state.nodes.set(nid, { id: nid, label: nid, type: "", dependsOn: [], state: NS.PENDING, attempts: 0, durationMs: null, error: null }); state.order.push(nid); }
     return state.nodes.get(nid);
   };
   const renderMeta = () => {
@@ -196,12 +203,12 @@ function executionView(id) {
     const d = msg.data || {};
     let text = msg.type, cls = "";
     if (msg.nodeId) text += ` ${msg.nodeId}`;
-    if (msg.type === "execution.log") { text = `[${d.level}] ${msg.nodeId || ""}: ${d.message}`; cls = d.level === "error" ? "err" : d.level === "warning" ? "warn" : ""; }
+    if (msg.type === E.EXECUTION_LOG) { text = `[${d.level}] ${msg.nodeId || ""}: ${d.message}`; cls = d.level === "error" ? "err" : d.level === "warning" ? "warn" : ""; }
     else if (msg.type.endsWith(".failed")) { text += ` — ${d.error || ""}`; cls = "err"; }
-    else if (msg.type === "node.retrying") { text += ` in ${fmtMs(d.delayMs)} (${d.error || ""})`; cls = "warn"; }
-    else if (msg.type === "node.skipped") { text += ` — ${d.reason || ""}`; cls = "dim"; }
+    else if (msg.type === E.NODE_RETRYING) { text += ` in ${fmtMs(d.delayMs)} (${d.error || ""})`; cls = "warn"; }
+    else if (msg.type === E.NODE_SKIPPED) { text += ` — ${d.reason || ""}`; cls = "dim"; }
     else if (d.durationMs !== undefined) text += ` (${fmtMs(d.durationMs)})`;
-    if (msg.type === "execution.progress") return;
+    if (msg.type === E.EXECUTION_PROGRESS) return;
     logEl.append(h("div", { class: cls, "data-seq": msg.seq, "data-type": msg.type }, `${fmtTime(msg.ts)}  #${msg.seq}  ${text}`));
     logEl.scrollTop = logEl.scrollHeight;
   };
@@ -219,26 +226,25 @@ function executionView(id) {
     if (msg.seq <= state.lastSeq) return;
     state.lastSeq = msg.seq;
     Object.assign(state.meta, { workflowId: msg.workflowId, workflowName: msg.workflowName });
-    if (msg.type === "workflow.started") {
-      state.status = "running";
+    if (msg.type === E.WORKFLOW_STARTED) {
+      state.status = RS.RUNNING;
       Object.assign(state.meta, { trigger: d.trigger, userId: d.userId });
       for (const spec of d.nodes || []) Object.assign(node(spec.id), { label: spec.label || spec.id, type: spec.type, dependsOn: spec.dependsOn || [] });
     } else if (msg.nodeId && msg.type.startsWith("node.")) {
       const n = node(msg.nodeId);
       n.type = msg.nodeType || n.type;
-      const next = { "node.started": "running", "node.completed": "success", "node.failed": d.result === "cancellation" ? "cancelled" : "failed",
-        "node.retrying": "retrying", "node.skipped": "skipped", "node.waiting": "waiting" }[msg.type];
+      const next = nodeStateOf(msg.type, d);
       if (next) n.state = next;
       if (d.attempt) n.attempts = Math.max(n.attempts, d.attempt);
       if (d.durationMs !== undefined) n.durationMs = d.durationMs;
-      if (next === "failed") n.error = d.error;
-    } else if (msg.type === "execution.progress") {
+      if (next === NS.FAILED) n.error = d.error;
+    } else if (msg.type === E.EXECUTION_PROGRESS) {
       state.progress = d.progress ?? state.progress; state.eta = d.etaMs ?? null;
-    } else if (msg.type === "workflow.paused") state.status = "paused";
-    else if (msg.type === "workflow.resumed") state.status = "running";
+    } else if (msg.type === E.WORKFLOW_PAUSED) state.status = RS.PAUSED;
+    else if (msg.type === E.WORKFLOW_RESUMED) state.status = RS.RUNNING;
     else if (TERMINAL.has(msg.type)) {
       state.finished = true; state.status = d.result || msg.type.split(".")[1]; state.meta.durationMs = d.durationMs;
-      if (msg.type === "workflow.completed") state.progress = 1;
+      if (msg.type === E.WORKFLOW_COMPLETED) state.progress = 1;
       if (d.error) errorEl.replaceChildren(h("div", { class: "error-box" }, d.error));
     }
     log(msg);
@@ -254,7 +260,7 @@ function executionView(id) {
     schedule();
   });
   liveSocket(() => `/ws/executions/${encodeURIComponent(id)}?fromSeq=${state.lastSeq + 1}`, () => {}, (msg) => {
-    if (msg.type === "error") { errorEl.replaceChildren(h("div", { class: "error-box" }, msg.message)); return; }
+    if (msg.type === CT.ERROR) { errorEl.replaceChildren(h("div", { class: "error-box" }, msg.message)); return; }
     if (msg.executionId === id) { apply(msg); schedule(); }
   });
   renderMeta();
