@@ -35,6 +35,7 @@ WORKFLOW_RESULT: Final = "workflow.result"
 RESUMED_FROM: Final = "workflow.resumed_from.execution.id"
 PARENT_EXECUTION_ID: Final = "workflow.parent.execution.id"
 LINK_TYPE: Final = "workflow.link.type"
+CHILD_EXECUTION_ID: Final = "workflow.child.execution.id"  # on a subworkflow node's attempt span
 NODE_ID: Final = "workflow.node.id"
 NODE_TYPE: Final = "workflow.node.type"
 NODE_LABEL: Final = "workflow.node.label"
@@ -48,13 +49,15 @@ TIME_TO_FIRST_TOKEN: Final = "workflow.llm.time_to_first_token"
 OPERATION_INVOKE_WORKFLOW: Final = "invoke_workflow"
 OPERATION_CHAT: Final = "chat"
 OPERATION_EXECUTE_TOOL: Final = "execute_tool"
+# Value of `workflow.link.type` on a resumed run's link to the run it resumes.
+LINK_RESUMED_FROM: Final = "resumed_from"
 
 ATTRIBUTE_KEYS: Final = frozenset(
     {
         GEN_AI_OPERATION, GEN_AI_REQUEST_MODEL, GEN_AI_PROVIDER, GEN_AI_INPUT_TOKENS, GEN_AI_OUTPUT_TOKENS,
         GEN_AI_TOKEN_TYPE, GEN_AI_TOOL_NAME, ERROR_TYPE, ENDUSER_ID, WORKFLOW_NAME, WORKFLOW_ID, WORKFLOW_VERSION,
         EXECUTION_ID, EVENT_SEQ, TRIGGER_TYPE, NODE_COUNT, NODES_COMPLETED, NODES_FAILED, NODES_SKIPPED,
-        WORKFLOW_RESULT, RESUMED_FROM, PARENT_EXECUTION_ID, LINK_TYPE, NODE_ID, NODE_TYPE, NODE_LABEL, NODE_ATTEMPT,
-        NODE_RESULT, NODE_INPUT, NODE_OUTPUT, TIME_TO_FIRST_TOKEN,
+        WORKFLOW_RESULT, RESUMED_FROM, PARENT_EXECUTION_ID, LINK_TYPE, CHILD_EXECUTION_ID, NODE_ID, NODE_TYPE,
+        NODE_LABEL, NODE_ATTEMPT, NODE_RESULT, NODE_INPUT, NODE_OUTPUT, TIME_TO_FIRST_TOKEN,
     }
 )  # fmt: skip
