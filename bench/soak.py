@@ -1,6 +1,6 @@
 """Soak: a steady OTLP load for minutes, sampling the collector's RSS and queue depth.
 
-Run: .venv/bin/python bench/soak.py [--minutes 5] [--spans-per-s 10000] [--spool]
+Run: .venv/bin/python -m bench.soak [--minutes 5] [--spans-per-s 10000] [--spool]
 Prints one CSV line per second: elapsed_s, rss_mb, queue_rows, written_rows, refused.
 Not part of CI.
 """
