@@ -37,7 +37,9 @@ async def test_recent_events_replay_as_published_and_leave_the_gc_alone() -> Non
     ]
     hub.publish([dict(e) for e in published])
     gc.collect()
-    stored = hub._buffers["e1"].events
+    recent = hub.replay.get("e1")
+    assert recent is not None
+    stored = recent.events
     assert len(stored) == 4 and not any(gc.is_tracked(item) for item in stored)
 
     replayed = hub.recent_events("e1", 2)
