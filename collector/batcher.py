@@ -24,7 +24,7 @@ from collector.intake import FAST_PATHS
 from collector.isolation import Entry, Isolation, Piece, Stopped, Writer, round_pieces
 from collector.spool import Spool, SpoolFull, SpoolUnwritable
 from collector.telemetry import SelfMetrics
-from collector.types import Outcome, Signal, StreamSubscriber, Unsubscribe
+from collector.types import Backpressure, Outcome, Signal, StreamSubscriber, Unsubscribe
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,6 @@ _DEFAULT_STALL_AFTER_S = 30.0
 _SPOOL_REFUSAL_MEMORY_S = 5.0
 
 __all__ = ["Backpressure", "Entry", "Pipeline", "Writer"]
-
-
-class Backpressure(Exception):
-    """The collector cannot take more now; the client should retry after `retry_after_s`."""
-
-    def __init__(self, reason: str, retry_after_s: float = 1.0) -> None:
-        self.reason = reason
-        self.retry_after_s = retry_after_s
-        super().__init__(reason)
 
 
 @dataclass

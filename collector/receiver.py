@@ -41,8 +41,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from collector import otlp_json
-from collector.batcher import Backpressure
-from collector.types import Outcome, Signal
+from collector.types import Backpressure, Outcome, Signal
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,8 @@ SPECS = {
 
 
 class Consume(Protocol):
-    """Takes a parsed request; `raw` is its protobuf encoding when the receiver already has it."""
+    """Takes a parsed request; `raw` is its protobuf encoding when the receiver already has it.
+    Answers with what became of the request's items, or raises Backpressure (retry later)."""
 
     def __call__(self, signal: Signal, request: Any, raw: bytes | None = None) -> Outcome: ...
 

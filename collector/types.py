@@ -26,6 +26,16 @@ class Outcome:
     reasons: list[str] = field(default_factory=list)
 
 
+class Backpressure(Exception):
+    """The consumer cannot take more now; the client should retry after `retry_after_s`
+    (UNAVAILABLE / 503 with a retry hint)."""
+
+    def __init__(self, reason: str, retry_after_s: float = 1.0) -> None:
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        super().__init__(reason)
+
+
 class StreamSubscriber(Protocol):
     """Receives every accepted OTLP request, in order, after it is queued for storage."""
 
