@@ -49,7 +49,7 @@ class NodeTrack:
     warned: set[tuple[int, str]] = field(default_factory=set)
 
     def cancel(self) -> None:
-        """Stop watching the running attempt (the hub's sweep lets go of it)."""
+        """Stop watching the running attempt (the deriver's sweep lets go of it: ws_bridge/deriver.py)."""
         self.watched = None
 
 
