@@ -25,6 +25,7 @@ Readonly and the limits still ride on the query as ClickHouse settings (collecto
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,8 @@ def check(client: Client, query: str) -> Checked:
         parameters={"q": query},
         settings=_explicit_select(client),
     ).result_rows[0]
+    if not str(canonical).isprintable():
+        raise Refused(_UNREADABLE)
     tree = _tree(client.command(f"EXPLAIN AST {canonical}"))
     _check_kind(tree, canonical)
     if any(child.kind == "Literal" for child in tree.children):
@@ -94,7 +97,24 @@ def check(client: Client, query: str) -> Checked:
             )
         if name.lower() in FUNCTIONS_REFUSED:
             raise Refused(f"function {name}() is not allowed: it reads outside the database")
+    _check_text(str(canonical))
     return Checked(str(canonical), int(readonly) != 0)
+
+
+# Independent of the tree: the formatter writes these as plain keywords and names, so
+# their absence from the canonical text is certain (a literal or alias that merely
+# mentions them is refused too, a price worth paying for a check that cannot be fooled).
+_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
+_FILE_CALL = re.compile(r"(?<![\w.])`?(?:" + "|".join(sorted(FUNCTIONS_REFUSED)) + r")`?\s*\(", re.IGNORECASE)
+
+
+def _check_text(canonical: str) -> None:
+    if _OUTFILE.search(canonical):
+        raise Refused("INTO OUTFILE is not allowed: results come back in the response, never into a file")
+    found = _FILE_CALL.search(canonical)
+    if found:
+        name = found.group(0).strip("`( ")
+        raise Refused(f"function {name}() is not allowed: it reads outside the database")
 
 
 def _explicit_select(client: Client) -> dict[str, int]:
@@ -129,7 +149,14 @@ def _reads(node: _Node) -> bool:
 
 
 def _tree(explained: Any) -> _Node:
-    """`EXPLAIN AST` output (one node a line, indented one space per level) as nodes."""
+    """`EXPLAIN AST` output (one node a line, indented one space per level) as nodes.
+
+    ClickHouse prints aliases and identifiers raw in it, so a name holding a line break
+    would add lines that are not nodes (and could hide the real ones from the rules). The
+    tree is taken only when it is exactly what ClickHouse declared: one root, each line a
+    node one level below its parent at most, every node with as many children as its
+    `(children N)` says (none when it says nothing), every line printable. Anything else
+    is refused, never read leniently."""
     if isinstance(explained, str):
         text = explained
     elif isinstance(explained, Sequence):
@@ -137,20 +164,37 @@ def _tree(explained: Any) -> _Node:
     else:
         text = str(explained)
     root: _Node | None = None
-    stack: list[tuple[int, _Node]] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        depth = len(line) - len(line.lstrip(" "))
-        label = line.strip()
-        node = _Node(label.split(" (children ", 1)[0], [])
+    stack: list[tuple[int, _Node, int]] = []  # (depth, node, declared children)
+    for line in text.rstrip("\n").split("\n"):
+        match = _LINE.fullmatch(line)
+        if match is None or not line.isprintable():
+            raise Refused(_UNREADABLE)
+        depth = len(match["indent"])
+        node = _Node(match["label"].split(" (children ", 1)[0], [])
         while stack and stack[-1][0] >= depth:
-            stack.pop()
+            _close(stack.pop())
         if stack:
+            if depth != stack[-1][0] + 1:
+                raise Refused(_UNREADABLE)
             stack[-1][1].children.append(node)
-        elif root is None:
+        elif root is None and depth == 0:
             root = node
-        stack.append((depth, node))
+        else:
+            raise Refused(_UNREADABLE)
+        declared = _CHILDREN.search(line)
+        stack.append((depth, node, int(declared["count"]) if declared else 0))
+    while stack:
+        _close(stack.pop())
     if root is None:
         raise Refused("the statement is empty")
     return root
+
+
+_LINE = re.compile(r"(?P<indent> *)(?P<label>[A-Za-z][A-Za-z0-9_]*(?: .*)?)")
+_CHILDREN = re.compile(r" \(children (?P<count>\d+)\)$")
+_UNREADABLE = "the statement's names hold characters the check cannot read (line breaks, control characters)"
+
+
+def _close(entry: tuple[int, _Node, int]) -> None:
+    if len(entry[1].children) != entry[2]:
+        raise Refused(_UNREADABLE)

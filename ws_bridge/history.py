@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import logging
 import math
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -21,6 +22,8 @@ from collector import sql_guard
 from contract import NODE_STATES, NOT_FAILED_RUN_STATUSES, STORED_RUN_STATUSES, EventName, NodeState, Result, RunStatus
 from contract import node_state as _node_state
 from ws_bridge.types import LiveEvent
+
+logger = logging.getLogger(__name__)
 
 _DEFAULT_PAGE = 50
 _MAX_PAGE = 500
@@ -402,12 +405,24 @@ class History:
         except sql_guard.Refused as exc:
             raise SqlError(str(exc)) from exc
         except Exception as exc:
+            # A statement that failed part-way can leave output behind in the session, which
+            # would be read as the start of the next statement's answer: start a fresh one.
+            self._drop_sql_client()
             raise SqlError(_clickhouse_message(exc)) from exc
         return {
             "columns": list(result.column_names),
             "types": [t.name for t in result.column_types],
             "rows": [[_jsonable(v) for v in row] for row in result.result_rows],
         }
+
+    def _drop_sql_client(self) -> None:
+        client: Client | None = getattr(self._local, "sql", None)
+        self._local.sql = None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                logger.debug("closing a failed SQL session failed", exc_info=True)
 
     def _sql_client(self) -> Client:
         # Its own session per thread: user settings never leak into the history queries.

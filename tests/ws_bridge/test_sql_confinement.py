@@ -87,6 +87,29 @@ async def test_functions_reading_outside_the_database_are_refused(stack: Stack) 
     assert generated.json()["rows"] == [[6]]
 
 
+async def test_names_with_line_breaks_cannot_hide_what_a_statement_does(stack: Stack, tmp_path: Path) -> None:
+    """ClickHouse prints aliases raw in EXPLAIN AST: a backquoted alias holding a line break
+    must not add lines that hide the nodes after it (a file read, an INTO OUTFILE .pth)."""
+    assert stack.endpoints is not None
+    written = tmp_path / "evil.pth"
+    payload = "a\nimport os;open('x','w')\n".replace("'", "\\'")
+    attacks = [
+        "SELECT 1 AS `a\nX`, file('/etc/hostname') AS f",
+        f"SELECT 1 AS `{payload}` INTO OUTFILE '{written}'",
+        *(f"SELECT 1 AS `a{sep}X`, file('/etc/hostname') AS f" for sep in ("\u2028", "\x1c", "\x85", "\r")),
+        "SELECT 1 AS `a\n    Literal UInt64_2`, file('/etc/hostname') AS f",
+    ]
+    async with httpx.AsyncClient(base_url=stack.endpoints.web, timeout=60) as http:
+        for query in attacks:
+            response = await post_sql(http, query)
+            assert response.status_code == 400, (query, response.text)
+        # A line break in a string literal or a comment is not a name: those still run.
+        literal = await post_sql(http, "SELECT 'a\nX' AS s /* b\nY */")
+    assert not written.exists()
+    assert literal.status_code == 200, literal.text
+    assert literal.json()["rows"] == [["a\nX"]]
+
+
 async def test_memory_is_bounded(stack: Stack) -> None:
     assert stack.endpoints is not None
     async with httpx.AsyncClient(base_url=stack.endpoints.web, timeout=60) as http:
