@@ -23,6 +23,12 @@ TRANSIENT_CODES = frozenset(
     {75, 159, 164, 173, 202, 203, 209, 210, 236, 241, 242, 243, 252, 279, 285, 319, 394, 425, 439, 999, 1000}
 )
 
+# The store is misconfigured, not the data wrong: credentials, grants, or a schema that is
+# missing or was changed under the collector. Fixed by an operator, then the same insert
+# succeeds; refusing the data as poison would dead-letter (and in the end delete) every
+# acknowledged row meanwhile. Retried, and /readyz says why.
+_ENVIRONMENT_CODES = frozenset({16, 60, 81, 192, 193, 194, 497, 516})
+
 # A code shared by a transient and a permanent condition: 252 is "too many parts" (merges
 # lag behind; wait) and also "too many partitions for single INSERT block" (this batch can
 # never be inserted whole; split it).
@@ -104,7 +110,7 @@ class ClickHouseWriter:
                     fmt="Protobuf",
                 )
             except Exception as exc:
-                if self.is_transient(exc) or not _nothing_stored(exc):
+                if not _intake_missing(exc, intake.table) and (self.is_transient(exc) or not _nothing_stored(exc)):
                     # Part of the batch may be stored: only the same insert again, with
                     # the same deduplication token, completes it without repeating it.
                     self._failed()
@@ -112,7 +118,7 @@ class ClickHouseWriter:
                 # The view raised before storing anything (nested attribute values), or the
                 # engine read the bytes differently from upb: this batch goes the Python way.
                 self.intake_fallbacks += 1
-                if getattr(exc, "code", None) in _NO_INTAKE_CODES:
+                if _intake_missing(exc, intake.table):
                     self._no_intake.add(signal)
                     logger.warning("ClickHouse cannot convert OTLP %s itself; converting in Python: %s", signal, exc)
                 else:
@@ -184,7 +190,17 @@ def is_transient(error: Exception) -> bool:
         return False
     if any(text in message for text in _TRANSIENT_MESSAGES):
         return True
-    return getattr(error, "code", None) in TRANSIENT_CODES
+    code = getattr(error, "code", None)
+    return code in TRANSIENT_CODES or code in _ENVIRONMENT_CODES
+
+
+def _intake_missing(error: Exception, intake_table: str) -> bool:
+    """ClickHouse lacks the intake itself (its format or setting, or the intake table): the
+    batch goes the Python way. A missing *target* table is an environment fault, retried."""
+    code = getattr(error, "code", None)
+    message = str(error)
+    named = f"{intake_table} does not exist" in message or f"{intake_table} doesn't exist" in message
+    return code in (73, 115) or (code == 60 and named and "Target table" not in message)
 
 
 def _nothing_stored(error: Exception) -> bool:

@@ -158,3 +158,31 @@ async def test_a_batch_refused_row_by_row_ends_in_the_dead_letter_store_not_in_a
     letters = dead_letter.read(tmp_path / "spool" / "dead-letter")
     assert sorted(row["Body"] for letter in letters for row in letter["data"]) == [f"poison {i}" for i in range(4)]
     assert query(collector, "SELECT count() FROM {db}.otel_logs") == [(0,)]
+
+
+async def test_a_store_misconfigured_under_the_collector_is_an_outage_not_poison(
+    chdb_dsn: str, database: str, tmp_path: Path
+) -> None:
+    """A table missing (dropped, detached, not migrated), or credentials and grants refused,
+    is the operator's to fix: the data waits for it, nothing is dead-lettered."""
+    settings = config(chdb_dsn, database, tmp_path, flush_interval_s=0.05)
+    async with Collector(settings).running() as collector:
+        assert collector.pipeline is not None
+        query(collector, "DETACH TABLE {db}.otel_logs")
+        try:
+            for i in range(3):
+                payload = logs_request([f"while detached {i}.{j}" for j in range(5)])
+                await asyncio.to_thread(export, collector.grpc_port, "logs", payload)
+            assert not await asyncio.to_thread(collector.pipeline.flush, 2.0)
+            readiness = collector.readiness()
+            assert readiness["ready"] is False
+            assert "UNKNOWN_TABLE" in readiness["reason"]
+        finally:
+            query(collector, "ATTACH TABLE {db}.otel_logs")
+        assert await asyncio.to_thread(collector.pipeline.flush, 30.0)
+        assert collector.readiness()["ready"] is True
+        metrics = collector.metrics.render().decode()
+    stored = query(collector, "SELECT Body FROM {db}.otel_logs WHERE Body LIKE 'while detached%'")
+    assert len(stored) == 15
+    assert dead_letter.read(tmp_path / "spool" / "dead-letter") == []
+    assert metric_lines(metrics, "flowscope_dead_letter_rows_total{") == []
