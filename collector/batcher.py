@@ -425,11 +425,14 @@ class Pipeline:
         """True once every piece is settled (written, or isolated and dead-lettered)."""
         if self.spool is not None:
             self.spool.mark_inflight(current.first, current.last)
-        # Spooled rounds keep their tokens across restarts (replay re-forms them exactly);
-        # without a spool, seqs restart at 1, so the tokens are this pipeline's own.
+        # Spooled rounds keep their tokens across restarts (replay re-forms them exactly),
+        # named by their spool; without a spool, seqs restart at 1, so the tokens are this
+        # pipeline's own.
         token_prefix = f"{current.first}-{current.last}"
         if self.spool is None:
             token_prefix = f"{self._instance}:{token_prefix}"
+        elif self.spool.identity:
+            token_prefix = f"{self.spool.identity}:{token_prefix}"
         try:
             for piece in round_pieces(current.entries, self.max_batch_rows):
                 self._isolation.settle(piece, current.done, token_prefix)

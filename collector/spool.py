@@ -18,6 +18,7 @@ import logging
 import os
 import struct
 import threading
+import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class Spool:
             raise RuntimeError(f"spool {directory} is in use by another collector") from exc
         self._cond = threading.Condition()
         self.checkpoint = self._read_checkpoint()
+        self.identity = self._identity()
         self._segments: list[tuple[int, Path]] = []  # (first seq, path)
         self._last_seq = self._recover()
         self._written_seq = self._durable_seq = self._last_seq
@@ -97,6 +99,28 @@ class Spool:
         self._syncer.start()
 
     # -- recovery -------------------------------------------------------------------------------
+
+    def _identity(self) -> str:
+        """This spool's own name, part of every insert deduplication token it leads to.
+
+        Seqs start at 1 in every new spool directory, and ClickHouse remembers recent tokens
+        per table: without the name, a spool made anew (deleted, on tmpfs, another
+        --spool-dir, a second collector on the same server) would have its first rounds
+        taken for repeats of an older spool's and silently dropped. A spool written before
+        names existed keeps the empty name, so its in-flight round replays with the token
+        it was first sent with."""
+        path = self.directory / "spool-id"
+        if path.exists():
+            return path.read_text().strip()
+        legacy = self.checkpoint != Checkpoint(0, None) or any(self.directory.glob("seg-*.wal"))
+        identity = "" if legacy else uuid.uuid4().hex
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as handle:
+            handle.write(identity)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return identity
 
     def _read_checkpoint(self) -> Checkpoint:
         path = self.directory / "checkpoint.json"

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,12 +21,19 @@ from typing import Any
 import grpc
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
+
+from collector.schema import SchemaOptions
+from collector.service import Collector, CollectorConfig
+from collector.types import Signal
+from tests.collector.test_end_to_end import query
+from tests.collector.test_poison import logs_request
 
 ROOT = Path(__file__).parents[2]
 CLI = [sys.executable, "-m", "flowscope.cli"]
@@ -190,3 +198,30 @@ async def test_kill_9_under_the_sdk_exporter_keeps_acknowledged_spans_exactly_on
     missing = set(acked) - set(stored)
     assert not missing, f"{len(missing)} acknowledged spans lost of {len(acked)}"
     assert len(stored) == len(set(stored)), f"{len(stored) - len(set(stored))} duplicate rows"
+
+
+def test_a_new_spool_on_a_used_store_never_has_its_rounds_taken_for_repeats(
+    chdb_dsn: str, database: str, tmp_path: Path
+) -> None:
+    """Seqs start at 1 in every new spool: its tokens carry the spool's own name, or
+    ClickHouse would drop its first rounds as repeats of an earlier spool's (acknowledged,
+    never stored)."""
+    spool_dir = tmp_path / "spool"
+    bodies = []
+    for run in ("first spool", "second spool"):
+        collector = Collector(
+            CollectorConfig(
+                dsn=chdb_dsn, schema=SchemaOptions(database=database), grpc_port=0, http_port=0, spool_dir=spool_dir
+            )
+        )
+        collector.start()
+        try:
+            assert collector.pipeline is not None
+            raw = logs_request([run])
+            collector.pipeline.consume(Signal.LOGS, ExportLogsServiceRequest.FromString(raw), raw)
+            assert collector.pipeline.flush(20.0)
+            bodies = [r[0] for r in query(collector, "SELECT Body FROM {db}.otel_logs ORDER BY Body")]
+        finally:
+            collector.close()
+        shutil.rmtree(spool_dir)  # lost, cleared, or another --spool-dir
+    assert bodies == ["first spool", "second spool"]
