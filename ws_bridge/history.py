@@ -19,7 +19,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from collector import sql_guard
-from contract import NODE_STATES, NOT_FAILED_RUN_STATUSES, STORED_RUN_STATUSES, EventName, NodeState, Result, RunStatus
+from contract import NOT_FAILED_RUN_STATUSES, STORED_RUN_STATUSES, EventName, NodeState, Result, RunStatus
 from contract import node_state as _node_state
 from ws_bridge.types import LiveEvent
 
@@ -604,10 +604,6 @@ def _event(r: dict[str, Any]) -> LiveEvent:
         "spanId": r["SpanId"],
         "data": data,
     }
-
-
-# Node state after each node event, for the callers that import it from here (contract.NODE_STATES).
-__all__ = ["NODE_STATES"]
 
 
 def fold_nodes(events: list[LiveEvent], attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
