@@ -76,17 +76,15 @@ def check_lifecycle_event(record: Any) -> None:
     """Raises Refused when `record` is a lifecycle event the readers could not fold."""
     if not record.event_name:
         return
+    # A repeated key keeps its last value in storage (both the intake view and the converter
+    # do so): the check reads the same value, or a first decoy would wave the record through.
     execution = seq = None
     for kv in record.attributes:
         key = kv.key
         if key == EXECUTION_ID:
             execution = kv.value
-            if seq is not None:
-                break
         elif key == SEQ:
             seq = kv.value
-            if execution is not None:
-                break
     if execution is None or not any_value(execution):
         return
     _check_seq(seq)

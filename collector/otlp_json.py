@@ -34,7 +34,8 @@ class InvalidJson(ValueError):
 def parse(body: bytes, message_type: type[M]) -> M:
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
+        # Not UTF-8, not JSON, or an integer longer than Python converts (int_max_str_digits).
         raise InvalidJson(f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise InvalidJson(f"request body is nested deeper than {MAX_DEPTH} levels") from exc

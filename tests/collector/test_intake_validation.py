@@ -225,3 +225,21 @@ async def test_flowscope_watch_reads_rows_stored_before_validation(stack_factory
         watched = await cli("watch", execution, "--server", stack.endpoints.web)
     assert watched.returncode == 0, watched.stderr
     assert "summary: success, 1/1 nodes succeeded" in watched.stdout
+
+
+async def test_a_repeated_key_cannot_wave_a_malformed_event_through(collector: Collector) -> None:
+    # Storage keeps a repeated key's last value; a decoy first value must not make the check
+    # read the record as no lifecycle event at all.
+    execution = uuid.uuid4().hex
+    decoy = event(execution, "abc", "node.completed", {"durationMs": "NaN", "nodes": 7})
+    decoy.attributes.insert(0, attr("workflow.execution.id", ""))
+    decoy.attributes.insert(0, attr("workflow.event.seq", 1))
+    response = await _post(collector, logs(decoy).SerializeToString())
+    assert response.status_code == 400, response.content
+    assert await _stored_seqs(collector, execution) == []
+
+
+async def test_json_with_an_integer_too_long_to_convert_is_a_400(collector: Collector) -> None:
+    response = await _post(collector, b'{"resourceLogs": [], "x": ' + b"9" * 5000 + b"}", "application/json")
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["message"]
