@@ -61,8 +61,8 @@ def background_settings(dsn: Dsn) -> dict[str, int]:
 
     In the embedded engine that work shares the machine with the live path (the OTLP
     receiver, the WebSocket loop, often the engine itself): at a lower OS priority its
-    threads yield the cores when the live path needs them (bench/live_latency.py at 1,000
-    subscribers: p99 79–112 → 46–87 ms). ClickHouse applies it only where the process may
+    threads yield the cores when the live path needs them (bench/README.md, live latency:
+    it shortens the tail at 1,000 subscribers). ClickHouse applies it only where the process may
     renice (CAP_SYS_NICE) and ignores it elsewhere; never sent to a server, whose users'
     profiles may forbid the setting.
     """

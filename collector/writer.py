@@ -152,7 +152,7 @@ class ClickHouseWriter:
 
     def _release_memory(self, client: Client) -> None:
         """The embedded engine's jemalloc keeps freed pages for reuse; ask it to hand them
-        back (measured: 585 → 443 MB after 100k spans once purged)."""
+        back, or the process keeps the peak of every burst (bench/README.md, memory)."""
         self._released_at = time.monotonic()
         if not self._purge:
             return
