@@ -295,10 +295,13 @@ class Connection:
                     merged = {int(e["seq"]): e for e in stored}
                     for event in self.hub.recent_events(execution_id, max(1, from_seq)):
                         merged.setdefault(int(event["seq"]), event)
+                    # The store decides who owns a stored execution; the hub's word (which a
+                    # remote feed's order may have given another claimant) only for one not stored.
+                    stored_owner = await self._stored_owner(execution_id)
                     user = (
-                        self.hub.user_of(execution_id)
-                        or await self._stored_owner(execution_id)
-                        or user_of_events(merged.values())
+                        (stored_owner[1] or None)
+                        if stored_owner is not None
+                        else self.hub.user_of(execution_id) or user_of_events(merged.values())
                     )
                     backlog.extend((merged[s], user) for s in sorted(merged))
             if since is not None:
@@ -322,13 +325,13 @@ class Connection:
                 self._deliver(sub, event)
             self._replays.pop(sub.id, None)
 
-    async def _stored_owner(self, execution_id: str) -> str | None:
-        """The user the execution's first stored record named: a later record claiming the
-        execution for someone else (even one that replaced its workflow.started) changes nothing."""
+    async def _stored_owner(self, execution_id: str) -> tuple[str, str] | None:
+        """(workflow, user or '') as the execution's first stored record named them: a later record
+        claiming the execution for someone else (even one that replaced its workflow.started)
+        changes nothing. None for an execution not stored, or no history."""
         if self._history_owner is None:
             return None
-        owner = await asyncio.to_thread(self._history_owner, execution_id)
-        return owner[1] or None if owner is not None else None
+        return await asyncio.to_thread(self._history_owner, execution_id)
 
     async def _stored_events(self, execution_id: str, from_seq: int) -> list[LiveEvent]:
         if self._history_events is None:

@@ -2,8 +2,8 @@
 claim the execution's own workflow.
 
 The same event reaches the bridge twice when it travels two paths (spans and logs) or an exporter
-retries a request; an event naming another workflow than the one its execution started under is a
-forgery or a mix-up, not one of its events.
+retries a request; an event naming another workflow than its execution's owner (the store's, or its
+first workflow.started's: ws_bridge/replay.py) is a forgery or a mix-up, not one of its events.
 """
 
 from __future__ import annotations

@@ -57,7 +57,9 @@ class Deriver:
         ETA on progress), and the events derived from it at once."""
         derived = self._track(track, event)
         if event["type"] == EventName.EXECUTION_PROGRESS:
-            eta = estimate_eta_ms(track, self.medians.get(track.workflow_id), time.monotonic())
+            # An execution whose owner is not known yet has no workflow to ask medians of.
+            medians = self.medians.get(track.workflow_id) if track.workflow_id else {}
+            eta = estimate_eta_ms(track, medians, time.monotonic())
             event = {**event, "data": {**event["data"], "etaMs": eta}}
         return event, derived
 

@@ -2,7 +2,9 @@
 
 Bounded: events and tracks are kept for the most recently active executions (LRU), at most
 `max_executions` of them and `max_recent_events` events in all. Owners are a few strings each and
-outlive the buffers, so an execution evicted and seen again keeps the owner it started with.
+outlive the buffers, so an execution evicted and seen again keeps the owner it started with. An
+execution's owner comes from the store (ws_bridge/owner_lookup.py) or its first workflow.started,
+never from another kind of event: those only claim it.
 """
 
 from __future__ import annotations
@@ -35,25 +37,38 @@ class Recent:
     seen: SeenSeqs = field(default_factory=SeenSeqs)
 
 
+# (workflow id, user id or None) of an execution.
+Owner = tuple[str, str | None]
+
+
 class Owners:
-    """(workflow, user) of each execution as its first workflow.started named them: later claims change nothing."""
+    """(workflow, user) of each execution, as the store or, failing it, the execution's first
+    workflow.started named them: later claims change nothing."""
 
     def __init__(self, bound: int) -> None:
         self._bound = bound
-        self._owners: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        self._owners: OrderedDict[str, Owner] = OrderedDict()
 
-    def get(self, execution_id: str) -> tuple[str, str | None] | None:
+    def get(self, execution_id: str) -> Owner | None:
         return self._owners.get(execution_id)
 
-    def claim(self, execution_id: str, track: ExecutionTrack, data: dict[str, Any]) -> None:
-        """A workflow.started for `track`: the first names the owner, which `track` takes."""
+    def claim(self, execution_id: str, workflow_id: str, data: dict[str, Any]) -> Owner:
+        """A workflow.started of `workflow_id`: the first names the owner. Returns the owner."""
         owner = self._owners.get(execution_id)
         if owner is None:
             user = data.get("userId")
-            owner = self._owners[execution_id] = (track.workflow_id, user if isinstance(user, str) and user else None)
-            while len(self._owners) > self._bound:
-                self._owners.popitem(last=False)
-        track.workflow_id, track.user_id = owner
+            owner = self._set(execution_id, (workflow_id, user if isinstance(user, str) and user else None))
+        return owner
+
+    def fix(self, execution_id: str, owner: Owner) -> Owner:
+        """The owner the execution's first stored record named: it overrides any live claim."""
+        return self._set(execution_id, owner)
+
+    def _set(self, execution_id: str, owner: Owner) -> Owner:
+        self._owners[execution_id] = owner
+        while len(self._owners) > self._bound:
+            self._owners.popitem(last=False)
+        return owner
 
 
 class ReplayBuffer:
@@ -89,7 +104,9 @@ class ReplayBuffer:
         if recent is not None:
             self._recent.move_to_end(execution_id)
             return recent
-        track = ExecutionTrack(event.get("workflowId") or "", event.get("workflowName") or "")
+        # Until its owner is known the track names no workflow: an event of another kind claims
+        # one for itself only, so a forged first event cannot make the real ones foreign.
+        track = ExecutionTrack("", event.get("workflowName") or "")
         owner = self.owners.get(execution_id)
         if owner is not None:
             track.workflow_id, track.user_id = owner
@@ -97,6 +114,19 @@ class ReplayBuffer:
         while len(self._recent) > self.max_executions:
             self._evict()
         return recent
+
+    def claim(self, execution_id: str, workflow_id: str, data: dict[str, Any]) -> None:
+        """A workflow.started of `workflow_id` with its `data`: names the owner unless one is known."""
+        self._take(execution_id, self.owners.claim(execution_id, workflow_id, data))
+
+    def own(self, execution_id: str, owner: Owner) -> None:
+        """The owner the store names: it overrides any claim."""
+        self._take(execution_id, self.owners.fix(execution_id, owner))
+
+    def _take(self, execution_id: str, owner: Owner) -> None:
+        recent = self._recent.get(execution_id)
+        if recent is not None:
+            recent.track.workflow_id, recent.track.user_id = owner
 
     def remember(self, recent: Recent, event: LiveEvent) -> None:
         recent.events.append((int(event["seq"]), event["ts"], wire_json(event)))

@@ -3,6 +3,7 @@
 Between the feed and the rooms, an event passes the dedupe (ws_bridge/dedupe.py), is folded into
 what is known of its execution (ws_bridge/deriver.py: ETA, performance warnings), and is
 remembered for replay (ws_bridge/replay.py); this module holds the subscriptions and the routing.
+An execution the hub does not know waits for its owner from the store (ws_bridge/owner_lookup.py).
 
 Runs on the event loop only.
 """
@@ -20,6 +21,7 @@ from ws_bridge.dedupe import Dedupe
 from ws_bridge.derive import ExecutionTrack, MedianCache, Thresholds
 from ws_bridge.deriver import Deriver
 from ws_bridge.events import SpanFact
+from ws_bridge.owner_lookup import OwnerLookups, StoredOwner
 from ws_bridge.replay import DEFAULT_MAX_EXECUTIONS, DEFAULT_MAX_RECENT_EVENTS, ReplayBuffer
 from ws_bridge.types import LiveEvent
 
@@ -60,6 +62,7 @@ class Hub:
         *,
         max_executions: int = DEFAULT_MAX_EXECUTIONS,
         max_recent_events: int = DEFAULT_MAX_RECENT_EVENTS,
+        stored_owner: StoredOwner | None = None,
     ) -> None:
         self.medians = medians or MedianCache(None)
         self.replay = ReplayBuffer(max_executions=max_executions, max_recent_events=max_recent_events)
@@ -67,6 +70,8 @@ class Hub:
         self.deriver = Deriver(
             thresholds or Thresholds(), self.medians, self.dispatch, self.replay.track_of, max_executions
         )
+        # With no store, an execution's owner comes from its first workflow.started alone.
+        self.lookups = OwnerLookups(stored_owner, self._own, self._route_all) if stored_owner else None
         self._rooms: dict[str, set[Subscription]] = {}
         self.events_in = 0
 
@@ -77,15 +82,6 @@ class Hub:
     @thresholds.setter
     def thresholds(self, value: Thresholds) -> None:
         self.deriver.thresholds = value
-
-    # For tests/ws_bridge/test_owner.py, written against the hub before the split.
-    @property
-    def _max_executions(self) -> int:
-        return self.replay.max_executions
-
-    @property
-    def _buffers(self) -> ReplayBuffer:
-        return self.replay
 
     # -- subscriptions ----------------------------------------------------------------------
 
@@ -113,6 +109,25 @@ class Hub:
 
     def _ingest(self, event: LiveEvent) -> None:
         self.events_in += 1
+        execution_id = event["executionId"]
+        if (
+            self.lookups is not None
+            and execution_id not in self.replay
+            and self.replay.owners.get(execution_id) is None
+            and self.lookups.hold(event)
+        ):
+            return
+        self._route(event)
+
+    def _own(self, execution_id: str, stored: tuple[str, str]) -> None:
+        workflow_id, user_id = stored
+        self.replay.own(execution_id, (workflow_id, user_id or None))
+
+    def _route_all(self, events: list[LiveEvent]) -> None:
+        for event in events:
+            self._route(event)
+
+    def _route(self, event: LiveEvent) -> None:
         recent = self.replay.entry(event)
         track = recent.track
         if not self.dedupe.admit(track, recent.seen, event):
@@ -120,13 +135,19 @@ class Hub:
         track.last_seq = max(track.last_seq, int(event["seq"]))
         if event["type"] == EventName.WORKFLOW_STARTED:
             data = event.get("data")
-            self.replay.owners.claim(event["executionId"], track, data if isinstance(data, dict) else {})
+            data = data if isinstance(data, dict) else {}
+            self.replay.claim(event["executionId"], event.get("workflowId") or "", data)
         event, derived = self.deriver.fold(track, event)
         self.replay.remember(recent, event)
         self.dispatch(event, track)
         for extra in derived:
             self.dispatch(extra, track)
         self.deriver.adopt_orphans(event["executionId"])
+
+    async def settled(self) -> None:
+        """Returns once every event published so far is routed: none waits for its owner."""
+        if self.lookups is not None:
+            await self.lookups.settled()
 
     def observe_spans(self, facts: Iterable[SpanFact]) -> None:
         """Ended spans, for the derivations (ws_bridge/deriver.py)."""
@@ -173,10 +194,13 @@ class Hub:
         return self.deriver.spans_in
 
     def close(self) -> None:
+        if self.lookups is not None:
+            self.lookups.close()
         self.replay.close()
         self.deriver.close()
 
     def stats(self) -> dict[str, Any]:
+        lookups = self.lookups
         return {
             "executionsTracked": len(self.replay),
             "recentEvents": self.replay.recent_total,
@@ -185,4 +209,7 @@ class Hub:
             "spansIn": self.spans_in,
             "duplicatesDropped": self.duplicates_dropped,
             "foreignDropped": self.foreign_dropped,
+            "ownerLookups": lookups.asked if lookups is not None else 0,
+            "ownerLookupsPending": len(lookups) if lookups is not None else 0,
+            "ownerLookupsFailed": lookups.failed if lookups is not None else 0,
         }

@@ -66,6 +66,8 @@ async def test_auth_denies_and_leaks_nothing(stack_factory: StackFactory) -> Non
             await alice.send(json.dumps({"op": "subscribe", "id": "mine", "rooms": ["workflow:wa"]}))
             await recv_until(alice, lambda m: m.get("type") == "replay.done")
             publish(stack, [synthetic("eb", "wb", s) for s in range(1, 6)] + [synthetic("ea", "wa", s) for s in (1, 2)])
+            assert stack.bridge is not None
+            await stack.bridge.hub.settled()  # new executions wait for their stored owner
             await alice.send('{"op": "ping"}')
             received = await recv_until(alice, lambda m: m.get("type") == "pong")
         events = [m for m in received if "executionId" in m]

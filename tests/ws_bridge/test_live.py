@@ -218,6 +218,8 @@ async def test_all_room_replays_since_from_store_and_memory(stack_factory: Stack
             writer.down.set()
         unstored = await engine.run(WorkflowBuilder("unstored").code("a", quick).build())
         await asyncio.to_thread(providers.flush)
+        assert stack.bridge is not None
+        await stack.bridge.hub.settled()  # the new run's events wait for its stored owner
         kinds = ["workflow.started", "workflow.completed"]
         async with ws_client(ws_url(stack)) as ws:
             await ws.send(json.dumps({"op": "subscribe", "id": "l", "rooms": ["all"], "since": since, "types": kinds}))

@@ -43,10 +43,9 @@ def test_the_event_bound_evicts_whole_executions_but_never_the_last() -> None:
 
 def test_an_evicted_execution_keeps_its_first_owner() -> None:
     replay = ReplayBuffer(max_executions=1)
-    started = event("x", 1, "wf-a")
-    recent = replay.entry(started)
-    replay.owners.claim("x", recent.track, {"userId": "alice"})
-    replay.owners.claim("x", recent.track, {"userId": "eve"})
+    keep(replay, event("x", 1, "wf-a"))
+    replay.claim("x", "wf-a", {"userId": "alice"})
+    replay.claim("x", "wf-eve", {"userId": "eve"})
     assert replay.user_of("x") == "alice"
     keep(replay, event("other", 1))
     assert "x" not in replay and replay.user_of("x") == "alice"
@@ -57,8 +56,9 @@ def test_an_evicted_execution_keeps_its_first_owner() -> None:
 def test_since_filters_by_time_workflow_and_user() -> None:
     replay = ReplayBuffer()
     keep(replay, event("a", 1), event("a", 2))
-    replay.owners.claim("a", replay.entry(event("a", 2)).track, {"userId": "ana"})
+    replay.claim("a", "wf", {"userId": "ana"})
     keep(replay, event("b", 3, "wf-b"))
+    replay.claim("b", "wf-b", {})
     since = "2026-11-23T10:00:02.000000Z"
     assert [(e["executionId"], e["seq"]) for e in replay.since(since, workflow_id=None, user_id=None)] == [
         ("a", 2),
