@@ -64,6 +64,8 @@ class OwnerLookups:
         self._max_held = max_held
         self._timeout_s = timeout_s
         self._pending: dict[str, _Pending] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
         # Lookups still running after their events were let go: their answers still count.
         self._tasks: set[asyncio.Task[None]] = set()
         self.asked = 0
@@ -90,6 +92,7 @@ class OwnerLookups:
         task.add_done_callback(self._tasks.discard)
         timer = loop.call_later(self._timeout_s, self._release, execution_id)
         self._pending[execution_id] = _Pending([event], task, timer)
+        self._idle.clear()
         self.asked += 1
         return True
 
@@ -109,18 +112,21 @@ class OwnerLookups:
 
     def _release(self, execution_id: str) -> None:
         pending = self._pending.pop(execution_id, None)
-        if pending is not None:
-            pending.timer.cancel()
-            self._release_events(pending.events)
+        if pending is None:
+            return
+        pending.timer.cancel()
+        if not self._pending:
+            self._idle.set()
+        self._release_events(pending.events)
 
     async def settled(self) -> None:
         """Returns once no events wait for an owner: every event published so far is routed."""
-        while self._pending:
-            await asyncio.wait([p.task for p in self._pending.values()])
+        await self._idle.wait()
 
     def close(self) -> None:
         for pending in self._pending.values():
             pending.timer.cancel()
         self._pending.clear()
+        self._idle.set()
         for task in self._tasks:
             task.cancel()

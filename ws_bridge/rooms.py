@@ -21,6 +21,7 @@ from ws_bridge.dedupe import Dedupe
 from ws_bridge.derive import ExecutionTrack, MedianCache, Thresholds
 from ws_bridge.deriver import Deriver
 from ws_bridge.events import SpanFact
+from ws_bridge.owner_lookup import TIMEOUT_S as OWNER_TIMEOUT_S
 from ws_bridge.owner_lookup import OwnerLookups, StoredOwner
 from ws_bridge.replay import DEFAULT_MAX_EXECUTIONS, DEFAULT_MAX_RECENT_EVENTS, ReplayBuffer
 from ws_bridge.types import LiveEvent
@@ -63,6 +64,7 @@ class Hub:
         max_executions: int = DEFAULT_MAX_EXECUTIONS,
         max_recent_events: int = DEFAULT_MAX_RECENT_EVENTS,
         stored_owner: StoredOwner | None = None,
+        owner_timeout_s: float = OWNER_TIMEOUT_S,
     ) -> None:
         self.medians = medians or MedianCache(None)
         self.replay = ReplayBuffer(max_executions=max_executions, max_recent_events=max_recent_events)
@@ -71,7 +73,9 @@ class Hub:
             thresholds or Thresholds(), self.medians, self.dispatch, self.replay.track_of, max_executions
         )
         # With no store, an execution's owner comes from its first workflow.started alone.
-        self.lookups = OwnerLookups(stored_owner, self._own, self._route_all) if stored_owner else None
+        self.lookups = (
+            OwnerLookups(stored_owner, self._own, self._route_all, timeout_s=owner_timeout_s) if stored_owner else None
+        )
         self._rooms: dict[str, set[Subscription]] = {}
         self.events_in = 0
 

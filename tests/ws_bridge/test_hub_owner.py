@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from typing import Any
 
+from clickhouse_connect.driver.exceptions import OperationalError
 from websockets.asyncio.client import ClientConnection
 
 from flowscope.stack import Stack
 from tests.ws_bridge.conftest import StackFactory, recv_until, ws_client, ws_url
 from tests.ws_bridge.test_owner import _event, _send, _started
+from ws_bridge.history import History
 from ws_bridge.rooms import Hub
 from ws_bridge.types import LiveEvent
 
@@ -171,3 +174,36 @@ async def test_without_history_only_a_workflow_started_names_the_owner() -> None
     assert [e["seq"] for e in hub.recent_events("e1", 1)] == [9, 1, 2]
     assert hub.foreign_dropped == 1
     hub.close()
+
+
+async def test_a_store_that_fails_or_answers_late_holds_nothing_for_good(stack: Stack) -> None:
+    """Unreachable: the events go on as with no history. Slow past the timeout: they go on, and the
+    store's answer, when it comes, still names the owner over a forged claim."""
+    history = History(stack.collector.client, stack.collector.database)
+    await _send(stack, "tok-engine", _started("slow", 1, "alice"))
+    answer = threading.Event()
+
+    def stored_owner(execution_id: str) -> tuple[str, str] | None:
+        if execution_id == "down":
+            raise OperationalError("Connection refused (simulated network outage)")
+        answer.wait(_SETTLE_S)
+        return history.owner(execution_id)
+
+    hub = Hub(stored_owner=stored_owner, owner_timeout_s=0.05)
+    try:
+        hub.publish([_live("down", 1, "workflow.started", "wf-a", userId="bo")])
+        await asyncio.wait_for(hub.settled(), _SETTLE_S)
+        assert (hub.user_of("down"), hub.stats()["ownerLookupsFailed"]) == ("bo", 1)
+
+        hub.publish([_live("slow", 7, "workflow.started", "wf-a", userId="mallory")])
+        await asyncio.wait_for(hub.settled(), _SETTLE_S)
+        assert [e["seq"] for e in hub.recent_events("slow", 1)] == [7]
+        assert hub.user_of("slow") == "mallory"
+        answer.set()
+        deadline = time.monotonic() + _SETTLE_S
+        while hub.user_of("slow") != "alice":
+            assert time.monotonic() < deadline, hub.user_of("slow")
+            await asyncio.sleep(0.01)
+    finally:
+        answer.set()
+        hub.close()
