@@ -83,7 +83,7 @@ class Bridge:
         self.history = history
         self.auth = Authenticator(config.auth)
         self.medians = MedianCache(history.node_duration_medians_of if history else None)
-        self.hub = Hub(config.thresholds, self.medians, stored_owner=history.owner if history else None)
+        self.hub = Hub(config.thresholds, self.medians, stored_owners=history.owners_of if history else None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[Connection] = set()
         self._otlp: GrpcReceiver | None = None

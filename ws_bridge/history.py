@@ -236,6 +236,17 @@ class History:
         )
         return (rows[0]["workflow"], rows[0]["user"]) if rows else None
 
+    def owners_of(self, execution_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """`owner` of several executions in one query; an execution not stored is absent."""
+        if not execution_ids:
+            return {}
+        rows = self._rows(
+            "SELECT ExecutionId AS id, min(Owner).WorkflowId AS workflow, min(Owner).UserId AS user"
+            " FROM {db}.execution_owners WHERE ExecutionId IN {ids:Array(String)} GROUP BY ExecutionId",
+            ids=list(execution_ids),
+        )
+        return {r["id"]: (r["workflow"], r["user"]) for r in rows}
+
     def events(
         self, execution_id: str, from_seq: int = 1, to_seq: int | None = None, limit: int = _MAX_EVENTS
     ) -> list[LiveEvent]:

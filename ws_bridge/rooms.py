@@ -22,7 +22,7 @@ from ws_bridge.derive import ExecutionTrack, MedianCache, Thresholds
 from ws_bridge.deriver import Deriver
 from ws_bridge.events import SpanFact
 from ws_bridge.owner_lookup import TIMEOUT_S as OWNER_TIMEOUT_S
-from ws_bridge.owner_lookup import OwnerLookups, StoredOwner
+from ws_bridge.owner_lookup import OwnerLookups, StoredOwners
 from ws_bridge.replay import DEFAULT_MAX_EXECUTIONS, DEFAULT_MAX_RECENT_EVENTS, ReplayBuffer
 from ws_bridge.types import LiveEvent
 
@@ -63,7 +63,7 @@ class Hub:
         *,
         max_executions: int = DEFAULT_MAX_EXECUTIONS,
         max_recent_events: int = DEFAULT_MAX_RECENT_EVENTS,
-        stored_owner: StoredOwner | None = None,
+        stored_owners: StoredOwners | None = None,
         owner_timeout_s: float = OWNER_TIMEOUT_S,
     ) -> None:
         self.medians = medians or MedianCache(None)
@@ -73,9 +73,9 @@ class Hub:
             thresholds or Thresholds(), self.medians, self.dispatch, self.replay.track_of, max_executions
         )
         # With no store, an execution's owner comes from its first workflow.started alone.
-        self.lookups = (
-            OwnerLookups(stored_owner, self._own, self._route_all, timeout_s=owner_timeout_s) if stored_owner else None
-        )
+        self.lookups = None
+        if stored_owners is not None:
+            self.lookups = OwnerLookups(stored_owners, self._own, self._route_all, timeout_s=owner_timeout_s)
         self._rooms: dict[str, set[Subscription]] = {}
         self.events_in = 0
 
@@ -214,6 +214,7 @@ class Hub:
             "duplicatesDropped": self.duplicates_dropped,
             "foreignDropped": self.foreign_dropped,
             "ownerLookups": lookups.asked if lookups is not None else 0,
+            "ownerQueries": lookups.queries if lookups is not None else 0,
             "ownerLookupsPending": len(lookups) if lookups is not None else 0,
             "ownerLookupsFailed": lookups.failed if lookups is not None else 0,
         }

@@ -181,15 +181,16 @@ async def test_a_store_that_fails_or_answers_late_holds_nothing_for_good(stack: 
     store's answer, when it comes, still names the owner over a forged claim."""
     history = History(stack.collector.client, stack.collector.database)
     await _send(stack, "tok-engine", _started("slow", 1, "alice"))
+    assert await asyncio.to_thread(history.owners_of, ["slow", "unknown"]) == {"slow": ("wf-a", "alice")}
     answer = threading.Event()
 
-    def stored_owner(execution_id: str) -> tuple[str, str] | None:
-        if execution_id == "down":
+    def stored_owners(execution_ids: list[str]) -> dict[str, tuple[str, str]]:
+        if "down" in execution_ids:
             raise OperationalError("Connection refused (simulated network outage)")
         answer.wait(_SETTLE_S)
-        return history.owner(execution_id)
+        return history.owners_of(execution_ids)
 
-    hub = Hub(stored_owner=stored_owner, owner_timeout_s=0.05)
+    hub = Hub(stored_owners=stored_owners, owner_timeout_s=0.05)
     try:
         hub.publish([_live("down", 1, "workflow.started", "wf-a", userId="bo")])
         await asyncio.wait_for(hub.settled(), _SETTLE_S)
