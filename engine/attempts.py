@@ -51,10 +51,8 @@ def describe(error: BaseException | None) -> str:
 
 
 def error_type(result: Result, error: BaseException | None) -> str:
-    if result is Result.TIMEOUT:
-        return "timeout"
-    if result is Result.CANCELLATION:
-        return "cancellation"
+    if result in (Result.TIMEOUT, Result.CANCELLATION):
+        return result.value  # docs/telemetry.md: error.type is `timeout` / `cancellation`
     return type(error).__qualname__ if error is not None else "unknown"
 
 

@@ -7,29 +7,16 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
+from contract.events import EventName
 from engine.types import EventCallback
 
 logger = logging.getLogger(__name__)
 
 
-class EventType(StrEnum):
-    WORKFLOW_STARTED = "workflow.started"
-    WORKFLOW_COMPLETED = "workflow.completed"
-    WORKFLOW_FAILED = "workflow.failed"
-    WORKFLOW_CANCELLED = "workflow.cancelled"
-    WORKFLOW_PAUSED = "workflow.paused"
-    WORKFLOW_RESUMED = "workflow.resumed"
-    NODE_STARTED = "node.started"
-    NODE_COMPLETED = "node.completed"
-    NODE_FAILED = "node.failed"
-    NODE_RETRYING = "node.retrying"
-    NODE_SKIPPED = "node.skipped"
-    NODE_WAITING = "node.waiting"
-    EXECUTION_PROGRESS = "execution.progress"
-    EXECUTION_LOG = "execution.log"
+# The lifecycle event names are the contract's (contract/events.py), under the engine's name.
+EventType = EventName
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from opentelemetry.trace import SpanKind
 
-from engine import telemetry as t
+from contract import attributes as t
 from engine.context import LlmUsage, NodeContext
 from engine.dag import Node, Workflow, WorkflowValidationError, structural_problems
 from engine.llm import LlmProvider, LlmRequest, LocalProvider
@@ -154,12 +154,12 @@ class ToolExecutor(ExecutorBase):
         tool = ctx.execution.registry.tools.get(ctx.node.config["tool"])
         if tool is None:
             raise NodeError(f"tool {ctx.node.config['tool']!r} is no longer registered")
-        ctx.set_attribute("gen_ai.tool.name", tool.name)
+        ctx.set_attribute(t.GEN_AI_TOOL_NAME, tool.name)
         args = render(dict(ctx.node.config.get("args", {})), scope_for(ctx))
         return await tool.call(args)
 
 
-_TOOL_ATTRIBUTES: Mapping[str, Any] = {t.GEN_AI_OPERATION: "execute_tool"}
+_TOOL_ATTRIBUTES: Mapping[str, Any] = {t.GEN_AI_OPERATION: t.OPERATION_EXECUTE_TOOL}
 _HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
@@ -237,7 +237,7 @@ class LlmExecutor(ExecutorBase):
         return f"chat {node.config.get('model', node.id)}"
 
     def span_attributes(self, node: Node) -> Mapping[str, Any]:
-        return {t.GEN_AI_OPERATION: "chat", t.GEN_AI_REQUEST_MODEL: str(node.config.get("model", ""))}
+        return {t.GEN_AI_OPERATION: t.OPERATION_CHAT, t.GEN_AI_REQUEST_MODEL: str(node.config.get("model", ""))}
 
     async def execute(self, ctx: NodeContext) -> Any:
         config = render(dict(ctx.node.config), scope_for(ctx))

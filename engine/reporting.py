@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
 
-from engine import telemetry as t
+from contract import attributes as t
 from engine.attempts import Attempt, describe, error_type
 from engine.context import NodeContext
 from engine.dag import Node, Workflow
@@ -158,7 +158,7 @@ class RunReporter:
         """The run's span, the run-active metric and `workflow.started`."""
         wf, options = self._workflow, self._options
         attributes: dict[str, Any] = {
-            t.GEN_AI_OPERATION: "invoke_workflow",
+            t.GEN_AI_OPERATION: t.OPERATION_INVOKE_WORKFLOW,
             t.WORKFLOW_NAME: wf.name,
             t.WORKFLOW_ID: wf.id,
             t.WORKFLOW_VERSION: wf.version,
@@ -171,7 +171,7 @@ class RunReporter:
         links = []
         if options.resumed_from is not None:
             attributes[t.RESUMED_FROM] = options.resumed_from.execution_id
-            links.append(Link(options.resumed_from.span_context, {"workflow.link.type": "resumed_from"}))
+            links.append(Link(options.resumed_from.span_context, {t.LINK_TYPE: t.LINK_RESUMED_FROM}))
         if options.parent_execution_id:
             attributes[t.PARENT_EXECUTION_ID] = options.parent_execution_id
         self.span = self._tel.start_span(
@@ -332,7 +332,11 @@ class RunReporter:
         span.set_attribute(t.GEN_AI_OUTPUT_TOKENS, usage.output_tokens)
         if usage.time_to_first_token_s is not None:
             span.set_attribute(t.TIME_TO_FIRST_TOKEN, usage.time_to_first_token_s)
-        base = {t.GEN_AI_OPERATION: "chat", t.GEN_AI_PROVIDER: usage.provider, t.GEN_AI_REQUEST_MODEL: usage.model}
+        base = {
+            t.GEN_AI_OPERATION: t.OPERATION_CHAT,
+            t.GEN_AI_PROVIDER: usage.provider,
+            t.GEN_AI_REQUEST_MODEL: usage.model,
+        }
         self._tel.token_usage.record(usage.input_tokens, {**base, t.GEN_AI_TOKEN_TYPE: "input"})
         self._tel.token_usage.record(usage.output_tokens, {**base, t.GEN_AI_TOKEN_TYPE: "output"})
         self._tel.llm_duration.record(duration_s, base)

@@ -3,38 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext
 
+from contract.states import DONE_NODE_STATES, NodeState, Result
 from engine.dag import Workflow
 
+# What runs and attempts come to and a node's states: the contract's (contract/states.py).
+__all__ = ["DONE_STATES", "ExecutionFailed", "ExecutionResult", "NodeState", "NodeStates", "Result", "RunOptions"]
 
-class Result(StrEnum):
-    """Outcome of a run or an attempt, as the CI/CD semantic conventions name them."""
-
-    SUCCESS = "success"
-    FAILURE = "failure"
-    ERROR = "error"
-    TIMEOUT = "timeout"
-    CANCELLATION = "cancellation"
-    SKIP = "skip"
-
-
-class NodeState(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    WAITING = "waiting"
-    RETRYING = "retrying"
-    SUCCESS = "success"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    CANCELLED = "cancelled"
-
-
-DONE_STATES = frozenset({NodeState.SUCCESS, NodeState.FAILED, NodeState.SKIPPED, NodeState.CANCELLED})
+DONE_STATES = DONE_NODE_STATES
 
 
 class NodeStates:

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 from opentelemetry.context import Context
 
+from contract.attributes import CHILD_EXECUTION_ID
 from engine.attempts import Attempt, AttemptRunner, NodeTimeout, describe
 from engine.context import NodeContext
 from engine.dag import Node, Workflow
@@ -146,7 +147,7 @@ class Execution:
             parent_context=ctx.otel_context,
             _parent_execution_id=self.execution_id,
         )
-        ctx.set_attribute("workflow.child.execution.id", handle.execution_id)
+        ctx.set_attribute(CHILD_EXECUTION_ID, handle.execution_id)
         try:
             result = await handle.result()
         except asyncio.CancelledError:

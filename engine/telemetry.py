@@ -21,6 +21,7 @@ from opentelemetry.metrics import Histogram, MeterProvider, NoOpMeterProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
 from opentelemetry.trace import Link, NoOpTracerProvider, Span, SpanContext, SpanKind, TracerProvider
 
+from contract.attributes import EVENT_SEQ, NODE_ID, NODE_TYPE, SCOPE
 from engine import sdk_compat
 from engine.dag import Node
 from engine.event_backpressure import EventBackpressure, ExportHealth
@@ -31,40 +32,6 @@ if TYPE_CHECKING:
     from engine.sdk_metrics import DirectHistogram
 
 logger = logging.getLogger(__name__)
-
-SCOPE = "flowscope.engine"
-
-# Attribute names (TELEMETRY.md). Semantic-convention names where one exists.
-GEN_AI_OPERATION = "gen_ai.operation.name"
-GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
-GEN_AI_PROVIDER = "gen_ai.provider.name"
-GEN_AI_INPUT_TOKENS = "gen_ai.usage.input_tokens"
-GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
-GEN_AI_TOKEN_TYPE = "gen_ai.token.type"
-GEN_AI_TOOL_NAME = "gen_ai.tool.name"
-ERROR_TYPE = "error.type"
-ENDUSER_ID = "enduser.id"
-WORKFLOW_NAME = "workflow.name"
-WORKFLOW_ID = "workflow.id"
-WORKFLOW_VERSION = "workflow.version"
-EXECUTION_ID = "workflow.execution.id"
-TRIGGER_TYPE = "workflow.trigger.type"
-NODE_COUNT = "workflow.node.count"
-NODES_COMPLETED = "workflow.node.completed_count"
-NODES_FAILED = "workflow.node.failed_count"
-NODES_SKIPPED = "workflow.node.skipped_count"
-WORKFLOW_RESULT = "workflow.result"
-RESUMED_FROM = "workflow.resumed_from.execution.id"
-PARENT_EXECUTION_ID = "workflow.parent.execution.id"
-NODE_ID = "workflow.node.id"
-NODE_TYPE = "workflow.node.type"
-NODE_LABEL = "workflow.node.label"
-NODE_ATTEMPT = "workflow.node.attempt"
-NODE_RESULT = "workflow.node.result"
-NODE_INPUT = "workflow.node.input"
-NODE_OUTPUT = "workflow.node.output"
-TIME_TO_FIRST_TOKEN = "workflow.llm.time_to_first_token"
-EVENT_SEQ = "workflow.event.seq"
 
 
 # The standard encoder is the fallback for what orjson refuses (integers beyond 64 bits).

@@ -44,20 +44,3 @@ def test_a_node_failed_by_cancellation_is_cancelled() -> None:
     assert contract.node_state("node.failed", {"result": "cancellation"}) is NodeState.CANCELLED
     assert contract.node_state("node.failed", {"result": "failure"}) is NodeState.FAILED
     assert contract.node_state("workflow.started", {}) is None
-
-
-def test_engine_names_equal_the_contract() -> None:
-    """While the engine keeps its own definitions (engine/events.py, engine/results.py,
-    engine/telemetry.py), they must be the contract's, name for name."""
-    from engine import events, results, telemetry
-
-    assert {e.name: e.value for e in events.EventType} == {e.name: e.value for e in EventName}
-    assert {r.name: r.value for r in results.Result} == {r.name: r.value for r in Result}
-    assert {s.name: s.value for s in results.NodeState} == {s.name: s.value for s in NodeState}
-    assert {s.value for s in results.DONE_STATES} == {s.value for s in contract.DONE_NODE_STATES}
-    keys = {name: value for name, value in vars(telemetry).items() if name.isupper() and isinstance(value, str)}
-    shared = {name: value for name, value in keys.items() if hasattr(attributes, name)}
-    assert shared == {name: getattr(attributes, name) for name in shared}
-    assert {v for v in keys.values() if v.startswith(("workflow.", "gen_ai.", "error.", "enduser."))} <= set(
-        attributes.ATTRIBUTE_KEYS
-    )
