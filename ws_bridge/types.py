@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, TypeAlias
 
 # A live event as the bridge holds it: contract.LiveEvent's keys, plus the JSON cached on it
-# (ws_bridge/events.py `WIRE`). A plain dict until the hub (rooms.py) and the app stop building
-# partial events; then it becomes `class LiveEvent(contract.LiveEvent, total=False): _wire: str`.
+# (ws_bridge/events.py `WIRE`). A plain dict while the deriver (deriver.py) builds partial events
+# and the app, auth and some tests pass plain dicts; then it becomes the TypedDict
+# `class LiveEvent(contract.LiveEvent, total=False): _wire: str`.
 LiveEvent: TypeAlias = dict[str, Any]
 Message: TypeAlias = dict[str, Any]
