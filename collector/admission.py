@@ -26,9 +26,9 @@ import orjson
 from collector.convert import MAX_NS, any_value
 from collector.receiver import Consume
 from collector.types import Outcome, Signal
+from contract.attributes import EVENT_SEQ as SEQ
+from contract.attributes import EXECUTION_ID
 
-EXECUTION_ID = "workflow.execution.id"
-SEQ = "workflow.event.seq"
 _MAX_SEQ = (1 << 64) - 1
 _NS_PER_DAY = 86_400 * 10**9
 

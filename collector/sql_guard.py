@@ -19,7 +19,7 @@ So, for each query:
    (an INTO OUTFILE path is a literal hanging off the statement node itself), no table
    function but the generators in `TABLE_FUNCTIONS`, no scalar function in `FUNCTIONS_REFUSED`.
 
-Readonly and the limits still ride on the query as ClickHouse settings (collector/history.py
+Readonly and the limits still ride on the query as ClickHouse settings (ws_bridge/history.py
 `History.sql`); a server should add its own read-only user (deploy/clickhouse/users.d).
 """
 

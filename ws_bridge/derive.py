@@ -11,6 +11,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from contract import ACTIVE_NODE_STATES, DONE_NODE_STATES, NodeState
 from ws_bridge.types import LiveEvent
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class Thresholds:
 
 @dataclass(eq=False)
 class NodeTrack:
-    state: str = "pending"
+    state: str = NodeState.PENDING
     attempt: int = 1
     started: float | None = None
     # The node.started event of the attempt still watched for passing its thresholds.
@@ -74,7 +75,7 @@ def estimate_eta_ms(track: ExecutionTrack, medians: Mapping[str, float], now: fl
     """Critical-path estimate: each unfinished node's expected remaining time along its dependencies."""
     if not track.dag or not medians:
         return None
-    pending = [n for n in track.dag if track.nodes.get(n, _PENDING).state == "pending"]
+    pending = [n for n in track.dag if track.nodes.get(n, _PENDING).state == NodeState.PENDING]
     if any(n not in medians for n in pending):
         return None
     # Kahn's order, iteratively: a 1,000-node chain must not recurse.
@@ -89,9 +90,9 @@ def estimate_eta_ms(track: ExecutionTrack, medians: Mapping[str, float], now: fl
         node_id = queue.pop()
         node = track.nodes.get(node_id, _PENDING)
         ready = max((finish.get(d, 0.0) for d in track.dag.get(node_id, [])), default=0.0)
-        if node.state in ("success", "skipped", "failed", "cancelled"):
+        if node.state in DONE_NODE_STATES:
             remaining = 0.0
-        elif node.state in ("running", "waiting", "retrying") and node.started is not None:
+        elif node.state in ACTIVE_NODE_STATES and node.started is not None:
             remaining = max(0.0, medians.get(node_id, 0.0) - (now - node.started) * 1000)
         else:
             remaining = medians.get(node_id, 0.0)

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from contract import NODE_STATES, TERMINAL_EVENTS, EventName, NodeState, Result
+from contract import TERMINAL_EVENTS, EventName, NodeState, Result, node_state
 from ws_bridge.derive import ExecutionTrack, MedianCache, NodeTrack, Thresholds, estimate_eta_ms, performance_event
 from ws_bridge.events import SpanFact
 from ws_bridge.history import node_specs, number, whole
@@ -77,7 +77,7 @@ class Deriver:
         if kind in TERMINAL_EVENTS:
             track.close()
             return []
-        state = NODE_STATES.get(kind)
+        state = node_state(kind, data)
         node_id = event.get("nodeId")
         if state is None or not node_id:
             return []

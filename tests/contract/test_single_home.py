@@ -43,16 +43,6 @@ ALLOWED: dict[str, tuple[frozenset[str] | None, str]] = {
         "they use instead. New migrations render their literals from contract/.",
     ),
     "collector/service.py": (frozenset({"running"}), "the writer thread's liveness in /readyz, not a run status"),
-    "collector/admission.py": (
-        frozenset({attributes.EXECUTION_ID, attributes.EVENT_SEQ}),
-        "not this task's file (the collector is restructured concurrently): its EXECUTION_ID and SEQ "
-        "are to import contract.attributes.EXECUTION_ID / EVENT_SEQ",
-    ),
-    "ws_bridge/derive.py": (
-        frozenset(NodeState),
-        "not this task's file (the hub's ETA and performance helpers, owned with the hub): its node "
-        "states are to become NodeState.PENDING, DONE_NODE_STATES and ACTIVE_NODE_STATES",
-    ),
     "engine/attempts.py": (
         frozenset({NodeState.CANCELLED}),
         "the error message of an attempt cancelled mid-run (`describe`), not a node state",
