@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import json
 import logging
 import os
@@ -15,45 +13,25 @@ import urllib.parse
 from collections.abc import Callable, Coroutine, MutableMapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-import httpx
-from rich.console import Console
-from rich.table import Table
 
 from collector.schema import SchemaOptions, ddl
 from collector.store import Dsn, StoreError, StoreLocked, background_settings, connect, migrate
-from contract import NODE_EVENTS, TERMINAL_EVENTS, EventName, LiveEvent, NodeState, Result, RunStatus, node_state
+from contract import Result
 from flowscope.config import Settings
+from flowscope.reading import executions, sql, watch
+from flowscope.terminal import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    CliError,
+    console,
+    err,
+    run_async,
+)
 from ws_bridge.auth import require_auth_on_public_bind
-from ws_bridge.history import History, SqlError, node_specs, number, whole
-
-# soft_wrap: URLs and SQL stay on one line when output is not a terminal.
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-T = TypeVar("T")
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
-
-
-class CliError(click.ClickException):
-    """A user-facing error: a message and an exit code, never a traceback."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        # ClickException declares exit_code on the class; this error carries its own.
-        vars(self)["exit_code"] = code
-
-    def show(self, file: Any = None) -> None:
-        err.print(f"[bold red]error:[/] {self.format_message()}")
-
-
-def _run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    try:
-        return asyncio.run(coro_fn())
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,17 +42,6 @@ def main(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-
-
-def _server_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--token", envvar="FLOWSCOPE_TOKEN", help="Bearer token for the server.")(fn)
-    return click.option(
-        "--server",
-        envvar="FLOWSCOPE_SERVER",
-        default="http://127.0.0.1:8080",
-        show_default=True,
-        help="A running flowscope (its HTTP address).",
-    )(fn)
 
 
 def _stack_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -187,7 +154,7 @@ async def _serve_until_stopped(settings: Settings, on_ready: Callable[[Any], Cor
 @_stack_options
 def up(**flags: Any) -> None:
     """Run the embedded stack: collector (OTLP) + live bridge + embedded ClickHouse."""
-    _run(lambda: _serve_until_stopped(_settings(**flags), None))
+    run_async(lambda: _serve_until_stopped(_settings(**flags), None))
 
 
 @main.command()
@@ -239,7 +206,7 @@ def demo(runs: int | None, interval: float, exit_after: bool, **flags: Any) -> N
         tail = "" if exit_after else " The live view and API stay up until Ctrl-C."
         console.print(f"[bold]{round_no} round(s) done.[/]{tail}")
 
-    _run(lambda: _serve_until_stopped(settings, workload))
+    run_async(lambda: _serve_until_stopped(settings, workload))
 
 
 @main.command()
@@ -276,7 +243,7 @@ def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no
         except (StoreError, OSError, ValueError) as exc:
             raise CliError(str(exc), EXIT_UNAVAILABLE) from exc
 
-    _run(go)
+    run_async(go)
 
 
 @main.command()
@@ -311,7 +278,7 @@ def samples(otlp_endpoint: str, runs: int | None, interval: float, token: str | 
             await engine.aclose()
             await asyncio.to_thread(shutdown)
 
-    _run(go)
+    run_async(go)
 
 
 @main.command()
@@ -371,204 +338,7 @@ def run(
             err.print(result.error)
         return EXIT_OK if result.result.value == Result.SUCCESS else EXIT_FAILED
 
-    sys.exit(_run(go))
-
-
-@main.command()
-@click.argument("execution_id", required=False)
-@click.option("--workflow", help="Watch every execution of a workflow instead.")
-@_server_option
-def watch(execution_id: str | None, workflow: str | None, server: str, token: str | None) -> None:
-    """Watch an execution live: the node tree with states, attempts and durations, then a summary."""
-    from rich.live import Live
-
-    from ws_bridge.client import LiveClient, LiveClientError
-
-    if (execution_id is None) == (workflow is None):
-        raise CliError("give an EXECUTION_ID or --workflow ID")
-
-    async def go() -> int:
-        client = (
-            LiveClient(server, execution_id=execution_id, token=token, max_retries=5)
-            if execution_id
-            else LiveClient(server, rooms=[f"workflow:{workflow}"], token=token, max_retries=5)
-        )
-        nodes: dict[str, dict[str, Any]] = {}
-        status: dict[str, Any] = {"value": RunStatus.RUNNING, "progress": 0.0, "error": None}
-
-        def table() -> Table:
-            t = Table(title=f"{execution_id or workflow}  {status['value']}  {status['progress'] * 100:.0f}%")
-            for column in ("node", "type", "state", "attempts", "duration"):
-                t.add_column(column)
-            for n in nodes.values():
-                colour = _STATE_COLOURS.get(n["state"], "")
-                ms = n.get("durationMs")
-                t.add_row(n["id"], n.get("type") or "", f"[{colour}]{n['state']}[/]" if colour else n["state"],
-                          str(n.get("attempts", 0)), f"{ms:.1f} ms" if ms is not None else "")  # fmt: skip
-            return t
-
-        try:
-            with Live(table(), console=console, refresh_per_second=8, transient=False) as live:
-                async for event in client:
-                    _watch_fold(nodes, status, event)
-                    live.update(table())
-        except LiveClientError as exc:
-            raise CliError(str(exc), EXIT_UNAVAILABLE) from exc
-        except OSError as exc:
-            raise CliError(f"cannot reach {server}: is `flowscope up` running? ({exc})", EXIT_UNAVAILABLE) from exc
-        if status["error"]:
-            err.print(f"[red]{status['error']}[/]")
-        succeeded = sum(n["state"] == NodeState.SUCCESS for n in nodes.values())
-        console.print(f"summary: {status['value']}, {succeeded}/{len(nodes)} nodes succeeded")
-        return EXIT_OK if status["value"] == RunStatus.SUCCESS else EXIT_FAILED
-
-    sys.exit(_run(go))
-
-
-_STATE_COLOURS = {
-    NodeState.SUCCESS: "green",
-    NodeState.FAILED: "red",
-    NodeState.RUNNING: "blue",
-    NodeState.RETRYING: "yellow",
-}
-
-
-def _watch_fold(nodes: dict[str, dict[str, Any]], status: dict[str, Any], event: LiveEvent) -> None:
-    """What `flowscope watch` shows after one more event: node rows and the run's status."""
-    data: Any = event.get("data")
-    data = data if isinstance(data, dict) else {}
-    kind = event["type"]
-    node_id = event.get("nodeId")
-    if kind == EventName.WORKFLOW_STARTED:
-        for spec in node_specs(data.get("nodes")):
-            node_type = spec["type"] if isinstance(spec.get("type"), str) else None
-            nodes.setdefault(spec["id"], {"id": spec["id"], "type": node_type, "state": NodeState.PENDING})
-    elif node_id and kind in NODE_EVENTS:
-        n = nodes.setdefault(node_id, {"id": node_id, "state": NodeState.PENDING})
-        n["type"] = event.get("nodeType")
-        n["state"] = node_state(kind, data) or n["state"]
-        n["attempts"] = max(n.get("attempts", 0), whole(data.get("attempt")))
-        if "durationMs" in data:
-            n["durationMs"] = number(data["durationMs"])
-    elif kind == EventName.EXECUTION_PROGRESS:
-        status["progress"] = number(data.get("progress")) or 0.0
-    elif kind in TERMINAL_EVENTS:
-        status["value"] = data.get("result", kind.split(".")[1])
-        status["progress"] = 1.0 if kind == EventName.WORKFLOW_COMPLETED else status["progress"]
-        status["error"] = data.get("error")
-
-
-def _get(server: str, token: str | None, path: str, **params: Any) -> Any:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        response = httpx.get(server.rstrip("/") + path, params={k: v for k, v in params.items() if v is not None},
-                             headers=headers, timeout=30)  # fmt: skip
-    except httpx.HTTPError as exc:
-        raise CliError(f"cannot reach {server}: is `flowscope up` running? ({exc})", EXIT_UNAVAILABLE) from exc
-    if response.status_code >= 400:
-        raise CliError(f"{response.status_code}: {response.json().get('error', response.text)}", EXIT_FAILED)
-    return response.json()
-
-
-@main.group()
-def executions() -> None:
-    """Execution history from the REST API."""
-
-
-@executions.command("list")
-@click.option("--workflow")
-@click.option("--status")
-@click.option("--user")
-@click.option("--limit", type=int, default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@_server_option
-def executions_list(workflow: str | None, status: str | None, user: str | None, limit: int, as_json: bool,
-                    server: str, token: str | None) -> None:  # fmt: skip
-    """Recent executions, newest first."""
-    body = _get(server, token, "/api/v1/executions", workflow=workflow, status=status, user=user, limit=limit)
-    if as_json:
-        console.print_json(json.dumps(body))
-        return
-    table = Table(title="executions")
-    for column in ("execution", "workflow", "status", "nodes", "duration", "started", "trigger", "user"):
-        table.add_column(column)
-    for e in body["items"]:
-        duration = f"{e['durationMs']:.0f} ms" if e["durationMs"] is not None else ""
-        table.add_row(e["executionId"], e["workflowId"], e["status"], f"{e['completedNodes']}/{e['totalNodes']}",
-                      duration, e["startTime"] or "", e["trigger"] or "", e["userId"] or "")  # fmt: skip
-    console.print(table)
-
-
-@executions.command("show")
-@click.argument("execution_id")
-@_server_option
-def executions_show(execution_id: str, server: str, token: str | None) -> None:
-    """One execution with its nodes."""
-    e = _get(server, token, f"/api/v1/executions/{execution_id}")
-    console.print(f"[bold]{e['executionId']}[/] {e['workflowName']} — {e['status']}  trace {e['traceId']}")
-    for name, url in (e.get("links") or {}).items():
-        console.print(f"  {name}: {url}")
-    if e.get("error"):
-        err.print(f"[red]{e['error']}[/]")
-    table = Table()
-    for column in ("node", "type", "state", "attempts", "duration", "error"):
-        table.add_column(column)
-    for n in e["nodes"]:
-        duration = f"{n['durationMs']:.1f} ms" if n["durationMs"] is not None else ""
-        table.add_row(n["nodeId"], n["nodeType"] or "", n["state"], str(n["attempts"]), duration, n.get("error") or "")
-    console.print(table)
-
-
-@main.command()
-@click.argument("query")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@click.option(
-    "--data-dir", type=click.Path(path_type=Path), help="Query this data directory directly when no server runs."
-)
-@_server_option
-def sql(query: str, fmt: str, data_dir: Path | None, server: str, token: str | None) -> None:
-    """Read-only SQL over the history: through the server, or directly on the data directory."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        response = httpx.post(server.rstrip("/") + "/api/v1/sql", json={"sql": query}, headers=headers, timeout=60)
-    except httpx.HTTPError:
-        response = None
-    if response is not None:
-        if response.status_code >= 400:
-            raise CliError(response.json().get("error", response.text), EXIT_FAILED)
-        result = response.json()
-    else:
-        settings = Settings.from_env().with_overrides(data_dir=data_dir)
-        if not Path(settings.dsn.removeprefix("chdb://")).exists():
-            raise CliError(f"no server at {server} and no data directory at {settings.data_dir}", EXIT_UNAVAILABLE)
-        try:
-            dsn = Dsn.parse(settings.dsn)
-            # Table names without a database mean the history's, as on the server's endpoint.
-            history = History(lambda: connect(dsn), dsn.database or settings.database)
-            result = history.sql(query)
-        except (StoreLocked, StoreError) as exc:
-            raise CliError(str(exc), EXIT_UNAVAILABLE) from exc
-        except SqlError as exc:
-            raise CliError(str(exc), EXIT_FAILED) from exc
-    _print_result(result, fmt)
-
-
-def _print_result(result: dict[str, Any], fmt: str) -> None:
-    if fmt == "json":
-        click.echo(json.dumps([dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]))
-    elif fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(result["columns"])
-        writer.writerows(result["rows"])
-        click.echo(buffer.getvalue(), nl=False)
-    else:
-        table = Table()
-        for column in result["columns"]:
-            table.add_column(column)
-        for row in result["rows"]:
-            table.add_row(*(json.dumps(v) if isinstance(v, list | dict) else str(v) for v in row))
-        console.print(table)
+    sys.exit(run_async(go))
 
 
 @main.group()
@@ -618,6 +388,10 @@ def schema_apply(dsn: str, **values: Any) -> None:
     except StoreError as exc:
         raise CliError(str(exc), EXIT_UNAVAILABLE) from exc
     console.print(f"schema up to date in {options.database}; applied migrations: {applied or 'none'}")
+
+
+for _command in (watch, executions, sql):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":
