@@ -31,6 +31,7 @@ from ws_bridge.derive import MedianCache, Thresholds
 from ws_bridge.events import events_from_logs, facts_from_spans
 from ws_bridge.history import History
 from ws_bridge.rooms import Hub
+from ws_bridge.types import LiveEvent
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ class Bridge:
 
     def _history_since(
         self, since: Any, workflow_id: str | None, user_id: str | None, types: frozenset[str] | None
-    ) -> list[dict[str, Any]]:
+    ) -> list[LiveEvent]:
         assert self.history is not None
         return self.history.events_since(since, workflow_id=workflow_id, user_id=user_id, types=types)
 

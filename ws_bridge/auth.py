@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 
 from collector.receiver import Forbidden, Unauthenticated
-from ws_bridge.types import LiveEvent
 
 _SCOPED = ("workflow", "user", "execution")
 INGEST = "ingest"
@@ -58,7 +58,7 @@ class Principal:
             return ["all"]
         return sorted(g for g in self.grants if g.partition(":")[0] in _SCOPED and g.partition(":")[2])
 
-    def may_see(self, event: LiveEvent, user_id: str | None) -> bool:
+    def may_see(self, event: Mapping[str, Any], user_id: str | None) -> bool:
         if self.unrestricted:
             return True
         return (

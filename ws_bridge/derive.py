@@ -10,6 +10,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from contract import ACTIVE_NODE_STATES, DONE_NODE_STATES, NodeState
 from ws_bridge.types import LiveEvent
@@ -205,7 +206,22 @@ class MedianCache:
             await asyncio.gather(loader, return_exceptions=True)
 
 
-def performance_event(base: LiveEvent, level: str, threshold_ms: float, actual_ms: float, running: bool) -> LiveEvent:
+class WarningBase(TypedDict):
+    """What a performance warning says of the node it is about: the keys it takes from the
+    event or span that showed the node slow (a LiveEvent has them all)."""
+
+    seq: int
+    ts: str
+    executionId: str
+    workflowId: str
+    workflowName: str
+    nodeId: str | None
+    nodeType: str | None
+    traceId: str
+    spanId: str
+
+
+def performance_event(base: WarningBase, level: str, threshold_ms: float, actual_ms: float, running: bool) -> LiveEvent:
     return {
         "type": f"performance.{level}",
         "seq": base["seq"],

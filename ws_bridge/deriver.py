@@ -14,7 +14,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from contract import TERMINAL_EVENTS, EventName, NodeState, Result, node_state
-from ws_bridge.derive import ExecutionTrack, MedianCache, NodeTrack, Thresholds, estimate_eta_ms, performance_event
+from ws_bridge.derive import (
+    ExecutionTrack,
+    MedianCache,
+    NodeTrack,
+    Thresholds,
+    WarningBase,
+    estimate_eta_ms,
+    performance_event,
+)
 from ws_bridge.events import SpanFact
 from ws_bridge.history import node_specs, number, whole
 from ws_bridge.types import LiveEvent
@@ -125,7 +133,7 @@ class Deriver:
                 if actual < limit:
                     waiting = True
                     continue
-                base = {**started, "seq": track.last_seq}
+                base: LiveEvent = {**started, "seq": track.last_seq}
                 self._emit(self._warned(node, node.attempt, base, level, limit, actual, running=True), track)
             if not waiting:
                 del self._running[node]
@@ -137,7 +145,7 @@ class Deriver:
         return self._sweep_handle is not None
 
     def _warned(
-        self, node: NodeTrack, attempt: int, base: LiveEvent, level: str, limit: float, actual: float, running: bool
+        self, node: NodeTrack, attempt: int, base: WarningBase, level: str, limit: float, actual: float, running: bool
     ) -> LiveEvent:
         node.warned.add((attempt, level))
         return performance_event(base, level, limit, actual, running)
@@ -190,7 +198,7 @@ class Deriver:
         node = track.nodes.setdefault(fact.node_id, NodeTrack())
         if fact.attempt == node.attempt and node.state in _WATCHED:
             node.cancel()  # the span says this attempt ended; its running timers are moot
-        base: LiveEvent = {
+        base: WarningBase = {
             "seq": track.last_seq,
             "ts": fact.end_ts,
             "executionId": fact.execution_id,

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
-# A live event as the bridge holds it: contract.LiveEvent's keys, plus the JSON cached on it
-# (ws_bridge/events.py `WIRE`). A plain dict while the deriver (deriver.py) builds partial events
-# and the app, auth and some tests pass plain dicts; then it becomes the TypedDict
-# `class LiveEvent(contract.LiveEvent, total=False): _wire: str`.
-LiveEvent: TypeAlias = dict[str, Any]
+import contract
+
+
+class LiveEvent(contract.LiveEvent, total=False):
+    """A live event as the bridge holds it: contract.LiveEvent's keys, plus its JSON cached
+    on it once serialised (ws_bridge/events.py `WIRE`), never sent."""
+
+    _wire: str
+
+
 Message: TypeAlias = dict[str, Any]

@@ -18,31 +18,25 @@ from websockets.exceptions import ConnectionClosed
 
 from flowscope.stack import Stack
 from tests.ws_bridge.conftest import StackFactory, recv_json, recv_until, ws_client, ws_url
+from tests.ws_bridge.live_events import live_event
 from ws_bridge.auth import AuthConfig, require_auth_on_public_bind
+from ws_bridge.types import LiveEvent
 
 SECRET = "test-secret-of-at-least-thirty-two-bytes!"
 TOKENS = {"tok-alice": ("alice", frozenset({"workflow:wa"})), "tok-admin": ("admin", frozenset({"*"}))}
 
 
-def synthetic(
-    execution_id: str, workflow_id: str, seq: int, kind: str = "execution.log", pad: int = 0
-) -> dict[str, Any]:
-    return {
-        "type": "workflow.started" if seq == 1 else kind,
-        "seq": seq,
-        "ts": "2026-11-23T10:00:00.000000Z",
-        "executionId": execution_id,
-        "workflowId": workflow_id,
-        "workflowName": workflow_id,
-        "nodeId": None,
-        "nodeType": None,
-        "traceId": "ab" * 16,
-        "spanId": "cd" * 8,
-        "data": {"message": "x" * pad} if seq > 1 else {"totalNodes": 0, "nodes": [], "userId": None},
-    }
+def synthetic(execution_id: str, workflow_id: str, seq: int, kind: str = "execution.log", pad: int = 0) -> LiveEvent:
+    return live_event(
+        "workflow.started" if seq == 1 else kind,
+        seq,
+        execution=execution_id,
+        workflow=workflow_id,
+        data={"message": "x" * pad} if seq > 1 else {"totalNodes": 0, "nodes": [], "userId": None},
+    )
 
 
-def publish(stack: Stack, events: list[dict[str, Any]]) -> None:
+def publish(stack: Stack, events: list[LiveEvent]) -> None:
     assert stack.bridge is not None
     stack.bridge.hub.publish(events)
 

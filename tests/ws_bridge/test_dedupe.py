@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import cast
+
+from tests.ws_bridge.live_events import live_event
 from ws_bridge.dedupe import MAX_SEEN_PER_EXECUTION, Dedupe, SeenSeqs
 from ws_bridge.derive import ExecutionTrack
 from ws_bridge.types import LiveEvent
 
 
 def event(seq: int, workflow_id: str | None = "wf") -> LiveEvent:
-    return {"type": "node.started", "seq": seq, "executionId": "e1", "workflowId": workflow_id, "data": {}}
+    one = live_event("node.started", seq)
+    # None: an event whose JSON says null there, which the type does not admit but the dedupe takes as no claim.
+    one["workflowId"] = cast(str, workflow_id)
+    return one
 
 
 def test_an_event_goes_through_once_and_repeats_are_counted() -> None:

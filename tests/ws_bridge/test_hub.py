@@ -6,25 +6,24 @@ import datetime as dt
 import gc
 import json
 
+from tests.ws_bridge.live_events import live_event
 from ws_bridge.events import WIRE, event_from_wire, iso_from_ns, wire_json
 from ws_bridge.rooms import Hub
 from ws_bridge.types import LiveEvent
 
 
 def event(execution: str, seq: int, kind: str, **data: object) -> LiveEvent:
-    return {
-        "type": kind,
-        "seq": seq,
-        "ts": f"2026-11-23T10:00:{seq:02d}.000000Z",
-        "executionId": execution,
-        "workflowId": "wf",
-        "workflowName": "Flow",
-        "nodeId": "n1" if kind.startswith("node.") else None,
-        "nodeType": "code" if kind.startswith("node.") else None,
-        "traceId": "ab" * 16,
-        "spanId": "cd" * 8,
-        "data": dict(data),
-    }
+    node = kind.startswith("node.")
+    return live_event(
+        kind,
+        seq,
+        execution=execution,
+        workflow_name="Flow",
+        ts=f"2026-11-23T10:00:{seq:02d}.000000Z",
+        node_id="n1" if node else None,
+        node_type="code" if node else None,
+        data=dict(data),
+    )
 
 
 async def test_recent_events_replay_as_published_and_leave_the_gc_alone() -> None:
@@ -35,7 +34,7 @@ async def test_recent_events_replay_as_published_and_leave_the_gc_alone() -> Non
         event("e1", 3, "node.completed", attempt=1, durationMs=1.5, output={"rows": [1, 2, 3]}),
         event("e1", 4, "workflow.completed", durationMs=2.0),
     ]
-    hub.publish([dict(e) for e in published])
+    hub.publish([e.copy() for e in published])
     gc.collect()
     recent = hub.replay.get("e1")
     assert recent is not None
@@ -45,7 +44,7 @@ async def test_recent_events_replay_as_published_and_leave_the_gc_alone() -> Non
     replayed = hub.recent_events("e1", 2)
     assert [{k: v for k, v in e.items() if k != WIRE} for e in replayed] == published[1:]
     # The JSON comes along, so a replayed event is not serialised again.
-    assert [e[WIRE] for e in replayed] == [wire_json(dict(e)) for e in published[1:]]
+    assert [e[WIRE] for e in replayed] == [wire_json(e.copy()) for e in published[1:]]
     since = hub.recent_since("2026-11-23T10:00:03.000000Z", workflow_id="wf", user_id=None)
     assert [e["seq"] for e in since] == [3, 4]
     assert hub.recent_since("2026-11-23T10:00:01.000000Z", workflow_id=None, user_id="bo") == []

@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -17,6 +17,7 @@ from tests.collector.test_outage import OutageWriter, outage_factory
 from tests.helpers import Gate
 from tests.ws_bridge.conftest import StackFactory, recv_json, recv_until, ws_client, ws_url
 from ws_bridge.client import LiveClient
+from ws_bridge.types import LiveEvent
 
 TERMINAL = {"workflow.completed", "workflow.failed", "workflow.cancelled"}
 
@@ -195,7 +196,8 @@ async def test_workflow_room_replays_since_and_dedupes(stack: Stack, providers: 
     # The same events fed twice (a retried export) reach subscribers once.
     assert stack.bridge is not None
     before = stack.bridge.hub.duplicates_dropped
-    stack.bridge.hub.publish([{**events[0], "data": {}}])
+    # What the bridge sent is a live event: fed back, it is one already seen.
+    stack.bridge.hub.publish([cast(LiveEvent, {**events[0], "data": {}})])
     assert stack.bridge.hub.duplicates_dropped == before + 1
     await engine.aclose()
 

@@ -18,7 +18,9 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeL
 
 from flowscope.stack import Stack
 from tests.ws_bridge.conftest import StackFactory, recv_until, ws_client, ws_url
+from tests.ws_bridge.live_events import live_event
 from ws_bridge.history import History
+from ws_bridge.types import LiveEvent
 
 TOKENS = {
     "tok-alice": ("alice", frozenset({"user:alice"})),
@@ -120,12 +122,11 @@ async def test_the_hub_keeps_the_first_owner_after_evicting_the_execution(stack_
         assert stack.bridge is not None
         hub = stack.bridge.hub
 
-        def started(execution: str, user: str, workflow: str) -> dict[str, Any]:
-            return {
-                "type": "workflow.started", "seq": 1, "ts": "2026-11-23T10:00:00.000000Z", "executionId": execution,
-                "workflowId": workflow, "workflowName": workflow, "nodeId": None, "nodeType": None, "traceId": "",
-                "spanId": "", "data": {"userId": user},
-            }  # fmt: skip
+        def started(execution: str, user: str, workflow: str) -> LiveEvent:
+            return live_event(
+                "workflow.started", 1, execution=execution, workflow=workflow, trace_id="", span_id="",
+                data={"userId": user},
+            )  # fmt: skip
 
         hub.publish([started("x", "alice", "wf-a")])
         hub.publish([{**started("x", "eve", "wf-a"), "seq": 2}, {**started("x", "eve", "wf-eve"), "seq": 3}])

@@ -3,20 +3,14 @@ that outlive the buffers."""
 
 from __future__ import annotations
 
+from tests.ws_bridge.live_events import live_event
 from ws_bridge.replay import ReplayBuffer
 from ws_bridge.types import LiveEvent
 
 
 def event(execution: str, seq: int, workflow_id: str = "wf") -> LiveEvent:
-    return {
-        "type": "node.started",
-        "seq": seq,
-        "ts": f"2026-11-23T10:00:{seq:02d}.000000Z",
-        "executionId": execution,
-        "workflowId": workflow_id,
-        "workflowName": "Flow",
-        "data": {},
-    }
+    ts = f"2026-11-23T10:00:{seq:02d}.000000Z"
+    return live_event("node.started", seq, execution=execution, workflow=workflow_id, workflow_name="Flow", ts=ts)
 
 
 def keep(replay: ReplayBuffer, *events: LiveEvent) -> None:
