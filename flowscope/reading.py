@@ -21,7 +21,8 @@ from collector.store import Dsn, StoreError, StoreLocked, connect
 from contract import NODE_EVENTS, TERMINAL_EVENTS, EventName, LiveEvent, NodeState, RunStatus, node_state
 from flowscope.config import Settings
 from flowscope.terminal import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, CliError, console, err, run_async, server_option
-from ws_bridge.history import History, SqlError, node_specs, number, whole
+from ws_bridge.history import History, SqlError
+from ws_bridge.shapes import node_specs, number, whole
 
 
 @click.command()

@@ -24,7 +24,7 @@ from ws_bridge.derive import (
     performance_event,
 )
 from ws_bridge.events import SpanFact
-from ws_bridge.history import node_specs, number, whole
+from ws_bridge.shapes import node_specs, number, whole
 from ws_bridge.types import LiveEvent
 
 # Node spans waiting for their workflow to be named: a batch's worth, not a history.

@@ -10,7 +10,6 @@ import base64
 import datetime as dt
 import json
 import logging
-import math
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,8 +18,17 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from collector import sql_guard
-from contract import NOT_FAILED_RUN_STATUSES, STORED_RUN_STATUSES, EventName, NodeState, Result, RunStatus
-from contract import node_state as _node_state
+from contract import NOT_FAILED_RUN_STATUSES, STORED_RUN_STATUSES, Result, RunStatus
+from ws_bridge.shapes import (
+    event_row,
+    execution_from_events,
+    execution_row,
+    finite,
+    fold_nodes,
+    iso,
+    jsonable,
+    owned_by,
+)
 from ws_bridge.types import LiveEvent
 
 logger = logging.getLogger(__name__)
@@ -207,7 +215,7 @@ class History:
         if len(rows) > limit:
             rows = rows[:limit]
             next_cursor = _encode_cursor(rows[-1]["_start_ns"], rows[-1]["ExecutionId"])
-        return [_execution(r) for r in rows], next_cursor
+        return [execution_row(r) for r in rows], next_cursor
 
     def get_execution(self, execution_id: str) -> dict[str, Any] | None:
         rows = self._rows(f"SELECT {_EXECUTION_COLUMNS} FROM {_OWNED_EXECUTION}", id=execution_id)
@@ -215,7 +223,7 @@ class History:
         events = self._owned_events(execution_id, owner, 1, None, _MAX_EVENTS)
         if not rows and not events:
             return None
-        execution = _execution(rows[0]) if rows else _execution_from_events(execution_id, events, owner)
+        execution = execution_row(rows[0]) if rows else execution_from_events(execution_id, events, owner)
         attempts = self._rows(
             "SELECT NodeId, Attempt, NodeType, Status, StartTime, EndTime, DurationMs, ErrorType, Error, Model,"
             " InputTokens, OutputTokens, SpanId FROM {db}.node_executions FINAL"
@@ -258,7 +266,7 @@ class History:
         self, execution_id: str, owner: tuple[str, str] | None, from_seq: int, to_seq: int | None, limit: int
     ) -> list[LiveEvent]:
         events = self._events(execution_id, from_seq, to_seq, limit)
-        return events if owner is None else [e for e in events if _owned_by(e, owner)]
+        return events if owner is None else [e for e in events if owned_by(e, owner)]
 
     def _events(self, execution_id: str, from_seq: int, to_seq: int | None, limit: int) -> list[LiveEvent]:
         upper = "AND Seq <= {to:UInt64}" if to_seq is not None else ""
@@ -271,7 +279,7 @@ class History:
             to=to_seq or 0,
             **{"from": max(1, from_seq)},
         )
-        return [_event(r) for r in rows]
+        return [event_row(r) for r in rows]
 
     def events_since(
         self,
@@ -304,7 +312,7 @@ class History:
             types=sorted(types or ()),
             since=since,
         )
-        return [_event(r) for r in rows]
+        return [event_row(r) for r in rows]
 
     # -- aggregates ----------------------------------------------------------------------------
 
@@ -324,9 +332,9 @@ class History:
                 "succeeded": r["succeeded"],
                 "failed": r["failed"],
                 "running": r["running"],
-                "lastRun": _iso(r["lastRun"]),
-                "p50DurationMs": _finite(r["p50"]),
-                "p95DurationMs": _finite(r["p95"]),
+                "lastRun": iso(r["lastRun"]),
+                "p50DurationMs": finite(r["p50"]),
+                "p95DurationMs": finite(r["p95"]),
             }
             for r in rows
         ]
@@ -363,11 +371,11 @@ class History:
                     "workflowId": r["WorkflowId"],
                     "runs": r["runs"],
                     "failed": r["failed"],
-                    "p95DurationMs": _finite(r["p95"]),
+                    "p95DurationMs": finite(r["p95"]),
                 }
                 for r in by_workflow
             ],
-            "byTime": [{"bucket": _iso(r["bucket"]), "runs": r["runs"], "failed": r["failed"]} for r in by_time],
+            "byTime": [{"bucket": iso(r["bucket"]), "runs": r["runs"], "failed": r["failed"]} for r in by_time],
         }
 
     def node_duration_medians(self, workflow_id: str, runs: int = 50) -> dict[str, float]:
@@ -423,7 +431,7 @@ class History:
         return {
             "columns": list(result.column_names),
             "types": [t.name for t in result.column_types],
-            "rows": [[_jsonable(v) for v in row] for row in result.result_rows],
+            "rows": [[jsonable(v) for v in row] for row in result.result_rows],
         }
 
     def _drop_sql_client(self) -> None:
@@ -469,206 +477,3 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
     if type(start_ns) is not int or not -(2**63) <= start_ns < 2**63 or not isinstance(execution_id, str):
         raise HistoryError("invalid cursor")
     return start_ns, execution_id
-
-
-def _iso(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)
-        return str(value.isoformat()).replace("+00:00", "Z")
-    return str(value)
-
-
-def _finite(value: Any) -> float | None:
-    if value is None:
-        return None
-    number = float(value)
-    return round(number, 3) if number == number and abs(number) != float("inf") else None
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dt.datetime | dt.date):
-        return _iso(value) if isinstance(value, dt.datetime) else value.isoformat()
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, int | float | str | bool) or value is None:
-        return value
-    return str(value)
-
-
-def _execution(r: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "executionId": r["ExecutionId"],
-        "workflowId": r["WorkflowId"],
-        "workflowName": r["WorkflowName"],
-        "workflowVersion": r["WorkflowVersion"],
-        "status": r["Status"],
-        "trigger": r["TriggerType"],
-        "userId": r["UserId"] or None,
-        "startTime": _iso(r["StartTime"]),
-        "endTime": _iso(r["EndTime"]),
-        "durationMs": _finite(r["DurationMs"]),
-        "totalNodes": r["TotalNodes"],
-        "completedNodes": r["CompletedNodes"],
-        "failedNodes": r["FailedNodes"],
-        "skippedNodes": r["SkippedNodes"],
-        "error": r["Error"] or None,
-        "traceId": r["TraceId"],
-        "serviceName": r["ServiceName"],
-        "resumedFrom": r["ResumedFrom"] or None,
-        "parentExecutionId": r["ParentExecutionId"] or None,
-    }
-
-
-def _execution_from_events(execution_id: str, events: list[LiveEvent], owner: tuple[str, str] | None) -> dict[str, Any]:
-    first = events[0]
-    data = first["data"]
-    return {
-        "executionId": execution_id,
-        "workflowId": owner[0] if owner else first["workflowId"],
-        "workflowName": first["workflowName"],
-        "workflowVersion": None,
-        "status": RunStatus.RUNNING,
-        "trigger": _text(data.get("trigger")),
-        "userId": (owner[1] or None) if owner else _text(data.get("userId")),
-        "startTime": first["ts"],
-        "endTime": None,
-        "durationMs": None,
-        "totalNodes": whole(data.get("totalNodes")),
-        "completedNodes": 0,
-        "failedNodes": 0,
-        "skippedNodes": 0,
-        "error": None,
-        "traceId": first["traceId"],
-        "serviceName": "",
-        "resumedFrom": _text(data.get("resumedFrom")),
-        "parentExecutionId": _text(data.get("parentExecutionId")),
-    }
-
-
-def _owned_by(event: LiveEvent, owner: tuple[str, str]) -> bool:
-    """Whether an event agrees with its execution's owner: its workflow, and for the
-    workflow.started that names a user, that user."""
-    workflow, user = owner
-    if workflow and event["workflowId"] and event["workflowId"] != workflow:
-        return False
-    return event["type"] != EventName.WORKFLOW_STARTED or (_text(event["data"].get("userId")) or "") == user
-
-
-# Rows stored before intake checked event bodies (collector/admission.py) may hold anything:
-# readers — these, the live hub, `flowscope watch` — take what has the documented type and
-# ignore the rest, never failing the request.
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def whole(value: Any) -> int:
-    """A non-negative integer field, else 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-def number(value: Any) -> float | int | None:
-    """A finite number field, else None."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value == value and abs(value) != math.inf:
-        return value
-    return None
-
-
-def node_specs(value: Any) -> list[dict[str, Any]]:
-    """The entries of a `nodes` field that are objects with a non-empty string id."""
-    if not isinstance(value, list):
-        return []
-    return [spec for spec in value if isinstance(spec, dict) and isinstance(spec.get("id"), str) and spec["id"]]
-
-
-def _ids(value: Any) -> list[str]:
-    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-
-
-def _event(r: dict[str, Any]) -> LiveEvent:
-    try:
-        data = json.loads(r["Data"]) if r["Data"] else {}
-    except (json.JSONDecodeError, RecursionError):
-        data = {"raw": r["Data"]}
-    if not isinstance(data, dict):
-        data = {"value": data}
-    return {
-        "type": r["EventName"],
-        "seq": int(r["Seq"]),
-        "ts": _iso(r["Timestamp"]) or "",
-        "executionId": r["ExecutionId"],
-        "workflowId": r["WorkflowId"],
-        "workflowName": r["WorkflowName"],
-        "nodeId": r["NodeId"] or None,
-        "nodeType": r["NodeType"] or None,
-        "traceId": r["TraceId"],
-        "spanId": r["SpanId"],
-        "data": data,
-    }
-
-
-def fold_nodes(events: list[LiveEvent], attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Node states from the event log (which sees running nodes), enriched by finished attempts."""
-    nodes: dict[str, dict[str, Any]] = {}
-    for event in events:
-        if event["type"] == EventName.WORKFLOW_STARTED:
-            for spec in node_specs(event["data"].get("nodes")):
-                nodes[spec["id"]] = {
-                    "nodeId": spec["id"],
-                    "nodeType": _text(spec.get("type")),
-                    "label": _text(spec.get("label")) or spec["id"],
-                    "dependsOn": _ids(spec.get("dependsOn")),
-                    "state": NodeState.PENDING,
-                    "attempts": 0,
-                    "durationMs": None,
-                    "error": None,
-                }
-            continue
-        node_id = event["nodeId"]
-        data = event["data"]
-        state = _node_state(event["type"], data)
-        if not node_id or state is None:
-            continue
-        node = nodes.setdefault(
-            node_id,
-            {"nodeId": node_id, "nodeType": event["nodeType"], "label": node_id, "dependsOn": [],
-             "state": NodeState.PENDING, "attempts": 0, "durationMs": None, "error": None},
-        )  # fmt: skip
-        node["state"] = state
-        node["attempts"] = max(node["attempts"], whole(data.get("attempt")))
-        if "durationMs" in data:
-            node["durationMs"] = number(data["durationMs"])
-        if state in (NodeState.FAILED, NodeState.RETRYING):
-            node["error"] = data.get("error")
-        elif state is NodeState.SUCCESS:
-            node["error"] = None
-        if data.get("reason"):
-            node["reason"] = data["reason"]
-        if isinstance(data.get("usage"), dict) and data["usage"]:
-            node["usage"] = data["usage"]
-    for attempt in attempts:
-        known = nodes.get(attempt["NodeId"])
-        if known is None:
-            continue
-        known.setdefault("attemptHistory", []).append(
-            {
-                "attempt": attempt["Attempt"],
-                "status": attempt["Status"],
-                "startTime": _iso(attempt["StartTime"]),
-                "durationMs": _finite(attempt["DurationMs"]),
-                "errorType": attempt["ErrorType"] or None,
-                "error": attempt["Error"] or None,
-                "spanId": attempt["SpanId"],
-            }
-        )
-    return list(nodes.values())
