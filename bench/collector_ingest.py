@@ -71,9 +71,9 @@ def run_collector(
     import asyncio
     from pathlib import Path
 
-    from collector.schema import SchemaOptions
-    from collector.service import Collector, CollectorConfig
-    from collector.store import Dsn, connect, migrate
+    from flowscope.collector.schema import SchemaOptions
+    from flowscope.collector.service import Collector, CollectorConfig
+    from flowscope.collector.store import Dsn, connect, migrate
 
     dsn = f"chdb://{data_dir}/ch"
     if not store:
@@ -132,9 +132,9 @@ def vm_hwm_mb(pid: int) -> float:
 
 
 def raw_insert_rate(payloads: list[bytes], data_dir: str) -> float:
-    from collector.convert import convert_traces
-    from collector.schema import SchemaOptions
-    from collector.store import Dsn, connect, migrate
+    from flowscope.collector.convert import convert_traces
+    from flowscope.collector.schema import SchemaOptions
+    from flowscope.collector.store import Dsn, connect, migrate
 
     client = connect(Dsn.parse(f"chdb://{data_dir}"))
     migrate(client, SchemaOptions(database="raw"))

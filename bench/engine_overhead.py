@@ -36,7 +36,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import NoOpTracerProvider
 
-from engine import Engine, NodeContext, Telemetry, Workflow, WorkflowBuilder
+from flowscope.engine import Engine, NodeContext, Telemetry, Workflow, WorkflowBuilder
 
 
 class NullSpanExporter(SpanExporter):
@@ -80,7 +80,7 @@ def sdk_telemetry() -> tuple[Telemetry, TracerProvider, LoggerProvider]:
     logger_provider = LoggerProvider()
     meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
     try:  # the events' processor as setup() builds it: its queue bound and the back-pressure it drives
-        from engine.telemetry import event_processor
+        from flowscope.engine.telemetry import event_processor
     except ImportError:  # an engine from before the back-pressure, for a before/after comparison
         logger_provider.add_log_record_processor(BatchLogRecordProcessor(NullLogExporter(), max_queue_size=1 << 20))
     else:
@@ -145,7 +145,7 @@ async def ablation(nodes: int, repeat: int) -> dict[str, Any]:
 
 def sdk_path() -> str:
     try:
-        from engine import sdk_compat
+        from flowscope.engine import sdk_compat
     except ImportError:  # an engine from before the check: always the fast paths
         return "fast"
     return "fast" if sdk_compat.fast_path() else f"fallback ({sdk_compat.decision().reason})"

@@ -4,7 +4,7 @@ Run: .venv/bin/python bench/event_loss.py [--runs 20000] [--concurrency 1000] [-
      [--receiver collector|counting]
 
 Two processes, as in production: this one runs the engine alone, wired by
-`engine.telemetry.setup()` (the OTEL_BLRP_* variables apply), and a receiver process takes
+`flowscope.engine.telemetry.setup()` (the OTEL_BLRP_* variables apply), and a receiver process takes
 the events over a real socket: the whole collector into ClickHouse (chdb), counting what it
 accepts, or (`counting`) its gRPC receiver alone with a consumer that only counts.
 
@@ -64,10 +64,10 @@ def receive(conn: Connection, kind: str) -> None:
     `counting` is its gRPC receiver alone with a consumer that only counts."""
     import tempfile
 
-    from collector.convert import Converted
-    from collector.receiver import GrpcReceiver
-    from collector.service import Collector, CollectorConfig
-    from collector.types import Signal
+    from flowscope.collector.convert import Converted
+    from flowscope.collector.receiver import GrpcReceiver
+    from flowscope.collector.service import Collector, CollectorConfig
+    from flowscope.collector.types import Signal
 
     counter = Counter()
     lock = threading.Lock()
@@ -101,8 +101,8 @@ def receive(conn: Connection, kind: str) -> None:
 
 async def drive(port: int, runs: int, concurrency: int, nodes: int) -> tuple[dict[str, int], dict[str, int], float]:
     """Runs the workflows; (events emitted per name, per execution, engine seconds)."""
-    from engine import Engine, NodeContext, WorkflowBuilder
-    from engine.telemetry import setup, shutdown
+    from flowscope.engine import Engine, NodeContext, WorkflowBuilder
+    from flowscope.engine.telemetry import setup, shutdown
 
     async def step(ctx: NodeContext) -> int:
         return 1
@@ -138,7 +138,7 @@ def spin(count: int) -> list[subprocess.Popen[bytes]]:
 
 
 def main(runs: int, concurrency: int, nodes: int, busy: int, kind: str) -> dict[str, Any]:
-    import engine
+    import flowscope.engine as engine
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

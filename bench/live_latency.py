@@ -7,7 +7,7 @@ OTLP/gRPC at --rate events/s (with flowscope.runtime.server_runtime, as `flowsco
 and this process holding the subscribers. Latency =
 receive time − the event's `ts` (set by the engine when it emitted the event; one machine,
 one clock). The budget includes the SDK's export batch delay (--batch-delay-ms; default:
-what `engine.telemetry.setup()` picks).
+what `flowscope.engine.telemetry.setup()` picks).
 
 --room says what each subscriber watches:
 - `all`: the firehose; every subscriber receives every event (deliveries = subscribers × rate).
@@ -59,8 +59,8 @@ def run_engine(
     emitted: Any,
     cpu: Any,
 ) -> None:
-    from engine import Engine, NodeContext, WorkflowBuilder
-    from engine.telemetry import setup, shutdown
+    from flowscope.engine import Engine, NodeContext, WorkflowBuilder
+    from flowscope.engine.telemetry import setup, shutdown
     from flowscope.runtime import server_runtime
 
     async def step(ctx: NodeContext) -> int:

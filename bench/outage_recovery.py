@@ -22,11 +22,11 @@ import grpc
 from clickhouse_connect.driver.exceptions import OperationalError
 
 from bench.collector_ingest import make_request
-from collector.convert import Columns
-from collector.service import Collector, CollectorConfig
-from collector.store import Dsn
-from collector.types import Signal
-from collector.writer import ClickHouseWriter
+from flowscope.collector.convert import Columns
+from flowscope.collector.service import Collector, CollectorConfig
+from flowscope.collector.store import Dsn
+from flowscope.collector.types import Signal
+from flowscope.collector.writer import ClickHouseWriter
 
 
 class SwitchableWriter(ClickHouseWriter):

@@ -23,11 +23,11 @@ from typing import Any
 
 import orjson
 
-from collector.convert import MAX_NS, any_value
-from collector.receiver import Consume
-from collector.types import Outcome, Signal
-from contract.attributes import EVENT_SEQ as SEQ
-from contract.attributes import EXECUTION_ID
+from flowscope.collector.convert import MAX_NS, any_value
+from flowscope.collector.receiver import Consume
+from flowscope.collector.types import Outcome, Signal
+from flowscope.contract.attributes import EVENT_SEQ as SEQ
+from flowscope.contract.attributes import EXECUTION_ID
 
 _MAX_SEQ = (1 << 64) - 1
 _NS_PER_DAY = 86_400 * 10**9

@@ -18,13 +18,13 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector.convert import CONVERTERS, REQUESTS, Converted
-from collector.dead_letter import DeadLetterStore
-from collector.intake import FAST_PATHS
-from collector.isolation import Entry, Isolation, Piece, Stopped, Writer, round_pieces
-from collector.spool import Spool, SpoolFull, SpoolUnwritable
-from collector.telemetry import SelfMetrics
-from collector.types import Backpressure, Outcome, Signal, StreamSubscriber, Unsubscribe
+from flowscope.collector.convert import CONVERTERS, REQUESTS, Converted
+from flowscope.collector.dead_letter import DeadLetterStore
+from flowscope.collector.intake import FAST_PATHS
+from flowscope.collector.isolation import Entry, Isolation, Piece, Stopped, Writer, round_pieces
+from flowscope.collector.spool import Spool, SpoolFull, SpoolUnwritable
+from flowscope.collector.telemetry import SelfMetrics
+from flowscope.collector.types import Backpressure, Outcome, Signal, StreamSubscriber, Unsubscribe
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from collector.telemetry import SelfMetrics
-from collector.types import Signal
+from flowscope.collector.telemetry import SelfMetrics
+from flowscope.collector.types import Signal
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import grpc
 
-from collector.receiver import SPECS
-from collector.telemetry import SelfMetrics
-from collector.types import Signal
+from flowscope.collector.receiver import SPECS
+from flowscope.collector.telemetry import SelfMetrics
+from flowscope.collector.types import Signal
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ below passed inline by `format_schema_source = 'string'`) into a `Null` table, a
 materialized view converts each span into an `otel_traces` row — the same SQL-side
 design as the workflow views, and several times faster than converting in Python (the
 cost that bounded ingest: bench/README.md). Python only checks that a request is one the
-view converts exactly as `collector.convert` would (`fast_path_spans`); anything else
+view converts exactly as `flowscope.collector.convert` would (`fast_path_spans`); anything else
 (invalid ids or timestamps to reject) takes the Python converter, so both paths write
 identical rows (tests/collector/test_intake.py).
 Array and map attribute values (rare on spans: OTel SDKs emit flat attributes) make the
@@ -27,8 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from collector.convert import MAX_NS
-from collector.types import Signal
+from flowscope.collector.convert import MAX_NS
+from flowscope.collector.types import Signal
 
 INTAKE_TABLE = "otlp_traces_intake"
 LOG_INTAKE_TABLE = "otlp_logs_intake"
@@ -122,10 +122,10 @@ _INTAKE = f"""CREATE TABLE IF NOT EXISTS {{db}}.{INTAKE_TABLE} (
 ) ENGINE = Null"""
 
 # Raised (code 395, before any row is stored) for array and map values, which
-# `collector.convert` renders as JSON: the writer converts such a batch in Python instead.
+# `flowscope.collector.convert` renders as JSON: the writer converts such a batch in Python instead.
 NESTED_VALUE = "flowscope intake: nested attribute value"
 
-# An AnyValue as `collector.convert.any_value` renders a scalar (pdata's AsString);
+# An AnyValue as `flowscope.collector.convert.any_value` renders a scalar (pdata's AsString);
 # doubles as `convert.float_text`: whole numbers exactly, others in ClickHouse's shortest form.
 # Float64 → Int128 is inexact in ClickHouse (1e20 → ...003), Float64 → Int64 exact: whole
 # doubles ≥ 9e18 are multiples of 2^11, so d / 1024 is a whole Int64 and × 1024 is exact.
@@ -200,7 +200,7 @@ _LOG_INTAKE = f"""CREATE TABLE IF NOT EXISTS {{db}}.{LOG_INTAKE_TABLE} (
                 event_name String))))))
 ) ENGINE = Null"""
 
-# Row for row what `collector.convert.convert_logs` writes.
+# Row for row what `flowscope.collector.convert.convert_logs` writes.
 _LOG_INTAKE_MV = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.{LOG_INTAKE_TABLE}_mv TO {{db}}.otel_logs AS
 SELECT
     fromUnixTimestamp64Nano(toInt64(if(l.time_unix_nano != 0, l.time_unix_nano, l.observed_time_unix_nano)))

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from collector.convert import CONVERTERS, REQUESTS, Columns
-from collector.dead_letter import DeadLetter, DeadLetterStore
-from collector.intake import INTAKES
-from collector.telemetry import SelfMetrics
-from collector.types import Signal
+from flowscope.collector.convert import CONVERTERS, REQUESTS, Columns
+from flowscope.collector.dead_letter import DeadLetter, DeadLetterStore
+from flowscope.collector.intake import INTAKES
+from flowscope.collector.telemetry import SelfMetrics
+from flowscope.collector.types import Signal
 
 # Splits allowed per top-level piece: one refused row in 20,000 takes 15; past the budget
 # what still fails goes to the dead-letter store whole rather than row by row.

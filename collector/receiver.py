@@ -40,8 +40,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from collector import otlp_json
-from collector.types import Backpressure, Outcome, Signal
+from flowscope.collector import otlp_json
+from flowscope.collector.types import Backpressure, Outcome, Signal
 
 logger = logging.getLogger(__name__)
 

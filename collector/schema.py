@@ -500,13 +500,13 @@ def _execution_owners(o: SchemaOptions) -> list[str]:
 
 
 def _trace_intake(o: SchemaOptions) -> list[str]:
-    from collector.intake import intake_statements
+    from flowscope.collector.intake import intake_statements
 
     return intake_statements(o.database)
 
 
 def _log_intake(o: SchemaOptions) -> list[str]:
-    from collector.intake import log_intake_statements
+    from flowscope.collector.intake import log_intake_statements
 
     return log_intake_statements(o.database)
 

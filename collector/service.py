@@ -15,18 +15,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from collector.admission import TimeWindow, admitting
-from collector.batcher import Pipeline, Writer
-from collector.dead_letter import DeadLetterStore
-from collector.forward import OtlpForwarder
-from collector.receiver import Authorize, Consume, GrpcReceiver, http_routes
-from collector.schema import SchemaOptions
-from collector.serving import serve_asgi
-from collector.spool import Spool
-from collector.store import Dsn, connect, migrate, tune_embedded
-from collector.telemetry import SelfMetrics
-from collector.types import Signal, StreamSubscriber, Unsubscribe
-from collector.writer import ClickHouseWriter
+from flowscope.collector.admission import TimeWindow, admitting
+from flowscope.collector.batcher import Pipeline, Writer
+from flowscope.collector.dead_letter import DeadLetterStore
+from flowscope.collector.forward import OtlpForwarder
+from flowscope.collector.receiver import Authorize, Consume, GrpcReceiver, http_routes
+from flowscope.collector.schema import SchemaOptions
+from flowscope.collector.serving import serve_asgi
+from flowscope.collector.spool import Spool
+from flowscope.collector.store import Dsn, connect, migrate, tune_embedded
+from flowscope.collector.telemetry import SelfMetrics
+from flowscope.collector.types import Signal, StreamSubscriber, Unsubscribe
+from flowscope.collector.writer import ClickHouseWriter
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class CollectorConfig:
     dead_letter_dir: Path | None = None
     # /readyz reports not ready when no write completed for this long while rows wait.
     stall_after_s: float | None = None
-    # Checks each OTLP request's Authorization header (collector.receiver); None = open.
+    # Checks each OTLP request's Authorization header (flowscope.collector.receiver); None = open.
     authorize: Authorize | None = None
     # Records stamped outside it are refused (collector/admission.py).
     time_window: TimeWindow = field(default_factory=TimeWindow)

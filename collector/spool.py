@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from collector.types import Signal
+from flowscope.collector.types import Signal
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from collector.schema import MIGRATIONS, SchemaOptions, bootstrap_statements
+from flowscope.collector.schema import MIGRATIONS, SchemaOptions, bootstrap_statements
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
 from clickhouse_connect.driver.insert import InsertContext
 
-from collector.convert import CONVERTERS, REQUESTS, Columns
-from collector.intake import INTAKES, NESTED_VALUE, frame
-from collector.store import Dsn, StoreError, connect, insert_settings
-from collector.types import Signal
+from flowscope.collector.convert import CONVERTERS, REQUESTS, Columns
+from flowscope.collector.intake import INTAKES, NESTED_VALUE, frame
+from flowscope.collector.store import Dsn, StoreError, connect, insert_settings
+from flowscope.collector.types import Signal
 
 logger = logging.getLogger(__name__)
 

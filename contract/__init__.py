@@ -7,8 +7,8 @@ their names from here, so they cannot drift apart.
 
 from __future__ import annotations
 
-from contract import attributes
-from contract.events import (
+from flowscope.contract import attributes
+from flowscope.contract.events import (
     LIFECYCLE_EVENTS,
     LIVE_EVENT_TYPES,
     NODE_EVENTS,
@@ -22,7 +22,7 @@ from contract.events import (
     LiveEvent,
     node_state,
 )
-from contract.states import (
+from flowscope.contract.states import (
     ACTIVE_NODE_STATES,
     DONE_NODE_STATES,
     NOT_FAILED_RUN_STATUSES,

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, Final, NotRequired, TypedDict
 
-from contract.states import NodeState, Result
+from flowscope.contract.states import NodeState, Result
 
 
 class EventName(StrEnum):

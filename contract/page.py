@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from contract.events import (
+from flowscope.contract.events import (
     NODE_STATES,
     NODE_STATES_BY_RESULT,
     RUN_EVENTS,
@@ -14,7 +14,7 @@ from contract.events import (
     DerivedEventName,
     EventName,
 )
-from contract.states import STORED_RUN_STATUSES, NodeState, Result, RunStatus
+from flowscope.contract.states import STORED_RUN_STATUSES, NodeState, Result, RunStatus
 
 
 def _members(enum: type[StrEnum]) -> dict[str, str]:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from engine.context import LlmUsage, NodeContext
-from engine.dag import Node, Workflow, WorkflowBuilder, WorkflowValidationError
-from engine.events import EventType, WorkflowEvent
-from engine.llm import LlmProvider, LocalProvider, OpenAICompatibleProvider
-from engine.loader import load_workflow, workflow_from_dict
-from engine.nodes import NodeRegistry
-from engine.redact import Secret
-from engine.retry import Backoff, NonRetryableError, RetryPolicy
-from engine.scheduler import Engine, ExecutionHandle, ExecutionResult, NodeState, Result
-from engine.telemetry import Telemetry, TelemetryOptions, setup, shutdown
-from engine.tools import ToolRegistry
+from flowscope.engine.context import LlmUsage, NodeContext
+from flowscope.engine.dag import Node, Workflow, WorkflowBuilder, WorkflowValidationError
+from flowscope.engine.events import EventType, WorkflowEvent
+from flowscope.engine.llm import LlmProvider, LocalProvider, OpenAICompatibleProvider
+from flowscope.engine.loader import load_workflow, workflow_from_dict
+from flowscope.engine.nodes import NodeRegistry
+from flowscope.engine.redact import Secret
+from flowscope.engine.retry import Backoff, NonRetryableError, RetryPolicy
+from flowscope.engine.scheduler import Engine, ExecutionHandle, ExecutionResult, NodeState, Result
+from flowscope.engine.telemetry import Telemetry, TelemetryOptions, setup, shutdown
+from flowscope.engine.tools import ToolRegistry
 
 __all__ = [
     "Backoff",

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Span
 
-from engine.dag import Node
-from engine.nodes import NodeType
-from engine.results import NodeState, Result
-from engine.retry import NonRetryableError
-from engine.template import TemplateError
-from engine.tools import ToolInputError
+from flowscope.engine.dag import Node
+from flowscope.engine.nodes import NodeType
+from flowscope.engine.results import NodeState, Result
+from flowscope.engine.retry import NonRetryableError
+from flowscope.engine.template import TemplateError
+from flowscope.engine.tools import ToolInputError
 
 if TYPE_CHECKING:
-    from engine.reporting import RunReporter
-    from engine.scheduler import Execution
+    from flowscope.engine.reporting import RunReporter
+    from flowscope.engine.scheduler import Execution
 
 # Errors that mean the workflow definition or wiring is wrong, not that the work failed.
 ERROR_TYPES: tuple[type[BaseException], ...] = (TemplateError, ToolInputError, NonRetryableError)

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
-from engine.dag import Node
+from flowscope.engine.dag import Node
 
 if TYPE_CHECKING:
-    from engine.scheduler import Execution
+    from flowscope.engine.scheduler import Execution
 
 
 @dataclass

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.retry import RetryPolicy
+from flowscope.engine.retry import RetryPolicy
 
 
 class WorkflowValidationError(ValueError):

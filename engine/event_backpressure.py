@@ -10,7 +10,7 @@ starts a node), it awaits room here when the queue is above its high-water mark,
 once the queue is back under the low-water mark. Waiting is an asyncio wait: the loop keeps
 serving everything else, and the exporter thread gets the GIL.
 
-Runs wait only while the collector is reachable. `ExportHealth` (what `engine.telemetry.setup()`
+Runs wait only while the collector is reachable. `ExportHealth` (what `flowscope.engine.telemetry.setup()`
 puts between the processor and its exporter) tells: an export failed and the collector's
 address takes no TCP connection means `failing`, and runs do not wait. A collector that answers
 but refuses (UNAVAILABLE while its own queue is full) is reachable: its refused batches are sent
@@ -24,7 +24,7 @@ The queue length and capacity are the SDK's private `BatchProcessor._queue` and
 `_max_queue_size` (the SDK has no public reading of either besides an observable gauge):
 the gate exists only on an SDK that engine/sdk_compat.py verified, every part is looked up
 with a guard, and without them there is no gate and the engine behaves as before (the queue
-sizing of `engine.telemetry.setup()` still applies).
+sizing of `flowscope.engine.telemetry.setup()` still applies).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
 
-from engine import sdk_compat
+from flowscope.engine import sdk_compat
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract.events import EventName
-from engine.types import EventCallback
+from flowscope.contract.events import EventName
+from flowscope.engine.types import EventCallback
 
 logger = logging.getLogger(__name__)
 

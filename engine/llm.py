@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from engine.propagation import inject_headers
+from flowscope.engine.propagation import inject_headers
 
 
 @dataclass(frozen=True)

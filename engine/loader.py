@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from engine.dag import Node, Workflow, WorkflowValidationError, structural_problems
-from engine.retry import RetryPolicy
+from flowscope.engine.dag import Node, Workflow, WorkflowValidationError, structural_problems
+from flowscope.engine.retry import RetryPolicy
 
 _WORKFLOW_KEYS = {"id", "name", "version", "description", "timeout_s", "nodes"}
 _NODE_KEYS = {"id", "type", "label", "depends_on", "retry", "timeout_s", "config"}

@@ -13,13 +13,13 @@ from typing import Any, Protocol
 
 from opentelemetry.trace import SpanKind
 
-from contract import attributes as t
-from engine.context import LlmUsage, NodeContext
-from engine.dag import Node, Workflow, WorkflowValidationError, structural_problems
-from engine.llm import LlmProvider, LlmRequest, LocalProvider
-from engine.propagation import inject_headers
-from engine.template import references, render
-from engine.tools import ToolRegistry
+from flowscope.contract import attributes as t
+from flowscope.engine.context import LlmUsage, NodeContext
+from flowscope.engine.dag import Node, Workflow, WorkflowValidationError, structural_problems
+from flowscope.engine.llm import LlmProvider, LlmRequest, LocalProvider
+from flowscope.engine.propagation import inject_headers
+from flowscope.engine.template import references, render
+from flowscope.engine.tools import ToolRegistry
 
 
 class NodeError(RuntimeError):
@@ -374,7 +374,7 @@ class SubworkflowExecutor(ExecutorBase):
     async def execute(self, ctx: NodeContext) -> Any:
         target = ctx.node.config["workflow"]
         if isinstance(target, str):
-            from engine.loader import load_workflow
+            from flowscope.engine.loader import load_workflow
 
             target = load_workflow(target)
         child_input = render(ctx.node.config.get("input", "{{ input }}"), scope_for(ctx))

@@ -18,18 +18,18 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
 
-from contract import attributes as t
-from engine.attempts import Attempt, describe, error_type
-from engine.context import NodeContext
-from engine.dag import Node, Workflow
-from engine.events import EventBus, EventType, WorkflowEvent
-from engine.nodes import NodeType
-from engine.redact import preview
-from engine.results import DONE_STATES, NodeState, NodeStates, Result, RunOptions
-from engine.telemetry import Telemetry
+from flowscope.contract import attributes as t
+from flowscope.engine.attempts import Attempt, describe, error_type
+from flowscope.engine.context import NodeContext
+from flowscope.engine.dag import Node, Workflow
+from flowscope.engine.events import EventBus, EventType, WorkflowEvent
+from flowscope.engine.nodes import NodeType
+from flowscope.engine.redact import preview
+from flowscope.engine.results import DONE_STATES, NodeState, NodeStates, Result, RunOptions
+from flowscope.engine.telemetry import Telemetry
 
 if TYPE_CHECKING:
-    from engine.scheduler import Execution
+    from flowscope.engine.scheduler import Execution
 
 _NO_IDS = ("0" * 32, "0" * 16)
 _END_EVENTS = {Result.SUCCESS: EventType.WORKFLOW_COMPLETED, Result.CANCELLATION: EventType.WORKFLOW_CANCELLED}

@@ -8,8 +8,8 @@ from typing import Any
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext
 
-from contract.states import DONE_NODE_STATES, NodeState, Result
-from engine.dag import Workflow
+from flowscope.contract.states import DONE_NODE_STATES, NodeState, Result
+from flowscope.engine.dag import Workflow
 
 # What runs and attempts come to and a node's states: the contract's (contract/states.py).
 __all__ = ["DONE_STATES", "ExecutionFailed", "ExecutionResult", "NodeState", "NodeStates", "Result", "RunOptions"]

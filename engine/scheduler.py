@@ -18,16 +18,16 @@ from typing import Any
 import httpx
 from opentelemetry.context import Context
 
-from contract.attributes import CHILD_EXECUTION_ID
-from engine.attempts import Attempt, AttemptRunner, NodeTimeout, describe
-from engine.context import NodeContext
-from engine.dag import Node, Workflow
-from engine.events import EventBus
-from engine.nodes import NodeRegistry, NodeType
-from engine.propagation import extract_context
-from engine.reporting import RunReporter
-from engine.results import ExecutionFailed, ExecutionResult, NodeState, NodeStates, Result, RunOptions
-from engine.telemetry import Telemetry
+from flowscope.contract.attributes import CHILD_EXECUTION_ID
+from flowscope.engine.attempts import Attempt, AttemptRunner, NodeTimeout, describe
+from flowscope.engine.context import NodeContext
+from flowscope.engine.dag import Node, Workflow
+from flowscope.engine.events import EventBus
+from flowscope.engine.nodes import NodeRegistry, NodeType
+from flowscope.engine.propagation import extract_context
+from flowscope.engine.reporting import RunReporter
+from flowscope.engine.results import ExecutionFailed, ExecutionResult, NodeState, NodeStates, Result, RunOptions
+from flowscope.engine.telemetry import Telemetry
 
 __all__ = [
     "ChildWorkflowFailed",

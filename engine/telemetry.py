@@ -21,15 +21,15 @@ from opentelemetry.metrics import Histogram, MeterProvider, NoOpMeterProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
 from opentelemetry.trace import Link, NoOpTracerProvider, Span, SpanContext, SpanKind, TracerProvider
 
-from contract.attributes import EVENT_SEQ, NODE_ID, NODE_TYPE, SCOPE
-from engine import sdk_compat
-from engine.dag import Node
-from engine.event_backpressure import EventBackpressure, ExportHealth
+from flowscope.contract.attributes import EVENT_SEQ, NODE_ID, NODE_TYPE, SCOPE
+from flowscope.engine import sdk_compat
+from flowscope.engine.dag import Node
+from flowscope.engine.event_backpressure import EventBackpressure, ExportHealth
 
 if TYPE_CHECKING:
     # Imported at run time only once engine/sdk_compat.py allows the fast paths.
-    from engine.sdk_direct import DirectRecords
-    from engine.sdk_metrics import DirectHistogram
+    from flowscope.engine.sdk_direct import DirectRecords
+    from flowscope.engine.sdk_metrics import DirectHistogram
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ class Telemetry:
         wrap: Any = None
         if direct_records and sdk_compat.fast_path():
             try:
-                from engine.sdk_direct import DirectRecords
-                from engine.sdk_metrics import DirectHistogram
+                from flowscope.engine.sdk_direct import DirectRecords
+                from flowscope.engine.sdk_metrics import DirectHistogram
             except (ImportError, AttributeError) as error:
                 sdk_compat.fell_back("node spans, events and histograms", error)
             else:
@@ -348,7 +348,7 @@ def _grpc_exporter_classes() -> tuple[Any, Any]:
     (engine/otlp_encoding.py)."""
     if sdk_compat.grpc_encoding():
         try:
-            from engine.otlp_encoding import GrpcLogExporter, GrpcSpanExporter
+            from flowscope.engine.otlp_encoding import GrpcLogExporter, GrpcSpanExporter
         except (ImportError, AttributeError) as error:
             sdk_compat.fell_back("OTLP encoding", error)
         else:

@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
-    from engine.context import NodeContext
-    from engine.events import WorkflowEvent
+    from flowscope.engine.context import NodeContext
+    from flowscope.engine.events import WorkflowEvent
 
 JSON: TypeAlias = Any
 AttributeValue: TypeAlias = str | int | float | bool

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import NodeContext
+from flowscope.engine import NodeContext
 
 
 async def extract(ctx: NodeContext) -> list[dict[str, Any]]:

@@ -17,10 +17,10 @@ from typing import Any
 
 import click
 
-from collector.schema import SchemaOptions, ddl
-from collector.store import Dsn, StoreError, StoreLocked, background_settings, connect, migrate
-from contract import Result
+from flowscope.collector.schema import SchemaOptions, ddl
+from flowscope.collector.store import Dsn, StoreError, StoreLocked, background_settings, connect, migrate
 from flowscope.config import Settings
+from flowscope.contract import Result
 from flowscope.reading import executions, sql, watch
 from flowscope.terminal import (
     EXIT_FAILED,
@@ -31,7 +31,7 @@ from flowscope.terminal import (
     err,
     run_async,
 )
-from ws_bridge.auth import require_auth_on_public_bind
+from flowscope.ws_bridge.auth import require_auth_on_public_bind
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -167,9 +167,9 @@ def demo(runs: int | None, interval: float, exit_after: bool, **flags: Any) -> N
     settings, token = with_demo_token(_settings(**flags))
 
     async def workload(stack: Any) -> None:
-        from engine import Engine, Result
-        from engine.telemetry import TelemetryOptions, setup, shutdown
         from flowscope import samples
+        from flowscope.engine import Engine, Result
+        from flowscope.engine.telemetry import TelemetryOptions, setup, shutdown
 
         endpoints = stack.endpoints
         send_token(token)
@@ -255,9 +255,9 @@ def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no
 @click.option("--token", envvar="FLOWSCOPE_TOKEN", help=_INGEST_TOKEN_HELP)
 def samples(otlp_endpoint: str, runs: int | None, interval: float, token: str | None) -> None:
     """Run the sample workflows as an engine exporting OTLP anywhere (the compose demo service)."""
-    from engine import Engine
-    from engine.telemetry import TelemetryOptions, setup, shutdown
     from flowscope import samples as sample_workflows
+    from flowscope.engine import Engine
+    from flowscope.engine.telemetry import TelemetryOptions, setup, shutdown
     from flowscope.runtime import server_runtime
 
     send_token(token)
@@ -292,8 +292,8 @@ def run(
     file: Path, input_json: str | None, otlp_endpoint: str | None, standalone: bool, user: str | None, token: str | None
 ) -> None:
     """Run a declarative workflow FILE (YAML/JSON) and report each step."""
-    from engine import Engine, EventType, WorkflowValidationError, load_workflow
-    from engine.telemetry import setup, shutdown
+    from flowscope.engine import Engine, EventType, WorkflowValidationError, load_workflow
+    from flowscope.engine.telemetry import setup, shutdown
 
     send_token(token)
 

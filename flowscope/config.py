@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from collector.admission import TimeWindow
-from collector.schema import SchemaOptions
-from ws_bridge.auth import AuthConfig
+from flowscope.collector.admission import TimeWindow
+from flowscope.collector.schema import SchemaOptions
+from flowscope.ws_bridge.auth import AuthConfig
 
 DEFAULT_DATA_DIR = Path(".flowscope") / "data"
 
@@ -36,7 +36,7 @@ class Settings:
     jwt_secret: str | None = None
     no_auth: bool = False
     cors_origins: tuple[str, ...] = ()
-    # Host names the HTTP server answers to besides the loopback names (ws_bridge.app.trusted_hosts).
+    # Host names the HTTP server answers to besides the loopback names (flowscope.ws_bridge.app.trusted_hosts).
     allowed_hosts: tuple[str, ...] = ()
     # User SQL's own ClickHouse DSN, e.g. a server's read-only user; default: clickhouse_dsn.
     sql_dsn: str | None = None

@@ -17,12 +17,12 @@ import click
 import httpx
 from rich.table import Table
 
-from collector.store import Dsn, StoreError, StoreLocked, connect
-from contract import NODE_EVENTS, TERMINAL_EVENTS, EventName, LiveEvent, NodeState, RunStatus, node_state
+from flowscope.collector.store import Dsn, StoreError, StoreLocked, connect
 from flowscope.config import Settings
+from flowscope.contract import NODE_EVENTS, TERMINAL_EVENTS, EventName, LiveEvent, NodeState, RunStatus, node_state
 from flowscope.terminal import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, CliError, console, err, run_async, server_option
-from ws_bridge.history import History, SqlError
-from ws_bridge.shapes import node_specs, number, whole
+from flowscope.ws_bridge.history import History, SqlError
+from flowscope.ws_bridge.shapes import node_specs, number, whole
 
 
 @click.command()
@@ -33,7 +33,7 @@ def watch(execution_id: str | None, workflow: str | None, server: str, token: st
     """Watch an execution live: the node tree with states, attempts and durations, then a summary."""
     from rich.live import Live
 
-    from ws_bridge.client import LiveClient, LiveClientError
+    from flowscope.ws_bridge.client import LiveClient, LiveClientError
 
     if (execution_id is None) == (workflow is None):
         raise CliError("give an EXECUTION_ID or --workflow ID")

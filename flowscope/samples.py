@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine import (
+from flowscope.engine import (
     Engine,
     ExecutionResult,
     LocalProvider,

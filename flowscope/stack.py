@@ -10,17 +10,17 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
-from collector.batcher import Writer
-from collector.service import Collector, CollectorConfig
-from collector.serving import serve_asgi
-from collector.store import Dsn, background_settings, connect
+from flowscope.collector.batcher import Writer
+from flowscope.collector.service import Collector, CollectorConfig
+from flowscope.collector.serving import serve_asgi
+from flowscope.collector.store import Dsn, background_settings, connect
 from flowscope.config import Settings
 from flowscope.runtime import server_runtime
-from ws_bridge.api import Links
-from ws_bridge.app import Bridge, BridgeConfig
-from ws_bridge.auth import ADMIN, INGEST, Authenticator, require_auth_on_public_bind
-from ws_bridge.connection import ConnectionLimits
-from ws_bridge.history import History
+from flowscope.ws_bridge.api import Links
+from flowscope.ws_bridge.app import Bridge, BridgeConfig
+from flowscope.ws_bridge.auth import ADMIN, INGEST, Authenticator, require_auth_on_public_bind
+from flowscope.ws_bridge.connection import ConnectionLimits
+from flowscope.ws_bridge.history import History
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from collector.schema import SchemaOptions
-from collector.service import Collector, CollectorConfig
+from flowscope.collector.schema import SchemaOptions
+from flowscope.collector.service import Collector, CollectorConfig
 from flowscope.config import Settings
 from flowscope.stack import Stack
 

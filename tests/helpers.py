@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from collector.serving import serve_asgi as _serve
+from flowscope.collector.serving import serve_asgi as _serve
 
 
 @contextlib.asynccontextmanager

@@ -17,11 +17,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
-from collector.store import StoreError
-from contract.page import page_constants
-from ws_bridge.auth import Authenticator, AuthError, Principal
-from ws_bridge.events import user_of_events
-from ws_bridge.history import ExecutionQuery, History, HistoryError, HistoryUnavailable, Scope, SqlError
+from flowscope.collector.store import StoreError
+from flowscope.contract.page import page_constants
+from flowscope.ws_bridge.auth import Authenticator, AuthError, Principal
+from flowscope.ws_bridge.events import user_of_events
+from flowscope.ws_bridge.history import ExecutionQuery, History, HistoryError, HistoryUnavailable, Scope, SqlError
 
 SCHEMAS = SchemaGenerator(
     {

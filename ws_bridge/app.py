@@ -21,17 +21,17 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from collector.receiver import GrpcReceiver
-from collector.serving import serve_asgi
-from collector.types import Outcome, Signal
-from ws_bridge.api import Links, api_routes, openapi_route
-from ws_bridge.auth import AuthConfig, Authenticator, AuthError, require_auth_on_public_bind
-from ws_bridge.connection import Connection, ConnectionLimits, close_quietly
-from ws_bridge.derive import MedianCache, Thresholds
-from ws_bridge.events import events_from_logs, facts_from_spans
-from ws_bridge.history import History
-from ws_bridge.rooms import Hub
-from ws_bridge.types import LiveEvent
+from flowscope.collector.receiver import GrpcReceiver
+from flowscope.collector.serving import serve_asgi
+from flowscope.collector.types import Outcome, Signal
+from flowscope.ws_bridge.api import Links, api_routes, openapi_route
+from flowscope.ws_bridge.auth import AuthConfig, Authenticator, AuthError, require_auth_on_public_bind
+from flowscope.ws_bridge.connection import Connection, ConnectionLimits, close_quietly
+from flowscope.ws_bridge.derive import MedianCache, Thresholds
+from flowscope.ws_bridge.events import events_from_logs, facts_from_spans
+from flowscope.ws_bridge.history import History
+from flowscope.ws_bridge.rooms import Hub
+from flowscope.ws_bridge.types import LiveEvent
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class Bridge:
 
     def start_otlp(self) -> None:
         """The remote feed takes what the collector tier admits, from writers holding "ingest"."""
-        from collector.admission import OFF, admitting
+        from flowscope.collector.admission import OFF, admitting
 
         if self.config.otlp_port is None:
             return

@@ -17,7 +17,7 @@ from typing import Any
 
 import jwt
 
-from collector.receiver import Forbidden, Unauthenticated
+from flowscope.collector.receiver import Forbidden, Unauthenticated
 
 _SCOPED = ("workflow", "user", "execution")
 INGEST = "ingest"
@@ -106,7 +106,7 @@ class Authenticator:
         return self._principal(token)
 
     def authorize_ingest(self, header: str | None) -> None:
-        """The OTLP receivers' hook (collector.receiver.Authorize): a bearer token with "ingest"."""
+        """The OTLP receivers' hook (flowscope.collector.receiver.Authorize): a bearer token with "ingest"."""
         if not header or not header.lower().startswith("bearer ") or not header[7:].strip():
             raise Unauthenticated(
                 "missing credentials: send 'Authorization: Bearer <token>' "

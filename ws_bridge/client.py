@@ -17,7 +17,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from contract import TERMINAL_EVENTS, ControlType, LiveEvent
+from flowscope.contract import TERMINAL_EVENTS, ControlType, LiveEvent
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from contract import LIVE_EVENT_TYPES, ControlType
-from ws_bridge.auth import Principal
-from ws_bridge.events import user_of_events, wire_json
-from ws_bridge.rooms import Hub, Subscription
-from ws_bridge.types import LiveEvent, Message
+from flowscope.contract import LIVE_EVENT_TYPES, ControlType
+from flowscope.ws_bridge.auth import Principal
+from flowscope.ws_bridge.events import user_of_events, wire_json
+from flowscope.ws_bridge.rooms import Hub, Subscription
+from flowscope.ws_bridge.types import LiveEvent, Message
 
 logger = logging.getLogger(__name__)
 

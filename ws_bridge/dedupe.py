@@ -8,8 +8,8 @@ first workflow.started's: ws_bridge/replay.py) is a forgery or a mix-up, not one
 
 from __future__ import annotations
 
-from ws_bridge.derive import ExecutionTrack
-from ws_bridge.types import LiveEvent
+from flowscope.ws_bridge.derive import ExecutionTrack
+from flowscope.ws_bridge.types import LiveEvent
 
 # Seqs remembered per execution: memory stays bounded however long a run is (past the
 # bound, a duplicate goes through).

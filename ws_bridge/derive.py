@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypedDict
 
-from contract import ACTIVE_NODE_STATES, DONE_NODE_STATES, NodeState
-from ws_bridge.types import LiveEvent
+from flowscope.contract import ACTIVE_NODE_STATES, DONE_NODE_STATES, NodeState
+from flowscope.ws_bridge.types import LiveEvent
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from contract import TERMINAL_EVENTS, EventName, NodeState, Result, node_state
-from ws_bridge.derive import (
+from flowscope.contract import TERMINAL_EVENTS, EventName, NodeState, Result, node_state
+from flowscope.ws_bridge.derive import (
     ExecutionTrack,
     MedianCache,
     NodeTrack,
@@ -23,9 +23,9 @@ from ws_bridge.derive import (
     estimate_eta_ms,
     performance_event,
 )
-from ws_bridge.events import SpanFact
-from ws_bridge.shapes import node_specs, number, whole
-from ws_bridge.types import LiveEvent
+from flowscope.ws_bridge.events import SpanFact
+from flowscope.ws_bridge.shapes import node_specs, number, whole
+from flowscope.ws_bridge.types import LiveEvent
 
 # Node spans waiting for their workflow to be named: a batch's worth, not a history.
 _MAX_ORPHAN_EXECUTIONS = 256

@@ -10,9 +10,9 @@ from typing import Any, Final
 
 import orjson
 
-from collector.convert import any_value
-from contract import EventName
-from contract.attributes import (
+from flowscope.collector.convert import any_value
+from flowscope.contract import EventName
+from flowscope.contract.attributes import (
     EVENT_SEQ,
     EXECUTION_ID,
     NODE_ATTEMPT,
@@ -22,11 +22,11 @@ from contract.attributes import (
     WORKFLOW_ID,
     WORKFLOW_NAME,
 )
-from ws_bridge.types import LiveEvent
+from flowscope.ws_bridge.types import LiveEvent
 
 _SPAN_KEYS = frozenset({EXECUTION_ID, WORKFLOW_ID, NODE_ID, NODE_TYPE, NODE_ATTEMPT, NODE_RESULT})
 
-# Where an event's JSON is cached on its dict (ws_bridge.types.LiveEvent).
+# Where an event's JSON is cached on its dict (flowscope.ws_bridge.types.LiveEvent).
 WIRE: Final = "_wire"
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
-from collector import sql_guard
-from contract import NOT_FAILED_RUN_STATUSES, STORED_RUN_STATUSES, Result, RunStatus
-from ws_bridge.shapes import (
+from flowscope.collector import sql_guard
+from flowscope.contract import NOT_FAILED_RUN_STATUSES, STORED_RUN_STATUSES, Result, RunStatus
+from flowscope.ws_bridge.shapes import (
     event_row,
     execution_from_events,
     execution_row,
@@ -29,7 +29,7 @@ from ws_bridge.shapes import (
     jsonable,
     owned_by,
 )
-from ws_bridge.types import LiveEvent
+from flowscope.ws_bridge.types import LiveEvent
 
 logger = logging.getLogger(__name__)
 

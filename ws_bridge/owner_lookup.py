@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ws_bridge.types import LiveEvent
+from flowscope.ws_bridge.types import LiveEvent
 
 logger = logging.getLogger(__name__)
 

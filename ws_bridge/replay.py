@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ws_bridge.dedupe import SeenSeqs
-from ws_bridge.derive import ExecutionTrack
-from ws_bridge.events import event_from_wire, wire_json
-from ws_bridge.types import LiveEvent
+from flowscope.ws_bridge.dedupe import SeenSeqs
+from flowscope.ws_bridge.derive import ExecutionTrack
+from flowscope.ws_bridge.events import event_from_wire, wire_json
+from flowscope.ws_bridge.types import LiveEvent
 
 DEFAULT_MAX_EXECUTIONS = 2_000
 DEFAULT_MAX_RECENT_EVENTS = 200_000

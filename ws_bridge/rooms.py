@@ -16,18 +16,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from contract import EventName
-from ws_bridge.dedupe import Dedupe
-from ws_bridge.derive import ExecutionTrack, MedianCache, Thresholds
-from ws_bridge.deriver import Deriver
-from ws_bridge.events import SpanFact
-from ws_bridge.owner_lookup import TIMEOUT_S as OWNER_TIMEOUT_S
-from ws_bridge.owner_lookup import OwnerLookups, StoredOwners
-from ws_bridge.replay import DEFAULT_MAX_EXECUTIONS, DEFAULT_MAX_RECENT_EVENTS, ReplayBuffer
-from ws_bridge.types import LiveEvent
+from flowscope.contract import EventName
+from flowscope.ws_bridge.dedupe import Dedupe
+from flowscope.ws_bridge.derive import ExecutionTrack, MedianCache, Thresholds
+from flowscope.ws_bridge.deriver import Deriver
+from flowscope.ws_bridge.events import SpanFact
+from flowscope.ws_bridge.owner_lookup import TIMEOUT_S as OWNER_TIMEOUT_S
+from flowscope.ws_bridge.owner_lookup import OwnerLookups, StoredOwners
+from flowscope.ws_bridge.replay import DEFAULT_MAX_EXECUTIONS, DEFAULT_MAX_RECENT_EVENTS, ReplayBuffer
+from flowscope.ws_bridge.types import LiveEvent
 
 if TYPE_CHECKING:
-    from ws_bridge.connection import Connection
+    from flowscope.ws_bridge.connection import Connection
 
 logger = logging.getLogger(__name__)
 

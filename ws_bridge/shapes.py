@@ -9,9 +9,9 @@ import json
 import math
 from typing import Any
 
-from contract import EventName, NodeState, RunStatus
-from contract import node_state as _node_state
-from ws_bridge.types import LiveEvent
+from flowscope.contract import EventName, NodeState, RunStatus
+from flowscope.contract import node_state as _node_state
+from flowscope.ws_bridge.types import LiveEvent
 
 
 def iso(value: Any) -> str | None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
-import contract
+import flowscope.contract as contract
 
 
 class LiveEvent(contract.LiveEvent, total=False):
-    """A live event as the bridge holds it: contract.LiveEvent's keys, plus its JSON cached
+    """A live event as the bridge holds it: flowscope.contract.LiveEvent's keys, plus its JSON cached
     on it once serialised (ws_bridge/events.py `WIRE`), never sent."""
 
     _wire: str

@@ -18,8 +18,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-from collector.service import Collector
-from engine import Telemetry, TelemetryOptions
+from flowscope.collector.service import Collector
+from flowscope.engine import Telemetry, TelemetryOptions
 
 
 @dataclass

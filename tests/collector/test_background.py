@@ -6,8 +6,8 @@ import os
 import threading
 import time
 
-from collector.service import Collector
-from collector.store import Dsn, background_settings
+from flowscope.collector.service import Collector
+from flowscope.collector.store import Dsn, background_settings
 
 _CAP_SYS_NICE = 23
 

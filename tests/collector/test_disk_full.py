@@ -23,10 +23,10 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-from collector.schema import SchemaOptions
-from collector.service import Collector, CollectorConfig
-from collector.spool import Spool, SpoolUnwritable
-from collector.types import Signal
+from flowscope.collector.schema import SchemaOptions
+from flowscope.collector.service import Collector, CollectorConfig
+from flowscope.collector.spool import Spool, SpoolUnwritable
+from flowscope.collector.types import Signal
 from tests.collector.test_durability import CLI, ROOT, env, stored_span_ids
 from tests.collector.test_end_to_end import query
 

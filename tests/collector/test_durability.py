@@ -29,9 +29,9 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
 
-from collector.schema import SchemaOptions
-from collector.service import Collector, CollectorConfig
-from collector.types import Signal
+from flowscope.collector.schema import SchemaOptions
+from flowscope.collector.service import Collector, CollectorConfig
+from flowscope.collector.types import Signal
 from tests.collector.test_end_to_end import query
 from tests.collector.test_poison import logs_request
 

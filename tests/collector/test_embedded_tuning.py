@@ -8,10 +8,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-from collector.schema import SchemaOptions
-from collector.service import Collector
-from collector.store import Dsn, connect, insert_settings, migrate, tune_embedded
-from collector.writer import ClickHouseWriter
+from flowscope.collector.schema import SchemaOptions
+from flowscope.collector.service import Collector
+from flowscope.collector.store import Dsn, connect, insert_settings, migrate, tune_embedded
+from flowscope.collector.writer import ClickHouseWriter
 
 
 def test_only_the_embedded_engine_is_asked() -> None:

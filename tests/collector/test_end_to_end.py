@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from collector.service import Collector
-from engine import Engine, NodeContext, RetryPolicy, WorkflowBuilder
+from flowscope.collector.service import Collector
+from flowscope.engine import Engine, NodeContext, RetryPolicy, WorkflowBuilder
 from tests.collector.otlp import otlp_providers
 
 

@@ -5,11 +5,11 @@ import datetime as dt
 
 import pytest
 
-from collector.service import Collector
-from collector.store import background_settings
-from engine import Engine, NodeContext, WorkflowBuilder
+from flowscope.collector.service import Collector
+from flowscope.collector.store import background_settings
+from flowscope.engine import Engine, NodeContext, WorkflowBuilder
+from flowscope.ws_bridge.history import ExecutionQuery, History, HistoryError, SqlError, SqlLimits
 from tests.collector.otlp import otlp_providers
-from ws_bridge.history import ExecutionQuery, History, HistoryError, SqlError, SqlLimits
 
 
 async def fine(ctx: NodeContext) -> int:

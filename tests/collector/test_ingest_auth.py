@@ -23,11 +23,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from flowscope.cli import send_token, with_demo_token
 from flowscope.config import Settings
 from flowscope.stack import Stack
+from flowscope.ws_bridge.app import Bridge, BridgeConfig
+from flowscope.ws_bridge.auth import AuthConfig
+from flowscope.ws_bridge.history import History
 from tests.conftest import StackFactory
 from tests.flowscope.test_cli import WORKFLOW, cli, cli_env
-from ws_bridge.app import Bridge, BridgeConfig
-from ws_bridge.auth import AuthConfig
-from ws_bridge.history import History
 
 SECRET = "s3cret-for-tests-only-32-bytes-long!"
 TOKENS = {

@@ -21,12 +21,12 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeL
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from collector.convert import LOG_COLUMNS, TRACE_COLUMNS, convert_logs, convert_traces, float_text
-from collector.intake import fast_path_logs, fast_path_spans
-from collector.schema import SchemaOptions
-from collector.store import Dsn, connect, migrate
-from collector.types import Signal
-from collector.writer import ClickHouseWriter
+from flowscope.collector.convert import LOG_COLUMNS, TRACE_COLUMNS, convert_logs, convert_traces, float_text
+from flowscope.collector.intake import fast_path_logs, fast_path_spans
+from flowscope.collector.schema import SchemaOptions
+from flowscope.collector.store import Dsn, connect, migrate
+from flowscope.collector.types import Signal
+from flowscope.collector.writer import ClickHouseWriter
 
 text = st.text(max_size=12)
 doubles = st.one_of(

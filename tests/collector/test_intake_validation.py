@@ -20,15 +20,15 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
 
-from collector.admission import OFF, TimeWindow
-from collector.convert import convert_logs
-from collector.service import Collector
-from collector.writer import ClickHouseWriter
+from flowscope.collector.admission import OFF, TimeWindow
+from flowscope.collector.convert import convert_logs
+from flowscope.collector.service import Collector
+from flowscope.collector.writer import ClickHouseWriter
 from flowscope.config import Settings
+from flowscope.ws_bridge.events import events_from_logs
 from tests.collector.test_end_to_end import query
 from tests.conftest import CollectorFactory, StackFactory
 from tests.flowscope.test_cli import cli
-from ws_bridge.events import events_from_logs
 
 DAY_NS = 86_400 * 10**9
 

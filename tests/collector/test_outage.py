@@ -16,13 +16,13 @@ from clickhouse_connect.driver.exceptions import OperationalError
 from clickhouse_connect.driver.insert import InsertContext
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from collector import otlp_json
-from collector.convert import Columns, convert_traces
-from collector.schema import SchemaOptions
-from collector.service import Collector, CollectorConfig
-from collector.store import Dsn, StoreError, connect, migrate
-from collector.types import Signal
-from collector.writer import ClickHouseWriter
+from flowscope.collector import otlp_json
+from flowscope.collector.convert import Columns, convert_traces
+from flowscope.collector.schema import SchemaOptions
+from flowscope.collector.service import Collector, CollectorConfig
+from flowscope.collector.store import Dsn, StoreError, connect, migrate
+from flowscope.collector.types import Signal
+from flowscope.collector.writer import ClickHouseWriter
 from tests.collector.test_end_to_end import query
 from tests.collector.test_receivers import json_spans, span
 

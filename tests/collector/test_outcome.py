@@ -11,10 +11,10 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
 
-from collector.admission import OFF, admitting
-from collector.service import Collector
-from collector.types import Outcome, Signal
-from ws_bridge.app import Bridge, BridgeConfig
+from flowscope.collector.admission import OFF, admitting
+from flowscope.collector.service import Collector
+from flowscope.collector.types import Outcome, Signal
+from flowscope.ws_bridge.app import Bridge, BridgeConfig
 
 
 def lifecycle_log(seq: str, ns: int) -> LogRecord:

@@ -18,10 +18,10 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeL
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
-from collector import dead_letter
-from collector.admission import OFF
-from collector.schema import SchemaOptions
-from collector.service import Collector, CollectorConfig
+from flowscope.collector import dead_letter
+from flowscope.collector.admission import OFF
+from flowscope.collector.schema import SchemaOptions
+from flowscope.collector.service import Collector, CollectorConfig
 from tests.collector.test_end_to_end import query
 
 DAY_NS = 86_400 * 10**9

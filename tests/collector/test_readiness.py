@@ -12,13 +12,13 @@ from typing import Any
 
 import httpx
 
-from collector.admission import OFF
-from collector.dead_letter import read
-from collector.schema import SchemaOptions
-from collector.service import Collector, CollectorConfig
-from collector.store import Dsn
-from collector.types import Signal
-from collector.writer import ClickHouseWriter
+from flowscope.collector.admission import OFF
+from flowscope.collector.dead_letter import read
+from flowscope.collector.schema import SchemaOptions
+from flowscope.collector.service import Collector, CollectorConfig
+from flowscope.collector.store import Dsn
+from flowscope.collector.types import Signal
+from flowscope.collector.writer import ClickHouseWriter
 from tests.collector.test_disk_full import fill, small_disk
 from tests.collector.test_end_to_end import query
 from tests.collector.test_poison import logs_request

@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from collector.service import Collector
+from flowscope.collector.service import Collector
 from tests.collector.test_end_to_end import query
 
 TRACE_ID = "5b8efff798038103d269b633813fc60c"
@@ -109,7 +109,7 @@ async def test_gzip_protobuf_and_partial_success_for_invalid_ids(collector: Coll
     request = ExportTraceServiceRequest()
     from google.protobuf import json_format
 
-    from collector.otlp_json import parse
+    from flowscope.collector.otlp_json import parse
 
     good = parse(json.dumps(json_spans(span(), span(spanId="00f067aa0ba902b7", traceId=TRACE_ID))).encode(),
                  ExportTraceServiceRequest)  # fmt: skip
@@ -264,7 +264,7 @@ async def test_bad_grpc_input_is_invalid_argument(collector: Collector) -> None:
     except grpc.aio.AioRpcError as exc:
         assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "malformed OTLP protobuf" in (exc.details() or "")
-    from collector.otlp_json import parse
+    from flowscope.collector.otlp_json import parse
 
     ok = parse(json.dumps(json_spans(span())).encode(), ExportTraceServiceRequest)
     response = await export(ok.SerializeToString())

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from collector.schema import MIGRATIONS, SchemaOptions
-from contract import DerivedEventName, EventName, NodeState, Result, RunStatus, attributes
+from flowscope.collector.schema import MIGRATIONS, SchemaOptions
+from flowscope.contract import DerivedEventName, EventName, NodeState, Result, RunStatus, attributes
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGES = ("engine", "collector", "ws_bridge", "flowscope")

@@ -11,9 +11,9 @@ from typing import Any
 
 import yaml
 
-from collector.schema import OTEL_TABLES, WORKFLOW_TABLES, SchemaOptions, ddl
-from engine import Engine, Result
 from flowscope import samples
+from flowscope.collector.schema import OTEL_TABLES, WORKFLOW_TABLES, SchemaOptions, ddl
+from flowscope.engine import Engine, Result
 from flowscope.stack import Stack
 from tests.collector.otlp import otlp_providers
 

@@ -13,11 +13,11 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from collector.schema import SchemaOptions
-from collector.service import Collector
-from collector.store import Dsn, connect
+from flowscope.collector.schema import SchemaOptions
+from flowscope.collector.service import Collector
+from flowscope.collector.store import Dsn, connect
 from flowscope.config import Settings
-from ws_bridge.history import History, SqlError, SqlLimits
+from flowscope.ws_bridge.history import History, SqlError, SqlLimits
 
 ROOT = Path(__file__).parents[2]
 USERS_D = ROOT / "deploy/clickhouse/users.d/flowscope-reader.xml"

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from engine import Engine, NodeRegistry, Telemetry, TelemetryOptions
+from flowscope.engine import Engine, NodeRegistry, Telemetry, TelemetryOptions
 
 
 def attrs_of(record: ReadableLogRecord) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from engine.telemetry import event_body
+from flowscope.engine.telemetry import event_body
 
 
 class Opaque:

@@ -20,13 +20,13 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from opentelemetry.sdk.trace import TracerProvider
 
-from collector.batcher import Backpressure
-from collector.convert import Converted
-from collector.receiver import GrpcReceiver
-from collector.types import Signal
-from engine import Engine, NodeContext, Telemetry, Workflow, WorkflowBuilder
-from engine.otlp_encoding import GrpcLogExporter
-from engine.telemetry import event_processor, log_queue_sizes
+from flowscope.collector.batcher import Backpressure
+from flowscope.collector.convert import Converted
+from flowscope.collector.receiver import GrpcReceiver
+from flowscope.collector.types import Signal
+from flowscope.engine import Engine, NodeContext, Telemetry, Workflow, WorkflowBuilder
+from flowscope.engine.otlp_encoding import GrpcLogExporter
+from flowscope.engine.telemetry import event_processor, log_queue_sizes
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoi
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from engine import Engine, NodeContext, Result, Telemetry, WorkflowBuilder
-from engine.telemetry import batch_delays_millis
+from flowscope.engine import Engine, NodeContext, Result, Telemetry, WorkflowBuilder
+from flowscope.engine.telemetry import batch_delays_millis
 
 
 async def step(ctx: NodeContext) -> int:
@@ -30,7 +30,7 @@ def closed_port() -> int:
 async def test_unreachable_collector_never_stops_workflows_and_drops_are_counted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # What engine.setup() turns on, so the SDK reports what its full queue drops.
+    # What flowscope.engine.setup() turns on, so the SDK reports what its full queue drops.
     monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import (
+from flowscope.engine import (
     Engine,
     NodeContext,
     NodeRegistry,
@@ -17,8 +17,8 @@ from engine import (
     load_workflow,
     workflow_from_dict,
 )
-from engine.dag import topological_order
-from engine.retry import Backoff, RetryPolicy
+from flowscope.engine.dag import topological_order
+from flowscope.engine.retry import Backoff, RetryPolicy
 from tests.engine.conftest import Captured
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "etl.yaml"

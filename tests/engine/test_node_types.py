@@ -8,10 +8,10 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 
-from engine import Engine, NodeContext, NodeRegistry, WorkflowBuilder
-from engine.dag import Node, Workflow
-from engine.nodes import ExecutorBase
-from engine.scheduler import NodeState, Result
+from flowscope.engine import Engine, NodeContext, NodeRegistry, WorkflowBuilder
+from flowscope.engine.dag import Node, Workflow
+from flowscope.engine.nodes import ExecutorBase
+from flowscope.engine.scheduler import NodeState, Result
 from tests.engine.conftest import Captured, attrs_of
 
 

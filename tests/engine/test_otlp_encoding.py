@@ -40,8 +40,8 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.span import TraceState
 
-from engine import Engine, Telemetry
-from engine.otlp_encoding import GrpcLogExporter, GrpcSpanExporter, encode_logs, encode_spans
+from flowscope.engine import Engine, Telemetry
+from flowscope.engine.otlp_encoding import GrpcLogExporter, GrpcSpanExporter, encode_logs, encode_spans
 from tests.engine.test_sdk_direct import providers, workflow
 
 

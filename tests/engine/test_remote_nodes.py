@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from engine import Engine, NodeRegistry, OpenAICompatibleProvider, Result, Secret, WorkflowBuilder
+from flowscope.engine import Engine, NodeRegistry, OpenAICompatibleProvider, Result, Secret, WorkflowBuilder
 from tests.engine.conftest import Captured
 from tests.helpers import serve_asgi
 

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
-from engine import (
+from flowscope.engine import (
     Engine,
     EventType,
     NodeContext,

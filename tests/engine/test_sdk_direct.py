@@ -25,8 +25,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
 
-from engine import Engine, NodeContext, RetryPolicy, Telemetry, TelemetryOptions, Workflow, WorkflowBuilder
-from engine.sdk_direct import DirectRecords, StepSpan
+from flowscope.engine import Engine, NodeContext, RetryPolicy, Telemetry, TelemetryOptions, Workflow, WorkflowBuilder
+from flowscope.engine.sdk_direct import DirectRecords, StepSpan
 
 _TIMES = {"durationMs", "delayMs", "timeToFirstTokenMs", "performance", "workflow.llm.time_to_first_token"}
 

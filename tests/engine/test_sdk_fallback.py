@@ -40,7 +40,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from engine import Engine, Telemetry, TelemetryOptions, sdk_compat, telemetry
+from flowscope.engine import Engine, Telemetry, TelemetryOptions, sdk_compat, telemetry
 from tests.engine.test_sdk_direct import _TIMES as _TIMED_ATTRIBUTES
 from tests.engine.test_sdk_direct import providers, records_view, spans_view, workflow
 
@@ -161,7 +161,7 @@ def test_a_missing_private_part_means_the_public_path(monkeypatch: pytest.Monkey
 
 
 def test_grpc_exporters_encode_in_place_only_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine.otlp_encoding import GrpcLogExporter, GrpcSpanExporter
+    from flowscope.engine.otlp_encoding import GrpcLogExporter, GrpcSpanExporter
 
     assert telemetry._grpc_exporter_classes() == (GrpcSpanExporter, GrpcLogExporter)
     # An OTLP exporter release the in-place encoding was not verified against, beside a verified SDK.
@@ -183,8 +183,8 @@ _RENAMED_PRIVATE = textwrap.dedent(
     # As if the next SDK renamed its private histogram class: the SDK itself keeps working.
     del instrument._Histogram
 
-    import engine
-    from engine import Engine, Telemetry
+    import flowscope.engine as engine
+    from flowscope.engine import Engine, Telemetry
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
     from opentelemetry.sdk.metrics import MeterProvider

@@ -19,8 +19,8 @@ from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMet
 from opentelemetry.sdk.metrics.view import DropAggregation, View
 from opentelemetry.sdk.trace import TracerProvider
 
-from engine import Engine, Telemetry, WorkflowBuilder
-from engine.sdk_metrics import DirectHistogram
+from flowscope.engine import Engine, Telemetry, WorkflowBuilder
+from flowscope.engine.sdk_metrics import DirectHistogram
 
 Records = Callable[[Any], None]
 

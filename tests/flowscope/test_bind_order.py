@@ -12,9 +12,9 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-from collector.convert import Converted
-from collector.receiver import GrpcReceiver
-from collector.types import Signal
+from flowscope.collector.convert import Converted
+from flowscope.collector.receiver import GrpcReceiver
+from flowscope.collector.types import Signal
 from tests.conftest import StackFactory
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from contract import STORED_RUN_STATUSES, RunStatus
-from engine import Engine, NodeContext, WorkflowBuilder
+from flowscope.contract import STORED_RUN_STATUSES, RunStatus
+from flowscope.engine import Engine, NodeContext, WorkflowBuilder
 from flowscope.stack import Stack
 from tests.collector.otlp import otlp_providers
 from tests.collector.test_outage import OutageWriter, outage_factory

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from collector.schema import SchemaOptions, ddl
-from engine import Engine, WorkflowBuilder
+from flowscope.collector.schema import SchemaOptions, ddl
+from flowscope.engine import Engine, WorkflowBuilder
 from flowscope.stack import Stack
 from tests.collector.otlp import otlp_providers
 from tests.helpers import Gate

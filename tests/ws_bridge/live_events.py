@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ws_bridge.types import LiveEvent
+from flowscope.ws_bridge.types import LiveEvent
 
 
 def live_event(
@@ -21,7 +21,7 @@ def live_event(
     span_id: str = "cd" * 8,
     data: dict[str, Any] | None = None,
 ) -> LiveEvent:
-    """Every key contract.LiveEvent requires; the workflow's name is its id unless given."""
+    """Every key flowscope.contract.LiveEvent requires; the workflow's name is its id unless given."""
     return {
         "type": kind,
         "seq": seq,

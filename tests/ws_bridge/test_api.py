@@ -7,13 +7,13 @@ import json
 
 import httpx
 
-from contract.page import page_constants
-from engine import Engine, NodeContext, WorkflowBuilder
+from flowscope.contract.page import page_constants
+from flowscope.engine import Engine, NodeContext, WorkflowBuilder
 from flowscope.stack import Stack
+from flowscope.ws_bridge.derive import Thresholds
+from flowscope.ws_bridge.history import History
 from tests.collector.otlp import otlp_providers
 from tests.ws_bridge.conftest import StackFactory, recv_until, ws_client, ws_url
-from ws_bridge.derive import Thresholds
-from ws_bridge.history import History
 
 
 async def fine(ctx: NodeContext) -> int:

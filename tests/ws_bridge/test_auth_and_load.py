@@ -17,10 +17,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from flowscope.stack import Stack
+from flowscope.ws_bridge.auth import AuthConfig, require_auth_on_public_bind
+from flowscope.ws_bridge.types import LiveEvent
 from tests.ws_bridge.conftest import StackFactory, recv_json, recv_until, ws_client, ws_url
 from tests.ws_bridge.live_events import live_event
-from ws_bridge.auth import AuthConfig, require_auth_on_public_bind
-from ws_bridge.types import LiveEvent
 
 SECRET = "test-secret-of-at-least-thirty-two-bytes!"
 TOKENS = {"tok-alice": ("alice", frozenset({"workflow:wa"})), "tok-admin": ("admin", frozenset({"*"}))}

@@ -15,8 +15,8 @@ from websockets.exceptions import InvalidStatus
 
 from flowscope.config import Settings
 from flowscope.stack import Stack
+from flowscope.ws_bridge.app import trusted_hosts
 from tests.ws_bridge.conftest import StackFactory, recv_until, ws_client, ws_url
-from ws_bridge.app import trusted_hosts
 
 
 def web(stack: Stack) -> str:

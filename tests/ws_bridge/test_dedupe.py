@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import cast
 
+from flowscope.ws_bridge.dedupe import MAX_SEEN_PER_EXECUTION, Dedupe, SeenSeqs
+from flowscope.ws_bridge.derive import ExecutionTrack
+from flowscope.ws_bridge.types import LiveEvent
 from tests.ws_bridge.live_events import live_event
-from ws_bridge.dedupe import MAX_SEEN_PER_EXECUTION, Dedupe, SeenSeqs
-from ws_bridge.derive import ExecutionTrack
-from ws_bridge.types import LiveEvent
 
 
 def event(seq: int, workflow_id: str | None = "wf") -> LiveEvent:

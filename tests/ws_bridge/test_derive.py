@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
-from ws_bridge.derive import MedianCache
+from flowscope.ws_bridge.derive import MedianCache
 
 
 class History:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from ws_bridge.derive import ExecutionTrack, MedianCache, Thresholds
-from ws_bridge.deriver import Deriver
-from ws_bridge.events import SpanFact
-from ws_bridge.types import LiveEvent
+from flowscope.ws_bridge.derive import ExecutionTrack, MedianCache, Thresholds
+from flowscope.ws_bridge.deriver import Deriver
+from flowscope.ws_bridge.events import SpanFact
+from flowscope.ws_bridge.types import LiveEvent
 
 _DEADLINE_S = 10.0
 NO_TRACKS: dict[str, ExecutionTrack] = {}

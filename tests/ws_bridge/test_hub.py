@@ -6,10 +6,10 @@ import datetime as dt
 import gc
 import json
 
+from flowscope.ws_bridge.events import WIRE, event_from_wire, iso_from_ns, wire_json
+from flowscope.ws_bridge.rooms import Hub
+from flowscope.ws_bridge.types import LiveEvent
 from tests.ws_bridge.live_events import live_event
-from ws_bridge.events import WIRE, event_from_wire, iso_from_ns, wire_json
-from ws_bridge.rooms import Hub
-from ws_bridge.types import LiveEvent
 
 
 def event(execution: str, seq: int, kind: str, **data: object) -> LiveEvent:

@@ -16,11 +16,11 @@ from clickhouse_connect.driver.exceptions import OperationalError
 from websockets.asyncio.client import ClientConnection
 
 from flowscope.stack import Stack
+from flowscope.ws_bridge.history import History
+from flowscope.ws_bridge.rooms import Hub
+from flowscope.ws_bridge.types import LiveEvent
 from tests.ws_bridge.conftest import StackFactory, recv_until, ws_client, ws_url
 from tests.ws_bridge.test_owner import _event, _send, _started
-from ws_bridge.history import History
-from ws_bridge.rooms import Hub
-from ws_bridge.types import LiveEvent
 
 TOKENS = {
     "tok-alice": ("alice", frozenset({"user:alice"})),

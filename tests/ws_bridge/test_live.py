@@ -10,14 +10,14 @@ from typing import Any, cast
 
 import pytest
 
-from engine import Engine, EventType, NodeContext, WorkflowBuilder, WorkflowEvent
+from flowscope.engine import Engine, EventType, NodeContext, WorkflowBuilder, WorkflowEvent
 from flowscope.stack import Stack
+from flowscope.ws_bridge.client import LiveClient
+from flowscope.ws_bridge.types import LiveEvent
 from tests.collector.otlp import OtlpProviders, otlp_providers
 from tests.collector.test_outage import OutageWriter, outage_factory
 from tests.helpers import Gate
 from tests.ws_bridge.conftest import StackFactory, recv_json, recv_until, ws_client, ws_url
-from ws_bridge.client import LiveClient
-from ws_bridge.types import LiveEvent
 
 TERMINAL = {"workflow.completed", "workflow.failed", "workflow.cancelled"}
 

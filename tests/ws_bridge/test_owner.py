@@ -17,10 +17,10 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
 
 from flowscope.stack import Stack
+from flowscope.ws_bridge.history import History
+from flowscope.ws_bridge.types import LiveEvent
 from tests.ws_bridge.conftest import StackFactory, recv_until, ws_client, ws_url
 from tests.ws_bridge.live_events import live_event
-from ws_bridge.history import History
-from ws_bridge.types import LiveEvent
 
 TOKENS = {
     "tok-alice": ("alice", frozenset({"user:alice"})),

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 
-from collector.schema import SchemaOptions
-from collector.service import Collector, CollectorConfig
-from collector.serving import serve_asgi
-from engine import Engine, NodeContext, WorkflowBuilder
+from flowscope.collector.schema import SchemaOptions
+from flowscope.collector.service import Collector, CollectorConfig
+from flowscope.collector.serving import serve_asgi
+from flowscope.engine import Engine, NodeContext, WorkflowBuilder
+from flowscope.ws_bridge.app import Bridge, BridgeConfig
+from flowscope.ws_bridge.auth import AuthConfig
 from tests.collector.otlp import otlp_providers
 from tests.ws_bridge.conftest import recv_until, ws_client
-from ws_bridge.app import Bridge, BridgeConfig
-from ws_bridge.auth import AuthConfig
 
 
 async def one(ctx: NodeContext) -> int:

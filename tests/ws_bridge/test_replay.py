@@ -3,9 +3,9 @@ that outlive the buffers."""
 
 from __future__ import annotations
 
+from flowscope.ws_bridge.replay import ReplayBuffer
+from flowscope.ws_bridge.types import LiveEvent
 from tests.ws_bridge.live_events import live_event
-from ws_bridge.replay import ReplayBuffer
-from ws_bridge.types import LiveEvent
 
 
 def event(execution: str, seq: int, workflow_id: str = "wf") -> LiveEvent:

@@ -14,14 +14,14 @@ from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
 from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
 
-from collector.schema import SchemaOptions
-from collector.service import Collector, CollectorConfig
-from collector.serving import serve_asgi
-from engine import Engine, NodeContext, WorkflowBuilder
+from flowscope.collector.schema import SchemaOptions
+from flowscope.collector.service import Collector, CollectorConfig
+from flowscope.collector.serving import serve_asgi
+from flowscope.engine import Engine, NodeContext, WorkflowBuilder
+from flowscope.ws_bridge.app import Bridge, BridgeConfig
+from flowscope.ws_bridge.derive import Thresholds
 from tests.collector.otlp import OtlpProviders, otlp_providers
 from tests.ws_bridge.conftest import recv_until, ws_client
-from ws_bridge.app import Bridge, BridgeConfig
-from ws_bridge.derive import Thresholds
 
 
 async def one(ctx: NodeContext) -> int:

@@ -11,12 +11,12 @@ import httpx
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from collector.service import Collector
-from collector.store import Dsn, connect
+from flowscope.collector.service import Collector
+from flowscope.collector.store import Dsn, connect
 from flowscope.stack import Stack
+from flowscope.ws_bridge.history import History, SqlError
 from tests.conftest import StackFactory
 from tests.flowscope.test_cli import cli
-from ws_bridge.history import History, SqlError
 
 
 async def post_sql(http: httpx.AsyncClient, query: str) -> httpx.Response:
