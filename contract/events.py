@@ -85,11 +85,11 @@ def node_state(event_type: str, data: Mapping[str, Any]) -> NodeState | None:
     return state
 
 
-class LiveEvent(TypedDict):
-    """A lifecycle event as the live protocol carries it (camelCase on the wire); the history
-    API returns stored events in the same shape."""
+class EventHeader(TypedDict):
+    """What a live event says of where it comes from: its place in the execution, the
+    workflow, the node, the trace. A derived event (a performance warning) takes these from
+    the event or span it is about."""
 
-    type: str  # an EventName, a DerivedEventName, or whatever name a foreign producer sent
     seq: int
     ts: str
     executionId: str
@@ -99,6 +99,13 @@ class LiveEvent(TypedDict):
     nodeType: str | None
     traceId: str
     spanId: str
+
+
+class LiveEvent(EventHeader):
+    """A lifecycle event as the live protocol carries it (camelCase on the wire); the history
+    API returns stored events in the same shape."""
+
+    type: str  # an EventName, a DerivedEventName, or whatever name a foreign producer sent
     data: dict[str, Any]
     derived: NotRequired[bool]  # performance.* only
     sub: NotRequired[str]  # the subscription that matched, as sent on a connection

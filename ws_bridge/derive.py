@@ -10,9 +10,9 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypedDict
 
 from flowscope.contract import ACTIVE_NODE_STATES, DONE_NODE_STATES, NodeState
+from flowscope.contract.events import EventHeader
 from flowscope.ws_bridge.types import LiveEvent
 
 logger = logging.getLogger(__name__)
@@ -206,19 +206,8 @@ class MedianCache:
             await asyncio.gather(loader, return_exceptions=True)
 
 
-class WarningBase(TypedDict):
-    """What a performance warning says of the node it is about: the keys it takes from the
-    event or span that showed the node slow (a LiveEvent has them all)."""
-
-    seq: int
-    ts: str
-    executionId: str
-    workflowId: str
-    workflowName: str
-    nodeId: str | None
-    nodeType: str | None
-    traceId: str
-    spanId: str
+# What a performance warning takes from the event or span that showed the node slow.
+WarningBase = EventHeader
 
 
 def performance_event(base: WarningBase, level: str, threshold_ms: float, actual_ms: float, running: bool) -> LiveEvent:
