@@ -1,7 +1,7 @@
 """OTLP protobuf requests → column-oriented rows in the contrib exporter's encoding.
 
 Written column by column with local appends: converting a span, not parsing
-it, is the cost that bounds ingest (ARCHITECTURE.md), so this module avoids
+it, is the cost that bounds ingest (bench/README.md, collector ingest), so this module avoids
 per-row dicts and attribute lookups in the hot loops.
 """
 

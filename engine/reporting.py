@@ -3,7 +3,7 @@
 It turns what the scheduler (engine/scheduler.py) and the attempt runner (engine/attempts.py)
 tell it — the run started, a node attempt started or ended, a retry, a skip, a pause — into
 OTel spans and their attributes, metrics, and lifecycle events (OTel log records and, for
-in-process watchers, `WorkflowEvent`s on the engine's bus). Names follow TELEMETRY.md;
+in-process watchers, `WorkflowEvent`s on the engine's bus). Names follow docs/telemetry.md;
 node types add their own span attributes (engine/nodes.py `span_attributes`).
 """
 

@@ -1,6 +1,6 @@
 """OTel instrumentation of runs and node attempts: spans, lifecycle events, metrics.
 
-Names follow TELEMETRY.md (documented in docs/telemetry.md). `setup()` is the one
+Names follow docs/telemetry.md (defined once in contract/). `setup()` is the one
 place that reads the standard OTEL_* variables and wires the SDK.
 """
 
