@@ -196,3 +196,22 @@ async def test_the_page_takes_its_names_from_the_contract(stack: Stack) -> None:
     assert json.loads(body) == page_constants()
     assert json.loads(body)["nodeStateByResult"] == {"node.failed": {"cancellation": "cancelled"}}
     assert index.index("/static/contract.js") < index.index("/static/app.js")
+
+
+async def test_the_contract_script_is_public_like_the_page_and_holds_to_the_host_check(
+    stack_factory: StackFactory,
+) -> None:
+    """It carries constants only (no data, no parameters, no store), so like /static/app.js it
+    needs no grant; it is still served only under the addresses the bridge answers to."""
+    tokens = {"reader": ("reader", frozenset({"*"}))}
+    async with stack_factory(auth_tokens=tokens) as stack:
+        assert stack.endpoints is not None
+        async with httpx.AsyncClient(base_url=stack.endpoints.web) as http:
+            anonymous = await http.get("/static/contract.js")
+            rebound = await http.get("/static/contract.js", headers={"host": "attacker.example"})
+            posted = await http.post("/static/contract.js", content=b"x")
+            api = await http.get("/api/v1/executions")
+    assert anonymous.status_code == 200 and "const CONTRACT" in anonymous.text
+    assert rebound.status_code == 400
+    assert posted.status_code == 405
+    assert api.status_code == 401
