@@ -18,6 +18,10 @@ class EventName(StrEnum):
     WORKFLOW_CANCELLED = "workflow.cancelled"
     WORKFLOW_PAUSED = "workflow.paused"
     WORKFLOW_RESUMED = "workflow.resumed"
+    # The stack declares a run lost when its engine goes silent (docs/control.md); the engine,
+    # back and still running it, says so with workflow.recovered. Neither ends the run.
+    WORKFLOW_LOST = "workflow.lost"
+    WORKFLOW_RECOVERED = "workflow.recovered"
     NODE_STARTED = "node.started"
     NODE_COMPLETED = "node.completed"
     NODE_FAILED = "node.failed"
@@ -45,6 +49,7 @@ class ControlType(StrEnum):
     PONG = "pong"
     LAGGED = "lagged"
     ERROR = "error"
+    CONTROL_RESULT = "control.result"  # the answer to a control op (docs/control.md)
 
 
 LIFECYCLE_EVENTS: Final = frozenset(EventName)
@@ -54,8 +59,11 @@ LIVE_EVENT_TYPES: Final = frozenset[str](EventName) | frozenset(DerivedEventName
 TERMINAL_EVENTS: Final = frozenset(
     {EventName.WORKFLOW_COMPLETED, EventName.WORKFLOW_FAILED, EventName.WORKFLOW_CANCELLED}
 )
-# What a run's list row follows: its start and end (progress is live only).
-RUN_EVENTS: Final = frozenset({EventName.WORKFLOW_STARTED}) | TERMINAL_EVENTS
+# What a run's list row follows: its start, its end, and its engine going and coming back
+# (progress is live only).
+RUN_EVENTS: Final = (
+    frozenset({EventName.WORKFLOW_STARTED, EventName.WORKFLOW_LOST, EventName.WORKFLOW_RECOVERED}) | TERMINAL_EVENTS
+)
 NODE_EVENTS: Final = frozenset(e for e in EventName if e.startswith("node."))
 
 # A node's state after each node event; `node_state` adds what the event's data says.

@@ -2,8 +2,9 @@
 
 `Result` is the value of `workflow.result` / `workflow.node.result` and of an ended event's
 `result` (the CI/CD semantic conventions' names); `RunStatus` is an execution's `Status` in
-ClickHouse (`running` until the run span arrives, then its result); `NodeState` is what the
-engine, the history API, the live page and `flowscope watch` show for a node.
+ClickHouse (`running` until the run span arrives, then its result; `lost` while its engine is
+gone); `NodeState` is what the engine, the history API, the live page and `flowscope watch`
+show for a node.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class RunStatus(StrEnum):
     ERROR = "error"
     TIMEOUT = "timeout"
     CANCELLATION = "cancellation"
+    # Stored: the run's engine went silent (workflow.lost). Not a result — workflow.recovered
+    # makes it running again and the run span, when it comes, decides as always.
+    LOST = "lost"
     # Shown only: the live page's status between workflow.paused and workflow.resumed, and
     # before anything is known. Never stored, so never a filter of the history API.
     PAUSED = "paused"
@@ -40,7 +44,8 @@ class RunStatus(StrEnum):
 
 # What the history API filters on: every status the Status column can hold.
 STORED_RUN_STATUSES: Final = frozenset(RunStatus) - {RunStatus.PAUSED, RunStatus.PENDING}
-# A run that is not running and did not succeed counts as failed in the aggregates.
+# A run that is not running and did not succeed counts as failed in the aggregates: a lost
+# run too, since nothing says it will ever succeed.
 NOT_FAILED_RUN_STATUSES: Final = frozenset({RunStatus.SUCCESS, RunStatus.RUNNING})
 
 

@@ -40,7 +40,11 @@ def test_results_are_the_documented_ones() -> None:
     text = (ROOT / "docs" / "telemetry.md").read_text()
     paragraph = text[text.index("Results (") :].split("Failed spans", 1)[0]
     assert {str(r) for r in Result} == set(re.findall(r"`([a-z]+)`", paragraph))
-    assert set(contract.STORED_RUN_STATUSES) == {RunStatus.RUNNING, *(r.value for r in Result if r is not Result.SKIP)}
+    assert set(contract.STORED_RUN_STATUSES) == {
+        RunStatus.RUNNING,
+        RunStatus.LOST,
+        *(r.value for r in Result if r is not Result.SKIP),
+    }
 
 
 def test_a_node_failed_by_cancellation_is_cancelled() -> None:
