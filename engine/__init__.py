@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from flowscope.engine.catalog import Catalog, FinishedRuns, RetrySource
 from flowscope.engine.context import LlmUsage, NodeContext
+from flowscope.engine.control import ControlLink
 from flowscope.engine.dag import Node, Workflow, WorkflowBuilder, WorkflowValidationError
 from flowscope.engine.events import EventType, WorkflowEvent
 from flowscope.engine.llm import LlmProvider, LocalProvider, OpenAICompatibleProvider
@@ -16,10 +18,13 @@ from flowscope.engine.tools import ToolRegistry
 
 __all__ = [
     "Backoff",
+    "Catalog",
+    "ControlLink",
     "Engine",
     "EventType",
     "ExecutionHandle",
     "ExecutionResult",
+    "FinishedRuns",
     "LlmProvider",
     "LlmUsage",
     "LocalProvider",
@@ -31,6 +36,7 @@ __all__ = [
     "OpenAICompatibleProvider",
     "Result",
     "RetryPolicy",
+    "RetrySource",
     "Secret",
     "Telemetry",
     "TelemetryOptions",

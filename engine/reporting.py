@@ -253,6 +253,14 @@ class RunReporter:
     def resumed(self, reason: str) -> None:
         self.emit(EventType.WORKFLOW_RESUMED, data={"reason": reason})
 
+    def recovered(self, lost_seq: int, started_ns: int) -> None:
+        """`workflow.recovered` after the stack's `workflow.lost` (numbered `lost_seq`): what a
+        reader needs to show the run as running again, as workflow.started carried it."""
+        # The stack numbered its event within this run's sequence: ours go on after it.
+        self.seq = max(self.seq, lost_seq)
+        data = {**self._start_data(), "startTimeUnixNano": started_ns, "lostSeq": lost_seq}
+        self.emit(EventType.WORKFLOW_RECOVERED, data=data)
+
     # -- nodes -----------------------------------------------------------------------------
 
     def attempt_started(

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from opentelemetry.context import Context
 
 from flowscope.contract.attributes import CHILD_EXECUTION_ID
 from flowscope.engine.attempts import Attempt, AttemptRunner, NodeTimeout, describe
+from flowscope.engine.catalog import FinishedRuns, RetrySource, retry_plan
 from flowscope.engine.context import NodeContext
 from flowscope.engine.dag import Node, Workflow
 from flowscope.engine.events import EventBus
@@ -28,6 +30,9 @@ from flowscope.engine.propagation import extract_context
 from flowscope.engine.reporting import RunReporter
 from flowscope.engine.results import ExecutionFailed, ExecutionResult, NodeState, NodeStates, Result, RunOptions
 from flowscope.engine.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from flowscope.engine.control import ControlLink
 
 __all__ = [
     "ChildWorkflowFailed",
@@ -44,6 +49,11 @@ __all__ = [
 _MAX_PENDING_SIGNALS = 1_000
 _DEFAULT_CONCURRENCY = 64
 _DEFAULT_PROGRESS_INTERVAL_S = 0.1
+
+logger = logging.getLogger(__name__)
+
+# Told of every run's end: its id, workflow, and result (None when the run's task itself failed).
+FinishListener = Callable[[str, Workflow, "ExecutionResult | None"], None]
 
 
 class Execution:
@@ -63,6 +73,7 @@ class Execution:
         self.attempts: dict[str, int] = dict.fromkeys(workflow.node_ids, 0)
         self.slots = asyncio.Semaphore(engine.concurrency)
         self.started = asyncio.Event()
+        self.started_ns: int | None = None
         self._reporter = RunReporter(
             engine.telemetry,
             engine.events,
@@ -115,6 +126,31 @@ class Execution:
     @property
     def paused(self) -> bool:
         return not self.unpaused.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def cancelling(self) -> bool:
+        return self._cancel_requested.is_set()
+
+    @property
+    def seq(self) -> int:
+        """The seq of the last event this run emitted."""
+        return self._reporter.seq
+
+    def recovered(self, lost_seq: int) -> bool:
+        """The stack declared this run lost at `lost_seq` while it still runs: say it is alive,
+        numbering on after the stack's event. False when the run has already ended."""
+        if self._finished:
+            return False
+        if self.started_ns is None:
+            # Not started yet: its workflow.started, numbered after the stack's event, says it all.
+            self._reporter.seq = max(self._reporter.seq, lost_seq)
+            return True
+        self._reporter.recovered(lost_seq, self.started_ns)
+        return True
 
     def signal(self, name: str, payload: Any = None) -> None:
         future = self._signal_future(name)
@@ -182,7 +218,7 @@ class Execution:
         if reporter.events_backlogged():
             # Room for this run's events before it starts; its duration starts after.
             await reporter.event_room()
-        started_ns = time.time_ns()
+        started_ns = self.started_ns = time.time_ns()
         started = time.perf_counter()
         reporter.run_started(started_ns)
         self.started.set()
@@ -363,7 +399,13 @@ class ExecutionHandle:
 
 
 class Engine:
-    """Runs workflows. One per process is typical; it owns the HTTP client nodes share."""
+    """Runs workflows. One per process is typical; it owns the HTTP client nodes share.
+
+    With `control` (the stack's web address) the engine dials out to the stack's control
+    plane while it is open (`async with engine:` or `connect_control()`): it announces the
+    workflows it `serve`s and takes start, pause, resume, stop and retry commands from
+    there (docs/control.md, engine/control.py).
+    """
 
     def __init__(
         self,
@@ -374,6 +416,9 @@ class Engine:
         http_client: httpx.AsyncClient | None = None,
         rng: random.Random | None = None,
         progress_interval_s: float | None = None,
+        control: str | None = None,
+        control_token: str | None = None,
+        retry_source: RetrySource | None = None,
     ) -> None:
         self.telemetry = telemetry or Telemetry()
         self.registry = registry or NodeRegistry()
@@ -385,6 +430,14 @@ class Engine:
         self.events = EventBus()
         self._tasks: set[asyncio.Task[ExecutionResult]] = set()
         self._executions: dict[str, Execution] = {}
+        # Ended runs, for retries; a durable store may stand in as the retry source.
+        self.finished = FinishedRuns()
+        self.retry_source: RetrySource = retry_source or self.finished
+        self._served: dict[str, dict[str, Workflow]] = {}
+        self._finish_listeners: list[FinishListener] = []
+        self.control = control
+        self.control_token = control_token
+        self.control_link: ControlLink | None = None
 
     @property
     def http_client(self) -> httpx.AsyncClient:
@@ -398,6 +451,44 @@ class Engine:
 
     def validate(self, workflow: Workflow) -> None:
         self.registry.validate(workflow)
+
+    # -- what this engine serves -----------------------------------------------------------
+
+    def serve(self, *workflows: Workflow) -> None:
+        """Workflows the stack may start here (each validated now); the latest of a version wins."""
+        for workflow in workflows:
+            self.validate(workflow)
+        for workflow in workflows:
+            versions = self._served.setdefault(workflow.id, {})
+            versions.pop(workflow.version, None)
+            versions[workflow.version] = workflow
+
+    @property
+    def served(self) -> list[Workflow]:
+        return [wf for versions in self._served.values() for wf in versions.values()]
+
+    def served_workflow(self, workflow_id: str, version: str | None = None) -> Workflow | None:
+        """The served workflow of that id and version; without a version, the last one served."""
+        versions = self._served.get(workflow_id)
+        if not versions:
+            return None
+        if version is None:
+            return next(reversed(versions.values()))
+        return versions.get(version)
+
+    @property
+    def executions(self) -> list[Execution]:
+        """The runs in progress."""
+        return list(self._executions.values())
+
+    def add_finish_listener(self, listener: FinishListener) -> None:
+        self._finish_listeners.append(listener)
+
+    def remove_finish_listener(self, listener: FinishListener) -> None:
+        if listener in self._finish_listeners:
+            self._finish_listeners.remove(listener)
+
+    # -- runs ------------------------------------------------------------------------------
 
     def start(
         self,
@@ -419,6 +510,8 @@ class Engine:
         caller's trace; `parent_context` does the same in-process.
         """
         self.validate(workflow)
+        if execution_id is not None and execution_id in self._executions:
+            raise ValueError(f"execution {execution_id} is already running")
         remote = headers is not None and "traceparent" in {k.lower() for k in headers}
         parent = extract_context(headers) if remote and headers is not None else parent_context
         options = RunOptions(
@@ -434,12 +527,21 @@ class Engine:
         task = asyncio.ensure_future(execution.run())
         self._tasks.add(task)
         self._executions[execution.execution_id] = execution
-        task.add_done_callback(lambda done: self._forget(done, execution.execution_id))
+        task.add_done_callback(lambda done: self._forget(done, execution))
         return ExecutionHandle(execution, task)
 
-    def _forget(self, task: asyncio.Task[ExecutionResult], execution_id: str) -> None:
+    def _forget(self, task: asyncio.Task[ExecutionResult], execution: Execution) -> None:
         self._tasks.discard(task)
-        self._executions.pop(execution_id, None)
+        self._executions.pop(execution.execution_id, None)
+        result = None
+        if not task.cancelled() and task.exception() is None:
+            result = task.result()
+            self.finished.add(result)
+        for listener in list(self._finish_listeners):
+            try:
+                listener(execution.execution_id, execution.workflow, result)
+            except Exception:
+                logger.exception("a run-end listener failed")
 
     def get(self, execution_id: str) -> Execution | None:
         return self._executions.get(execution_id)
@@ -460,16 +562,50 @@ class Engine:
         workflow_input = kwargs.pop("workflow_input", previous.workflow_input)
         return self.start(previous.workflow, workflow_input, _resumed_from=previous, _reused=reused, **kwargs)
 
+    def retry(
+        self, previous: ExecutionResult, from_node: str | None = None, execution_id: str | None = None, **kwargs: Any
+    ) -> ExecutionHandle:
+        """A new execution linked to `previous` in which `from_node` (default: the first failed
+        node) and everything downstream of it run again; every other node that succeeded
+        reuses its output. An unknown node raises `catalog.UnknownNode` (a ValueError)."""
+        _, reused = retry_plan(previous, from_node)
+        kwargs.setdefault("trigger", "retry")
+        return self.start(
+            previous.workflow,
+            previous.workflow_input,
+            execution_id=execution_id,
+            _resumed_from=previous,
+            _reused=reused,
+            **kwargs,
+        )
+
+    # -- the control link and the engine's end ---------------------------------------------
+
+    async def connect_control(self) -> None:
+        """Dial the stack's control plane (`control`) and keep the link up until `aclose()`."""
+        if self.control is None:
+            raise ValueError("this engine has no control address (Engine(control=...))")
+        if self.control_link is None:
+            from flowscope.engine.control import ControlLink
+
+            self.control_link = ControlLink(self, self.control, self.control_token)
+        self.control_link.start()
+
     async def aclose(self) -> None:
-        """Cancel what still runs, wait for it to record its end, close the HTTP client."""
+        """Cancel what still runs, wait for it to record its end, close the control link and
+        the HTTP client."""
         for execution in list(self._executions.values()):
             execution.cancel("engine shutting down")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.control_link is not None:
+            await self.control_link.aclose()
         if self._owns_client and self._http_client is not None:
             await self._http_client.aclose()
 
     async def __aenter__(self) -> Engine:
+        if self.control is not None:
+            await self.connect_control()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
