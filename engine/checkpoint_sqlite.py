@@ -1,0 +1,170 @@
+"""The embedded checkpoint store: one SQLite file in WAL mode, written by one thread.
+
+WAL because a commit appends to the log instead of rewriting pages through a rollback
+journal, and readers (a `flowscope executions` command, another engine resuming a run) read
+while the writer writes. `synchronous=NORMAL` (the default) makes a commit a write() to the
+log, not an fsync: it survives the process being killed (the bytes are in the OS's page cache),
+not the machine losing power; `synchronous=FULL` fsyncs each commit and survives both.
+docs/durability.md, "Checkpoints", says why NORMAL is the default.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+from flowscope.engine.checkpoints import NodeCheckpoint, NodeRow, RunRecord, RunRow, Stored, decode
+
+_SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkpoint_blobs (
+    sha256 TEXT PRIMARY KEY,
+    data BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    execution_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    workflow_id TEXT NOT NULL,
+    workflow_version TEXT NOT NULL,
+    stored TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT,
+    reason TEXT NOT NULL,
+    stored_at REAL NOT NULL,
+    PRIMARY KEY (execution_id, node_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoint_runs (
+    execution_id TEXT PRIMARY KEY,
+    workflow_id TEXT NOT NULL,
+    workflow_version TEXT NOT NULL,
+    input_stored TEXT NOT NULL,
+    input_size INTEGER NOT NULL,
+    input_sha256 TEXT,
+    resumed_from TEXT,
+    stored_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def _node(n: NodeRow) -> tuple[object, ...]:
+    v = n.value
+    return (
+        n.execution_id,
+        n.node_id,
+        n.attempt,
+        n.workflow_id,
+        n.workflow_version,
+        v.stored.value,
+        v.size,
+        v.sha256,
+        v.reason,
+        n.stored_at,
+    )
+
+
+def _run(r: RunRow) -> tuple[object, ...]:
+    v = r.input
+    return (
+        r.execution_id,
+        r.workflow_id,
+        r.workflow_version,
+        v.stored.value,
+        v.size,
+        v.sha256,
+        r.resumed_from,
+        r.stored_at,
+    )
+
+
+class SqliteBackend:
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str, *, url: str, synchronous: str = "normal") -> SqliteBackend:
+        if not path:
+            raise ValueError(
+                f"sqlite checkpoint URL needs a file path: {url!r} (e.g. sqlite:///var/flowscope/checkpoints.db)"
+            )
+        level = _SYNCHRONOUS.get(synchronous.lower())
+        if level is None:
+            raise ValueError(f"synchronous={synchronous!r} in {url!r}: use one of {sorted(_SYNCHRONOUS)}")
+        file = Path(path).expanduser().resolve()
+        if file.is_dir():
+            raise ValueError(f"sqlite checkpoint URL {url!r} names a directory, not a database file")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        # Opened here so a bad path fails the caller; used by the writer thread alone from then on.
+        conn = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA busy_timeout = 10000")  # another engine on the same file writes too
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise ValueError(f"{file}: SQLite would not use WAL mode here (got {mode!r})")
+            conn.execute(f"PRAGMA synchronous = {level}")
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, file)
+
+    def write(self, nodes: Sequence[NodeRow], runs: Sequence[RunRow]) -> None:
+        blobs = {v.sha256: v.data for v in [*(n.value for n in nodes), *(r.input for r in runs)] if v.sha256 and v.data}
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Each statement only when it has rows: a commit of one put is most of a deep
+            # chain's cost per step, and an empty executemany still costs a statement.
+            if blobs:
+                conn.executemany("INSERT OR IGNORE INTO checkpoint_blobs VALUES (?, ?)", blobs.items())
+            if nodes:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", map(_node, nodes)
+                )
+            if runs:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO checkpoint_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", map(_run, runs)
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def read_nodes(self, execution_id: str) -> list[NodeCheckpoint]:
+        rows = self._conn.execute(
+            "SELECT node_id, attempt, stored, size, stored_at, sha256, workflow_id, workflow_version, reason"
+            " FROM checkpoints WHERE execution_id = ? ORDER BY stored_at, node_id",
+            (execution_id,),
+        ).fetchall()
+        return [NodeCheckpoint(r[0], r[1], Stored(r[2]), r[3], r[4], r[5], r[6], r[7], r[8]) for r in rows]
+
+    def read_run(self, execution_id: str) -> RunRecord | None:
+        row = self._conn.execute(
+            "SELECT r.workflow_id, r.workflow_version, r.input_stored, r.input_size, r.resumed_from, r.stored_at,"
+            " b.data"
+            " FROM checkpoint_runs r LEFT JOIN checkpoint_blobs b ON b.sha256 = r.input_sha256"
+            " WHERE r.execution_id = ?",
+            (execution_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        value = decode(row[6]) if row[6] is not None else None
+        return RunRecord(execution_id, row[0], row[1], Stored(row[2]), row[3], row[4], row[5], value)
+
+    def read_blobs(self, digests: Sequence[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for start in range(0, len(digests), 500):  # under SQLite's bound on host parameters
+            chunk = digests[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            found.update(
+                self._conn.execute(
+                    f"SELECT sha256, data FROM checkpoint_blobs WHERE sha256 IN ({marks})", chunk
+                ).fetchall()
+            )
+        return found
+
+    def close(self) -> None:
+        self._conn.close()
