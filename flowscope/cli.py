@@ -31,6 +31,7 @@ from flowscope.terminal import (
     err,
     run_async,
 )
+from flowscope.worker import worker
 from flowscope.ws_bridge.auth import require_auth_on_public_bind
 
 
@@ -390,7 +391,7 @@ def schema_apply(dsn: str, **values: Any) -> None:
     console.print(f"schema up to date in {options.database}; applied migrations: {applied or 'none'}")
 
 
-for _command in (watch, executions, sql):
+for _command in (watch, executions, sql, worker):
     main.add_command(_command)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowscope.engine import (
+    Catalog,
     Engine,
     ExecutionResult,
     LocalProvider,
@@ -173,6 +174,11 @@ def report() -> Workflow:
 
 def registry() -> NodeRegistry:
     return NodeRegistry(tools=tools, providers={"local": LocalProvider(token_delay_s=0.02, first_token_delay_s=0.1)})
+
+
+def catalog() -> Catalog:
+    """Every sample with the registry they run with: `flowscope worker flowscope.samples:catalog`."""
+    return Catalog([agent(), etl(), billing(), report()], registry())
 
 
 async def run_rounds(
