@@ -340,6 +340,44 @@ FROM {db}.otel_traces
 WHERE SpanAttributes['gen_ai.operation.name'] = 'invoke_workflow'
   AND SpanAttributes['workflow.execution.id'] != ''"""
 
+# The stack declares a run lost when its engine goes silent (workflow.lost, written by the
+# bridge's control plane) and the engine, back, says it still runs it (workflow.recovered).
+# Both rows take Version 1 like the started row: with equal versions ReplacingMergeTree keeps
+# the row inserted last, so lost → recovered → lost follow each other, while the finished run
+# span (Version 2) wins whatever order they came in. A row only replaces one of its own
+# partition: the event body carries the run's StartTime and the started row's fields, and a
+# body without a start time writes no row (it would sit in another partition, never replaced).
+_WORKFLOW_EXECUTIONS_LIVENESS_MV = """CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.workflow_executions_liveness_mv
+TO {db}.workflow_executions
+AS SELECT
+    LogAttributes['workflow.execution.id'] AS ExecutionId,
+    LogAttributes['workflow.id'] AS WorkflowId,
+    LogAttributes['workflow.name'] AS WorkflowName,
+    JSONExtractString(Body, 'workflowVersion') AS WorkflowVersion,
+    if(EventName = 'workflow.lost', 'lost', 'running') AS Status,
+    JSONExtractString(Body, 'trigger') AS TriggerType,
+    JSONExtractString(Body, 'userId') AS UserId,
+    fromUnixTimestamp64Nano(toInt64(JSONExtractUInt(Body, 'startTimeUnixNano'))) AS StartTime,
+    CAST(NULL, 'Nullable(DateTime64(9))') AS EndTime,
+    CAST(NULL, 'Nullable(Float64)') AS DurationMs,
+    toUInt32(JSONExtractUInt(Body, 'totalNodes')) AS TotalNodes,
+    toUInt32(0) AS CompletedNodes,
+    toUInt32(0) AS FailedNodes,
+    toUInt32(0) AS SkippedNodes,
+    if(EventName = 'workflow.lost',
+       concat('lost: ', JSONExtractString(Body, 'reason'), ' (seq ', LogAttributes['workflow.event.seq'], ')'),
+       '') AS Error,
+    TraceId,
+    SpanId,
+    if(JSONExtractString(Body, 'serviceName') != '', JSONExtractString(Body, 'serviceName'), ServiceName) AS ServiceName,
+    JSONExtractString(Body, 'resumedFrom') AS ResumedFrom,
+    JSONExtractString(Body, 'parentExecutionId') AS ParentExecutionId,
+    toUInt8(1) AS Version
+FROM {db}.otel_logs
+WHERE EventName IN ('workflow.lost', 'workflow.recovered')
+  AND LogAttributes['workflow.execution.id'] != ''
+  AND JSONExtractUInt(Body, 'startTimeUnixNano') > 0"""
+
 _NODE_EXECUTIONS = """CREATE TABLE IF NOT EXISTS {db}.node_executions (
     ExecutionId String,
     NodeId String,
@@ -499,6 +537,10 @@ def _execution_owners(o: SchemaOptions) -> list[str]:
     ]
 
 
+def _liveness(o: SchemaOptions) -> list[str]:
+    return [_WORKFLOW_EXECUTIONS_LIVENESS_MV.format(db=o.database)]
+
+
 def _trace_intake(o: SchemaOptions) -> list[str]:
     from flowscope.collector.intake import intake_statements
 
@@ -519,6 +561,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "OTLP trace intake converted inside ClickHouse (Null table and view into otel_traces)", _trace_intake),
     Migration(5, "OTLP log intake converted inside ClickHouse (Null table and view into otel_logs)", _log_intake),
     Migration(6, "execution owners fixed by the first record stored", _execution_owners),
+    Migration(7, "lost and recovered runs: workflow.lost / workflow.recovered rows in workflow_executions", _liveness),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -25,7 +25,7 @@ from flowscope.collector.serving import serve_asgi
 from flowscope.collector.spool import Spool
 from flowscope.collector.store import Dsn, connect, migrate, tune_embedded
 from flowscope.collector.telemetry import SelfMetrics
-from flowscope.collector.types import Signal, StreamSubscriber, Unsubscribe
+from flowscope.collector.types import Outcome, Signal, StreamSubscriber, Unsubscribe
 from flowscope.collector.writer import ClickHouseWriter
 
 logger = logging.getLogger(__name__)
@@ -153,6 +153,12 @@ class Collector:
         if self.pipeline is None:
             raise RuntimeError("Expected a started collector, but got one not started")
         return admitting(self.pipeline.consume, self.config.time_window, self._count_inadmissible)
+
+    def consume_logs(self, request: Any) -> Outcome:
+        """Takes an ExportLogsServiceRequest the stack made itself (the control plane's
+        workflow.lost, ws_bridge/control_events.py) as a receiver takes one: admitted,
+        spooled, written, streamed. Blocking; raises Backpressure like the receivers' intake."""
+        return self._consume(Signal.LOGS, request)
 
     def routes(self) -> list[Route]:
         """OTLP/HTTP plus /metrics, /healthz, /readyz — mountable into another app."""

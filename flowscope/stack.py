@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -20,6 +21,7 @@ from flowscope.ws_bridge.api import Links
 from flowscope.ws_bridge.app import Bridge, BridgeConfig
 from flowscope.ws_bridge.auth import ADMIN, INGEST, Authenticator, require_auth_on_public_bind
 from flowscope.ws_bridge.connection import ConnectionLimits
+from flowscope.ws_bridge.control_events import LogSink, LostEmitter, collector_sink
 from flowscope.ws_bridge.history import History
 
 logger = logging.getLogger(__name__)
@@ -47,9 +49,12 @@ def assemble_bridge(
     *,
     background: Mapping[str, Any],
     otlp_port: int | None,
-) -> Bridge:
+    lost_sink: LogSink | None = None,
+) -> tuple[Bridge, LostEmitter | None]:
     """The bridge over the history in `database`; user SQL goes through FLOWSCOPE_SQL_DSN's
-    (read-only) user when set. Serve it with `Bridge.serve`."""
+    (read-only) user when set. Serve it with `Bridge.serve`. With `lost_sink`, runs whose
+    engine goes silent are written as `workflow.lost` through it (ws_bridge/control_events.py):
+    close the emitter once the bridge stopped, before the sink goes."""
     sql_dsn = Dsn.parse(settings.sql_dsn) if settings.sql_dsn else None
     history = History(
         client_factory,
@@ -57,7 +62,8 @@ def assemble_bridge(
         background=background,
         sql_client_factory=(lambda: connect(sql_dsn)) if sql_dsn is not None else None,
     )
-    return Bridge(bridge_config(settings, otlp_port=otlp_port), history)
+    lost = LostEmitter(history, lost_sink) if lost_sink is not None else None
+    return Bridge(bridge_config(settings, otlp_port=otlp_port), history, emit_lost=lost), lost
 
 
 @dataclass
@@ -111,6 +117,7 @@ class Stack:
             writer_factory,
         )
         self.bridge: Bridge | None = None
+        self.lost: LostEmitter | None = None
         self.endpoints: Endpoints | None = None
 
     @contextlib.asynccontextmanager
@@ -120,27 +127,35 @@ class Stack:
         collector = self.collector
         collector.start()
         try:
-            bridge = assemble_bridge(
+            bridge, lost = assemble_bridge(
                 s,
                 collector.client,
                 collector.database,
                 background=background_settings(collector.dsn),
                 otlp_port=s.bridge_otlp_port,
+                lost_sink=collector_sink(collector),
             )
             self.bridge = bridge
-            async with bridge.running():
-                unsubscribe = collector.subscribe(bridge.feed)
-                try:
-                    async with (
-                        serve_asgi(collector.http_app(), s.host, s.otlp_http_port) as otlp_http_port,
-                        bridge.serve(collector.ops_routes()) as http_port,
-                    ):
-                        collector.http_port = otlp_http_port
-                        self.endpoints = Endpoints(s.host, collector.grpc_port, otlp_http_port, http_port)
-                        async with server_runtime():
-                            yield self
-                finally:
-                    unsubscribe()
+            self.lost = lost
+            try:
+                async with bridge.running():
+                    unsubscribe = collector.subscribe(bridge.feed)
+                    try:
+                        async with (
+                            serve_asgi(collector.http_app(), s.host, s.otlp_http_port) as otlp_http_port,
+                            bridge.serve(collector.ops_routes()) as http_port,
+                        ):
+                            collector.http_port = otlp_http_port
+                            self.endpoints = Endpoints(s.host, collector.grpc_port, otlp_http_port, http_port)
+                            async with server_runtime():
+                                yield self
+                    finally:
+                        unsubscribe()
+            finally:
+                # Once the bridge declares no more runs lost, and before the collector drains:
+                # the lost events already handed over are written with the rest.
+                if lost is not None:
+                    await asyncio.to_thread(lost.close)
         finally:
             left = collector.close()
             if left:

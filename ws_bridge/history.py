@@ -235,6 +235,17 @@ class History:
         execution["lastSeq"] = events[-1]["seq"] if events else 0
         return execution
 
+    def started_run(self, execution_id: str) -> dict[str, Any] | None:
+        """An execution's stored row as its engine wrote it (not its owner's view of it), with
+        its start in nanoseconds: what a workflow.lost record repeats (ws_bridge/control_events.py)."""
+        rows = self._rows_with(
+            f"SELECT {_EXECUTION_COLUMNS}, toUnixTimestamp64Nano(StartTime) AS StartTimeUnixNano"
+            " FROM {db}.workflow_executions FINAL WHERE ExecutionId = {id:String}",
+            {"id": execution_id},
+            self._background,
+        )
+        return rows[0] if rows else None
+
     def owner(self, execution_id: str) -> tuple[str, str] | None:
         """(workflow id, user id or '') of an execution, as its first stored record named them."""
         rows = self._rows(
