@@ -220,6 +220,7 @@ def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no
     """Run the live bridge alone: fed over OTLP by a collector tier, history from a ClickHouse server."""
     from flowscope.runtime import server_runtime
     from flowscope.stack import assemble_bridge
+    from flowscope.ws_bridge.control_events import OtlpLogSink, control_endpoint
 
     settings = Settings.from_env().with_overrides(clickhouse_dsn=dsn, host=host, http_port=http_port, no_auth=no_auth)
     try:
@@ -232,17 +233,25 @@ def bridge(dsn: str, host: str | None, http_port: int | None, otlp_port: int, no
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        # Runs whose engine goes silent are written as workflow.lost through the collector tier.
+        sink = OtlpLogSink(control_endpoint(), os.environ.get("FLOWSCOPE_TOKEN"))
         try:
             parsed = Dsn.parse(settings.dsn)
-            live = assemble_bridge(
+            live, lost = assemble_bridge(
                 settings, lambda: connect(parsed), parsed.database or settings.database,
-                background=background_settings(parsed), otlp_port=otlp_port,
+                background=background_settings(parsed), otlp_port=otlp_port, lost_sink=sink,
             )  # fmt: skip
-            async with live.running(), live.serve() as port, server_runtime():
-                console.print(f"bridge up: http://{settings.host}:{port}/  OTLP feed on :{live.otlp_port}")
-                await stop.wait()
+            try:
+                async with live.running(), live.serve() as port, server_runtime():
+                    console.print(f"bridge up: http://{settings.host}:{port}/  OTLP feed on :{live.otlp_port}")
+                    await stop.wait()
+            finally:
+                if lost is not None:
+                    await asyncio.to_thread(lost.close)
         except (StoreError, OSError, ValueError) as exc:
             raise CliError(str(exc), EXIT_UNAVAILABLE) from exc
+        finally:
+            sink.close()
 
     run_async(go)
 
