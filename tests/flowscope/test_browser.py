@@ -245,3 +245,44 @@ async def test_the_page_names_states_as_the_contract_does(stack: Stack, browser:
     assert options == ["", *(s.value for s in RunStatus if s in STORED_RUN_STATUSES)]
     await asyncio.to_thread(providers.shutdown)
     await engine.aclose()
+
+
+async def test_a_lost_run_shows_lost_until_it_recovers(stack: Stack, browser: Browser) -> None:
+    """docs/control.md, Liveness: the list and the execution page badge a lost run in its own
+    colour, the log names the lost engine, and workflow.recovered makes it running again."""
+    from flowscope.ws_bridge.control_events import LostRun
+    from tests.ws_bridge.test_lost_status import _started
+
+    assert stack.endpoints is not None and stack.bridge is not None and stack.bridge.emit_lost is not None
+    providers = otlp_providers(stack.collector, "grpc")
+    gate = Gate()
+    engine, handle, last = await _started(stack, providers, gate)
+    run = await browser.new_page(viewport={"width": 1280, "height": 900})
+    await run.goto(f"{stack.endpoints.web}/executions/{handle.execution_id}")
+    await run.wait_for_selector('#status[data-status="running"]')
+    listing = await browser.new_page(viewport={"width": 1280, "height": 900})
+    await listing.goto(stack.endpoints.web + "/")
+    row = f'tr[data-execution="{handle.execution_id}"]'
+    await listing.wait_for_selector(f'{row}[data-status="running"]')
+
+    stack.bridge.emit_lost(LostRun(handle.execution_id, "liveness", last + 1, "e-1", "worker-7", "disconnected"))
+    await run.wait_for_selector('#status[data-status="lost"]')
+    await listing.wait_for_selector(f'{row}[data-status="lost"]')
+    lost_colour = "rgb(190, 24, 93)"
+    assert await run.eval_on_selector("#status", "el => getComputedStyle(el).backgroundColor") == lost_colour
+    assert await listing.eval_on_selector(f"{row} .badge", "el => getComputedStyle(el).backgroundColor") == lost_colour
+    line = await run.text_content('[data-type="workflow.lost"]') or ""
+    assert f"#{last + 1}" in line and "worker-7" in line and "disconnected" in line
+    await shot(run, "lost")
+
+    assert handle.execution.recovered(last + 1)
+    await asyncio.to_thread(providers.flush)
+    await run.wait_for_selector('#status[data-status="running"]')
+    await listing.wait_for_selector(f'{row}[data-status="running"]')
+    gate.release.set()
+    await handle.result()
+    await asyncio.to_thread(providers.flush)
+    await run.wait_for_selector('#status[data-status="success"]')
+    await listing.wait_for_selector(f'{row}[data-status="success"]')
+    await asyncio.to_thread(providers.shutdown)
+    await engine.aclose()

@@ -121,10 +121,14 @@ function listView() {
     if (!msg.executionId) return;
     if (msg.ts && msg.ts > since) since = msg.ts;
     const row = rows.get(msg.executionId) || { executionId: msg.executionId, workflowId: msg.workflowId, workflowName: msg.workflowName, status: RS.RUNNING };
-    const ended = row.status !== RS.RUNNING && row.status !== RS.PAUSED;
+    // A lost run has not ended: it may recover or finish.
+    const ended = row.status !== RS.RUNNING && row.status !== RS.PAUSED && row.status !== RS.LOST;
     if (TERMINAL.has(msg.type)) merge(row, { status: msg.data.result || msg.type.split(".")[1], durationMs: msg.data.durationMs, completedNodes: msg.data.completedNodes });
     else if (ended) return;  // a replayed event older than the end the row already shows
-    else if (msg.type === E.WORKFLOW_STARTED) merge(row, { startTime: msg.ts, totalNodes: msg.data.totalNodes, trigger: msg.data.trigger, userId: msg.data.userId, status: RS.RUNNING });
+    // A replayed start does not undo a loss the row already shows; a replayed loss and recovery do, in order.
+    else if (msg.type === E.WORKFLOW_STARTED) merge(row, { startTime: msg.ts, totalNodes: msg.data.totalNodes, trigger: msg.data.trigger, userId: msg.data.userId, status: row.status === RS.LOST ? RS.LOST : RS.RUNNING });
+    else if (msg.type === E.WORKFLOW_LOST) merge(row, { status: RS.LOST });
+    else if (msg.type === E.WORKFLOW_RECOVERED) merge(row, { status: RS.RUNNING });
     else if (msg.type === E.EXECUTION_PROGRESS) merge(row, { progress: msg.data.progress, completedNodes: msg.data.completedNodes, totalNodes: msg.data.totalNodes });
     rows.set(msg.executionId, row);
     render();
@@ -207,6 +211,7 @@ function executionView(id) {
     else if (msg.type.endsWith(".failed")) { text += ` — ${d.error || ""}`; cls = "err"; }
     else if (msg.type === E.NODE_RETRYING) { text += ` in ${fmtMs(d.delayMs)} (${d.error || ""})`; cls = "warn"; }
     else if (msg.type === E.NODE_SKIPPED) { text += ` — ${d.reason || ""}`; cls = "dim"; }
+    else if (msg.type === E.WORKFLOW_LOST) { text += ` — engine ${d.engineName || d.engineId || "?"} ${d.reason || ""}`; cls = "lost"; }
     else if (d.durationMs !== undefined) text += ` (${fmtMs(d.durationMs)})`;
     if (msg.type === E.EXECUTION_PROGRESS) return;
     logEl.append(h("div", { class: cls, "data-seq": msg.seq, "data-type": msg.type }, `${fmtTime(msg.ts)}  #${msg.seq}  ${text}`));
@@ -242,6 +247,8 @@ function executionView(id) {
       state.progress = d.progress ?? state.progress; state.eta = d.etaMs ?? null;
     } else if (msg.type === E.WORKFLOW_PAUSED) state.status = RS.PAUSED;
     else if (msg.type === E.WORKFLOW_RESUMED) state.status = RS.RUNNING;
+    else if (msg.type === E.WORKFLOW_LOST) state.status = RS.LOST;
+    else if (msg.type === E.WORKFLOW_RECOVERED) state.status = RS.RUNNING;
     else if (TERMINAL.has(msg.type)) {
       state.finished = true; state.status = d.result || msg.type.split(".")[1]; state.meta.durationMs = d.durationMs;
       if (msg.type === E.WORKFLOW_COMPLETED) state.progress = 1;
