@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from clickhouse_connect.driver.client import Client
 
 from flowscope.collector.store import Dsn, _redacted, connect
-from flowscope.engine.checkpoints import NodeCheckpoint, NodeRow, RunRecord, RunRow, Stored, decode
+from flowscope.engine.checkpoints import Encoded, NodeCheckpoint, NodeRow, RunRecord, RunRow, Stored, decode
 
 DEFAULT_DATABASE = "otel"
 _KNOWN_BLOBS_MAX = 100_000
@@ -31,8 +31,8 @@ def _schema(db: str) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS `{db}`.flowscope_checkpoints (
             ExecutionId String, NodeId String, Attempt UInt32,
             WorkflowId LowCardinality(String), WorkflowVersion LowCardinality(String),
-            Stored LowCardinality(String), Size UInt64, Sha256 String, Reason String,
-            StoredAt DateTime64(6, 'UTC'), Version UInt64
+            Stored LowCardinality(String), Size UInt64, Sha256 String, Data String CODEC(ZSTD(1)),
+            Reason String, StoredAt DateTime64(6, 'UTC'), Version UInt64
         ) ENGINE = ReplacingMergeTree(Version) ORDER BY (ExecutionId, NodeId)""",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.flowscope_checkpoint_blobs (
             Sha256 String, Data String CODEC(ZSTD(1))
@@ -40,9 +40,19 @@ def _schema(db: str) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS `{db}`.flowscope_checkpoint_runs (
             ExecutionId String, WorkflowId LowCardinality(String), WorkflowVersion LowCardinality(String),
             InputStored LowCardinality(String), InputSize UInt64, InputSha256 String,
-            ResumedFrom Nullable(String), StoredAt DateTime64(6, 'UTC'), Version UInt64
+            InputData String CODEC(ZSTD(1)), ResumedFrom Nullable(String), StoredAt DateTime64(6, 'UTC'), Version UInt64
         ) ENGINE = ReplacingMergeTree(Version) ORDER BY ExecutionId""",
     ]
+
+
+def _inline(value: Encoded) -> str:
+    """The output kept in the row itself: small ones; empty when in the blobs table or not kept.
+    orjson writes UTF-8, so the JSON goes in as text and comes back byte-identical."""
+    return value.data.decode() if value.data is not None and value.sha256 is None else ""
+
+
+def _bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
 
 
 class ClickHouseBackend:
@@ -90,6 +100,7 @@ class ClickHouseBackend:
                     "Stored",
                     "Size",
                     "Sha256",
+                    "Data",
                     "Reason",
                     "StoredAt",
                     "Version",
@@ -104,6 +115,7 @@ class ClickHouseBackend:
                         n.value.stored.value,
                         n.value.size,
                         n.value.sha256 or "",
+                        _inline(n.value),
                         n.value.reason,
                         datetime.fromtimestamp(n.stored_at, UTC),
                         self._next_version(),
@@ -121,6 +133,7 @@ class ClickHouseBackend:
                     "InputStored",
                     "InputSize",
                     "InputSha256",
+                    "InputData",
                     "ResumedFrom",
                     "StoredAt",
                     "Version",
@@ -133,6 +146,7 @@ class ClickHouseBackend:
                         r.input.stored.value,
                         r.input.size,
                         r.input.sha256 or "",
+                        _inline(r.input),
                         r.resumed_from,
                         datetime.fromtimestamp(r.stored_at, UTC),
                         self._next_version(),
@@ -147,29 +161,34 @@ class ClickHouseBackend:
     def _insert(self, table: str, columns: list[str], rows: list[list[object]]) -> None:
         self._client.insert(f"`{self._db}`.{table}", rows, column_names=columns, settings=_INSERT_SETTINGS)
 
-    def read_nodes(self, execution_id: str) -> list[NodeCheckpoint]:
+    def read_nodes(self, execution_id: str, *, with_data: bool) -> list[tuple[NodeCheckpoint, bytes | None]]:
+        data = "Data" if with_data else "''"
         rows = self._client.query(
             f"SELECT NodeId, Attempt, Stored, Size, toUnixTimestamp64Micro(StoredAt), Sha256, WorkflowId,"
-            f" WorkflowVersion, Reason FROM `{self._db}`.flowscope_checkpoints FINAL"
+            f" WorkflowVersion, Reason, {data} FROM `{self._db}`.flowscope_checkpoints FINAL"
             " WHERE ExecutionId = {e:String} ORDER BY StoredAt, NodeId",
             parameters={"e": execution_id},
         ).result_rows
         return [
-            NodeCheckpoint(r[0], int(r[1]), Stored(r[2]), int(r[3]), r[4] / 1e6, r[5] or None, r[6], r[7], r[8])
+            (
+                NodeCheckpoint(r[0], int(r[1]), Stored(r[2]), int(r[3]), r[4] / 1e6, r[5] or None, r[6], r[7], r[8]),
+                _bytes(r[9]) if r[9] and not r[5] else None,
+            )
             for r in rows
         ]
 
     def read_run(self, execution_id: str) -> RunRecord | None:
         rows = self._client.query(
             f"SELECT WorkflowId, WorkflowVersion, InputStored, InputSize, ResumedFrom,"
-            f" toUnixTimestamp64Micro(StoredAt), InputSha256 FROM `{self._db}`.flowscope_checkpoint_runs FINAL"
+            f" toUnixTimestamp64Micro(StoredAt), InputSha256, InputData"
+            f" FROM `{self._db}`.flowscope_checkpoint_runs FINAL"
             " WHERE ExecutionId = {e:String}",
             parameters={"e": execution_id},
         ).result_rows
         if not rows:
             return None
         r = rows[0]
-        data = self.read_blobs([r[6]]).get(r[6]) if r[6] else None
+        data = self.read_blobs([r[6]]).get(r[6]) if r[6] else (_bytes(r[7]) if r[7] else None)
         value = decode(data) if data is not None else None
         return RunRecord(execution_id, r[0], r[1], Stored(r[2]), int(r[3]), r[4], r[5] / 1e6, value)
 
@@ -181,7 +200,7 @@ class ClickHouseBackend:
             " WHERE Sha256 IN {d:Array(String)} LIMIT 1 BY Sha256",
             parameters={"d": list(digests)},
         ).result_rows
-        return {r[0]: r[1].encode() if isinstance(r[1], str) else bytes(r[1]) for r in rows}
+        return {r[0]: _bytes(r[1]) for r in rows}
 
     def close(self) -> None:
         self._client.close()

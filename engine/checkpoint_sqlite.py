@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     stored TEXT NOT NULL,
     size INTEGER NOT NULL,
     sha256 TEXT,
+    data BLOB,
     reason TEXT NOT NULL,
     stored_at REAL NOT NULL,
     PRIMARY KEY (execution_id, node_id)
@@ -43,6 +44,7 @@ CREATE TABLE IF NOT EXISTS checkpoint_runs (
     input_stored TEXT NOT NULL,
     input_size INTEGER NOT NULL,
     input_sha256 TEXT,
+    input_data BLOB,
     resumed_from TEXT,
     stored_at REAL NOT NULL
 ) WITHOUT ROWID;
@@ -60,6 +62,7 @@ def _node(n: NodeRow) -> tuple[object, ...]:
         v.stored.value,
         v.size,
         v.sha256,
+        None if v.sha256 else v.data,
         v.reason,
         n.stored_at,
     )
@@ -74,6 +77,7 @@ def _run(r: RunRow) -> tuple[object, ...]:
         v.stored.value,
         v.size,
         v.sha256,
+        None if v.sha256 else v.data,
         r.resumed_from,
         r.stored_at,
     )
@@ -122,29 +126,29 @@ class SqliteBackend:
                 conn.executemany("INSERT OR IGNORE INTO checkpoint_blobs VALUES (?, ?)", blobs.items())
             if nodes:
                 conn.executemany(
-                    "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", map(_node, nodes)
+                    "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", map(_node, nodes)
                 )
             if runs:
                 conn.executemany(
-                    "INSERT OR REPLACE INTO checkpoint_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", map(_run, runs)
+                    "INSERT OR REPLACE INTO checkpoint_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", map(_run, runs)
                 )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
 
-    def read_nodes(self, execution_id: str) -> list[NodeCheckpoint]:
+    def read_nodes(self, execution_id: str, *, with_data: bool) -> list[tuple[NodeCheckpoint, bytes | None]]:
         rows = self._conn.execute(
-            "SELECT node_id, attempt, stored, size, stored_at, sha256, workflow_id, workflow_version, reason"
-            " FROM checkpoints WHERE execution_id = ? ORDER BY stored_at, node_id",
+            "SELECT node_id, attempt, stored, size, stored_at, sha256, workflow_id, workflow_version, reason,"
+            f" {'data' if with_data else 'NULL'} FROM checkpoints WHERE execution_id = ? ORDER BY stored_at, node_id",
             (execution_id,),
         ).fetchall()
-        return [NodeCheckpoint(r[0], r[1], Stored(r[2]), r[3], r[4], r[5], r[6], r[7], r[8]) for r in rows]
+        return [(NodeCheckpoint(r[0], r[1], Stored(r[2]), r[3], r[4], r[5], r[6], r[7], r[8]), r[9]) for r in rows]
 
     def read_run(self, execution_id: str) -> RunRecord | None:
         row = self._conn.execute(
             "SELECT r.workflow_id, r.workflow_version, r.input_stored, r.input_size, r.resumed_from, r.stored_at,"
-            " b.data"
+            " coalesce(r.input_data, b.data)"
             " FROM checkpoint_runs r LEFT JOIN checkpoint_blobs b ON b.sha256 = r.input_sha256"
             " WHERE r.execution_id = ?",
             (execution_id,),

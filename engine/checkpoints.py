@@ -32,6 +32,10 @@ from flowscope.engine.redact import REDACTED, Secret
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
+# Outputs up to this size are kept in their checkpoint's row; larger ones once, by sha256, in the
+# blobs table. A small output costs little more than its hash and would cost the commit a
+# second table: the chain of one put per commit is where that shows (bench/README.md).
+INLINE_BYTES = 1024
 
 
 class CheckpointError(RuntimeError):
@@ -53,7 +57,8 @@ class Stored(StrEnum):
 
 @dataclass(frozen=True)
 class Encoded:
-    """A value as stored: its JSON bytes (None unless kept) and what they stand for."""
+    """A value as stored: its JSON bytes (None unless kept), inline when `sha256` is None,
+    else in the blobs table under that digest."""
 
     stored: Stored
     size: int
@@ -182,7 +187,7 @@ def encode(value: Any, max_bytes: int) -> Encoded:
         return Encoded(Stored.UNSERIALISABLE, 0, None, None, str(cause))
     if len(data) > max_bytes:
         return Encoded(Stored.TOO_LARGE, len(data), None, None, f"{len(data)} bytes > {max_bytes}")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(data).hexdigest() if len(data) > INLINE_BYTES else None
     return Encoded(Stored.SECRET if secrets else Stored.OUTPUT, len(data), data, digest)
 
 
@@ -220,7 +225,8 @@ class Backend(Protocol):
     def write(self, nodes: Sequence[NodeRow], runs: Sequence[RunRow]) -> None:
         """Store every row durably, blobs before the rows naming them; raise if not stored."""
 
-    def read_nodes(self, execution_id: str) -> list[NodeCheckpoint]: ...
+    def read_nodes(self, execution_id: str, *, with_data: bool) -> list[tuple[NodeCheckpoint, bytes | None]]:
+        """Each node's checkpoint and, `with_data`, its inline output bytes."""
 
     def read_run(self, execution_id: str) -> RunRecord | None:
         """The run's record, its input decoded when stored."""
@@ -317,7 +323,7 @@ class GroupCommitStore:
 
     async def describe(self, execution_id: str) -> CheckpointSummary:
         def read() -> CheckpointSummary:
-            nodes = self._backend.read_nodes(execution_id)
+            nodes = [node for node, _ in self._backend.read_nodes(execution_id, with_data=False)]
             run = self._backend.read_run(execution_id)
             if run is not None:
                 run = RunRecord(**{**run.__dict__, "input": None})
@@ -344,14 +350,16 @@ class GroupCommitStore:
         return await waiter.future
 
     def _load(self, execution_id: str) -> Checkpoint:
-        nodes = {n.node_id: n for n in self._backend.read_nodes(execution_id)}
+        read = self._backend.read_nodes(execution_id, with_data=True)
+        nodes = {n.node_id: n for n, _ in read}
+        inline = {n.node_id: data for n, data in read if data is not None}
         run = self._backend.read_run(execution_id)
         blobs = self._backend.read_blobs(sorted({n.sha256 for n in nodes.values() if n.sha256}))
         outputs: dict[str, Any] = {}
         encoded: dict[str, bytes] = {}
         redacted: dict[str, Any] = {}
         for node in nodes.values():
-            data = blobs.get(node.sha256) if node.sha256 else None
+            data = blobs.get(node.sha256) if node.sha256 else inline.get(node.node_id)
             if data is None:
                 continue
             if node.reusable:

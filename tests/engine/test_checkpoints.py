@@ -107,10 +107,12 @@ async def test_identical_outputs_are_stored_once(open_store: Any, store_url: str
     same = {"report": "x" * 5000, "rows": list(range(100))}
     for execution in ("e1", "e2", "e3"):
         await asyncio.gather(*(store.put(execution, f"n{i}", same, attempt=1, **WF) for i in range(20)))
-    await store.put("e1", "different", {"report": "y"}, attempt=1, **WF)
+    await store.put("e1", "different", {"report": "y" * 5000}, attempt=1, **WF)
+    await store.put("e1", "small", {"report": "z"}, attempt=1, **WF)  # kept in its row, not a blob
 
     for execution in ("e1", "e2", "e3"):
         assert (await store.load(execution)).outputs["n7"] == same
+    assert (await store.load("e1")).outputs["small"] == {"report": "z"}
     if store_url.startswith("sqlite"):
         store.close()
         conn = __import__("sqlite3").connect(store_url.removeprefix("sqlite://"))
@@ -118,7 +120,7 @@ async def test_identical_outputs_are_stored_once(open_store: Any, store_url: str
         conn.close()
     else:
         blobs = chdb_rows(store_url, f"SELECT count() FROM {database}.flowscope_checkpoint_blobs")[0][0]
-    assert blobs == 2  # `same` once, the different output once
+    assert blobs == 2  # `same` once, the different large output once
 
 
 async def test_an_output_over_the_bound_is_a_marker(open_store: Any, store_url: str, tmp_path: Path) -> None:
