@@ -103,6 +103,9 @@ def _watch_fold(nodes: dict[str, dict[str, Any]], status: dict[str, Any], event:
             n["durationMs"] = number(data["durationMs"])
     elif kind == EventName.EXECUTION_PROGRESS:
         status["progress"] = number(data.get("progress")) or 0.0
+    elif kind in (EventName.WORKFLOW_LOST, EventName.WORKFLOW_RECOVERED):
+        # Its engine went silent, or came back still running it: not an end, watching goes on.
+        status["value"] = RunStatus.LOST if kind == EventName.WORKFLOW_LOST else RunStatus.RUNNING
     elif kind in TERMINAL_EVENTS:
         status["value"] = data.get("result", kind.split(".")[1])
         status["progress"] = 1.0 if kind == EventName.WORKFLOW_COMPLETED else status["progress"]

@@ -79,7 +79,7 @@ def execution_from_events(execution_id: str, events: list[LiveEvent], owner: tup
         "workflowId": owner[0] if owner else first["workflowId"],
         "workflowName": first["workflowName"],
         "workflowVersion": None,
-        "status": RunStatus.RUNNING,
+        "status": _live_status(events),
         "trigger": _text(data.get("trigger")),
         "userId": (owner[1] or None) if owner else _text(data.get("userId")),
         "startTime": first["ts"],
@@ -95,6 +95,17 @@ def execution_from_events(execution_id: str, events: list[LiveEvent], owner: tup
         "resumedFrom": _text(data.get("resumedFrom")),
         "parentExecutionId": _text(data.get("parentExecutionId")),
     }
+
+
+def _live_status(events: list[LiveEvent]) -> RunStatus:
+    """A run known only by its events (its row not stored yet) is running, or lost if the
+    last word on its engine was workflow.lost."""
+    for event in reversed(events):
+        if event["type"] == EventName.WORKFLOW_LOST:
+            return RunStatus.LOST
+        if event["type"] == EventName.WORKFLOW_RECOVERED:
+            break
+    return RunStatus.RUNNING
 
 
 def owned_by(event: LiveEvent, owner: tuple[str, str]) -> bool:

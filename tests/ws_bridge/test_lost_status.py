@@ -24,11 +24,14 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 
 from flowscope.engine import Engine, NodeContext, WorkflowBuilder
 from flowscope.engine.scheduler import ExecutionHandle
+from flowscope.reading import _watch_fold
 from flowscope.stack import Stack
 from flowscope.ws_bridge.control_events import LostEmitter, LostRun, OtlpLogSink, lost_request
+from flowscope.ws_bridge.shapes import execution_from_events
 from tests.collector.otlp import OtlpProviders, otlp_providers
 from tests.helpers import Gate
 from tests.ws_bridge.conftest import StackFactory, recv_json, recv_until, stack, stack_factory, ws_client, ws_url
+from tests.ws_bridge.live_events import live_event
 
 __all__ = ["stack", "stack_factory"]
 
@@ -232,3 +235,32 @@ async def test_the_grpc_sink_presents_its_token(stack_factory: StackFactory) -> 
             sink.close()
         events = await eventually(lambda: asyncio.to_thread(history.events, "via-grpc"), "the event stored")
         assert events[0]["type"] == "workflow.lost"
+        # Without the run's start the view writes no row; the API still shows it lost, by its events.
+        execution = await asyncio.to_thread(history.get_execution, "via-grpc")
+        assert execution is not None and execution["status"] == "lost"
+
+
+def test_watch_shows_lost_then_running_then_the_result() -> None:
+    nodes: dict[str, dict[str, Any]] = {}
+    status: dict[str, Any] = {"value": "running", "progress": 0.0, "error": None}
+    seen = []
+    for seq, kind, data in (
+        (1, "workflow.started", {"nodes": [{"id": "a"}]}),
+        (2, "workflow.lost", {"reason": "silent"}),
+        (3, "workflow.recovered", {"lostSeq": 2}),
+        (4, "workflow.lost", {"reason": "disconnected"}),
+        (5, "workflow.completed", {"result": "success"}),
+    ):
+        _watch_fold(nodes, status, live_event(kind, seq, data=data))
+        seen.append(status["value"])
+    assert seen == ["running", "lost", "running", "lost", "success"]
+
+
+def test_a_run_known_by_its_events_alone_is_lost_until_recovered() -> None:
+    started = live_event("workflow.started", 1, data={"totalNodes": 1})
+    lost = live_event("workflow.lost", 2, data={"reason": "silent"})
+    recovered = live_event("workflow.recovered", 3, data={"lostSeq": 2})
+    progress = live_event("execution.progress", 4, data={"progress": 0.5})
+    assert execution_from_events("e1", [started, lost], None)["status"] == "lost"
+    assert execution_from_events("e1", [started, lost, recovered, progress], None)["status"] == "running"
+    assert execution_from_events("e1", [started, progress], None)["status"] == "running"
