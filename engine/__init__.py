@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flowscope.engine.catalog import Catalog, FinishedRuns, RetrySource
 from flowscope.engine.context import LlmUsage, NodeContext
-from flowscope.engine.control import ControlLink
+from flowscope.engine.control_link import ControlLink
 from flowscope.engine.dag import Node, Workflow, WorkflowBuilder, WorkflowValidationError
 from flowscope.engine.events import EventType, WorkflowEvent
 from flowscope.engine.llm import LlmProvider, LocalProvider, OpenAICompatibleProvider

@@ -32,7 +32,7 @@ from flowscope.engine.results import ExecutionFailed, ExecutionResult, NodeState
 from flowscope.engine.telemetry import Telemetry
 
 if TYPE_CHECKING:
-    from flowscope.engine.control import ControlLink
+    from flowscope.engine.control_link import ControlLink
 
 __all__ = [
     "ChildWorkflowFailed",
@@ -586,7 +586,7 @@ class Engine:
         if self.control is None:
             raise ValueError("this engine has no control address (Engine(control=...))")
         if self.control_link is None:
-            from flowscope.engine.control import ControlLink
+            from flowscope.engine.control_link import ControlLink
 
             self.control_link = ControlLink(self, self.control, self.control_token)
         self.control_link.start()

@@ -345,7 +345,7 @@ async def test_a_refused_engine_token_is_logged_and_retried(
         engine.serve(flows.hold())
         link = ControlLink(engine, stack.url, "read-only-token", auth_retry_s=0.05)
         engine.control_link = link
-        with caplog.at_level(logging.ERROR, logger="flowscope.engine.control"):
+        with caplog.at_level(logging.ERROR, logger="flowscope.engine.control_link"):
             link.start()
             await stack.hello()
         messages = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
