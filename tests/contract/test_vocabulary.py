@@ -8,6 +8,7 @@ import re
 
 import flowscope.contract as contract
 from flowscope.contract import DerivedEventName, EventName, NodeState, Result, RunStatus, attributes
+from flowscope.contract.page import page_constants
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -51,3 +52,16 @@ def test_a_node_failed_by_cancellation_is_cancelled() -> None:
     assert contract.node_state("node.failed", {"result": "cancellation"}) is NodeState.CANCELLED
     assert contract.node_state("node.failed", {"result": "failure"}) is NodeState.FAILED
     assert contract.node_state("workflow.started", {}) is None
+
+
+def test_lost_and_recovered_are_run_events_that_end_nothing() -> None:
+    """docs/control.md: a lost run may still recover or finish; the list follows both events."""
+    for name in (EventName.WORKFLOW_LOST, EventName.WORKFLOW_RECOVERED):
+        assert name in contract.RUN_EVENTS and name not in contract.TERMINAL_EVENTS
+        assert name in contract.LIVE_EVENT_TYPES
+    assert RunStatus.LOST in contract.STORED_RUN_STATUSES
+    # Not succeeded, not running: the aggregates count a lost run with the failed ones.
+    assert RunStatus.LOST not in contract.NOT_FAILED_RUN_STATUSES
+    page = page_constants()
+    assert {"workflow.lost", "workflow.recovered"} <= set(page["runEvents"])
+    assert "lost" in page["storedRunStatuses"] and page["control"]["CONTROL_RESULT"] == "control.result"

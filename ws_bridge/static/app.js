@@ -211,7 +211,7 @@ function executionView(id) {
     else if (msg.type.endsWith(".failed")) { text += ` — ${d.error || ""}`; cls = "err"; }
     else if (msg.type === E.NODE_RETRYING) { text += ` in ${fmtMs(d.delayMs)} (${d.error || ""})`; cls = "warn"; }
     else if (msg.type === E.NODE_SKIPPED) { text += ` — ${d.reason || ""}`; cls = "dim"; }
-    else if (msg.type === E.WORKFLOW_LOST) { text += ` — engine ${d.engineName || d.engineId || "?"} ${d.reason || ""}`; cls = "lost"; }
+    else if (msg.type === E.WORKFLOW_LOST) { text += ` — engine ${d.engineName || d.engineId || "?"} ${d.reason || ""}`; cls = "engine-lost"; }
     else if (d.durationMs !== undefined) text += ` (${fmtMs(d.durationMs)})`;
     if (msg.type === E.EXECUTION_PROGRESS) return;
     logEl.append(h("div", { class: cls, "data-seq": msg.seq, "data-type": msg.type }, `${fmtTime(msg.ts)}  #${msg.seq}  ${text}`));
