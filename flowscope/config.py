@@ -49,6 +49,9 @@ class Settings:
     max_queue_rows: int | None = None
     ws_queue_size: int = 1_000
     heartbeat_interval_s: float = 15.0
+    # docs/control.md: how long a command waits for its engine; an engine's silence before its runs are lost.
+    control_timeout_s: float = 5.0
+    lost_after_s: float = 10.0
     flush_interval_s: float | None = None
     # The collector refuses records stamped further ahead or further back than this; 0 = no bound.
     ingest_max_future_s: float = 86_400.0
@@ -123,6 +126,6 @@ def _coerce(name: str, raw: str, current: Any) -> Any:
         return int(raw)
     if name == "ws_queue_size":
         return int(raw)
-    if name in {"flush_interval_s", "heartbeat_interval_s", "ingest_max_future_s"}:
+    if name in {"flush_interval_s", "heartbeat_interval_s", "ingest_max_future_s", "control_timeout_s", "lost_after_s"}:
         return float(raw)
     return raw or current

@@ -39,6 +39,8 @@ def bridge_config(settings: Settings, *, otlp_port: int | None) -> BridgeConfig:
         links=Links(settings.jaeger_url, settings.grafana_url),
         otlp_port=otlp_port,
         limits=ConnectionLimits(queue_size=settings.ws_queue_size, heartbeat_interval_s=settings.heartbeat_interval_s),
+        control_timeout_s=settings.control_timeout_s,
+        lost_after_s=settings.lost_after_s,
     )
 
 

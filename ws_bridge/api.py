@@ -115,7 +115,7 @@ def api_routes(history: History | None, auth: Authenticator, links: Links) -> li
           - {name: workflow, in: query, schema: {type: string}}
           - name: status
             in: query
-            schema: {type: string, enum: [running, success, failure, error, timeout, cancellation]}
+            schema: {type: string, enum: [running, success, failure, error, timeout, cancellation, lost]}
           - {name: user, in: query, schema: {type: string}}
           - {name: trigger, in: query, schema: {type: string}}
           - {name: since, in: query, schema: {type: string, format: date-time}}
@@ -253,13 +253,18 @@ def api_routes(history: History | None, auth: Authenticator, links: Links) -> li
 
     async def me(request: Request, principal: Principal) -> Response:
         """
-        summary: Who the token is, and the rooms that carry every live event it may see
+        summary: Who the token is, the rooms that carry every live event it may see, and what it may steer
         responses:
-          200: {description: "{subject, unrestricted, rooms}"}
+          200: {description: "{subject, unrestricted, rooms, control: ['*'] or the workflow ids it may steer}"}
           401: {description: missing or invalid credentials}
         """
         return JSONResponse(
-            {"subject": principal.subject, "unrestricted": principal.unrestricted, "rooms": principal.watched_rooms()}
+            {
+                "subject": principal.subject,
+                "unrestricted": principal.unrestricted,
+                "rooms": principal.watched_rooms(),
+                "control": principal.controls,
+            }
         )
 
     return [

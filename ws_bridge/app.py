@@ -27,6 +27,10 @@ from flowscope.collector.types import Outcome, Signal
 from flowscope.ws_bridge.api import Links, api_routes, openapi_route
 from flowscope.ws_bridge.auth import AuthConfig, Authenticator, AuthError, require_auth_on_public_bind
 from flowscope.ws_bridge.connection import Connection, ConnectionLimits, close_quietly
+from flowscope.ws_bridge.control import ControlHub
+from flowscope.ws_bridge.control_api import control_routes
+from flowscope.ws_bridge.control_engine import EngineChannel
+from flowscope.ws_bridge.control_events import EmitLost
 from flowscope.ws_bridge.derive import MedianCache, Thresholds
 from flowscope.ws_bridge.events import events_from_logs, facts_from_spans
 from flowscope.ws_bridge.history import History
@@ -59,6 +63,10 @@ class BridgeConfig:
     # The server closes a WebSocket whose message exceeds this (1009) before connection.py reads it.
     ws_max_message_bytes: int = 1 << 20
     ws_ping_interval_s: float = 20.0
+    # The control plane (docs/control.md): how long a command waits for its engine, and how long
+    # an engine may stay silent before its runs are lost.
+    control_timeout_s: float = 5.0
+    lost_after_s: float = 10.0
 
 
 def trusted_hosts(bind_host: str, allowed: Sequence[str]) -> list[str]:
@@ -78,13 +86,22 @@ def trusted_hosts(bind_host: str, allowed: Sequence[str]) -> list[str]:
 class Bridge:
     """Turns the accepted OTLP stream into live events for WebSocket subscribers."""
 
-    def __init__(self, config: BridgeConfig, history: History | None) -> None:
+    def __init__(self, config: BridgeConfig, history: History | None, emit_lost: EmitLost | None = None) -> None:
         require_auth_on_public_bind(config.host, config.auth)
         self.config = config
         self.history = history
+        self.emit_lost = emit_lost  # how the control plane records a run lost (docs/control.md)
         self.auth = Authenticator(config.auth)
         self.medians = MedianCache(history.node_duration_medians_of if history else None)
         self.hub = Hub(config.thresholds, self.medians, stored_owners=history.owners_of if history else None)
+        self.control = ControlHub(
+            stored_owner=history.owner if history else None,
+            last_seq=self.hub.last_seq,
+            emit_lost=emit_lost,
+            timeout_s=config.control_timeout_s,
+            lost_after_s=config.lost_after_s,
+            max_frame_bytes=config.ws_max_message_bytes,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[Connection] = set()
         self._otlp: GrpcReceiver | None = None
@@ -135,10 +152,11 @@ class Bridge:
     # -- HTTP and WebSocket -----------------------------------------------------------------------
 
     def routes(self) -> list[BaseRoute]:
-        api = api_routes(self.history, self.auth, self.config.links)
+        api = [*api_routes(self.history, self.auth, self.config.links), *control_routes(self.control, self.auth)]
         routes: list[BaseRoute] = [
             WebSocketRoute("/ws", self._ws),
             WebSocketRoute("/ws/executions/{execution_id}", self._ws_execution),
+            WebSocketRoute("/control/v1/engine", self._engine_ws),
             *api,
             Route("/healthz", self._healthz),
             Route("/", self._index),
@@ -157,7 +175,7 @@ class Bridge:
                     CORSMiddleware,
                     allow_origins=list(self.config.cors_origins),
                     allow_methods=["GET", "POST"],
-                    allow_headers=["authorization", "content-type"],
+                    allow_headers=["authorization", "content-type", "idempotency-key"],
                 )
             )
         return Starlette(routes=[*extra_routes, *self.routes()], middleware=middleware)
@@ -218,12 +236,33 @@ class Bridge:
             self.history.events if self.history else None,
             self._history_since if self.history else None,
             self.history.owner if self.history else None,
+            self.control,
         )
         self._connections.add(connection)
         try:
             await connection.run(initial)
         finally:
             self._connections.discard(connection)
+
+    async def _engine_ws(self, websocket: WebSocket) -> None:
+        """An engine's control channel (docs/control.md): a bearer token with the `engine` grant."""
+        if websocket.headers.get("origin") is not None:
+            # Engines send no Origin; a browser always does, and no page may pose as an engine.
+            logger.info("refused an engine handshake carrying an Origin")
+            await close_quietly(websocket, 4403, "engines connect without an Origin")
+            return
+        try:
+            # No ?token=: an engine can send a header, and a token in a URL ends up in logs.
+            principal = self.auth.authenticate(websocket.headers.get("authorization"), None)
+        except AuthError as exc:
+            await websocket.accept()
+            await close_quietly(websocket, 4401, str(exc)[:120])
+            return
+        await websocket.accept()
+        if not principal.may_serve_engine:
+            await close_quietly(websocket, 4403, f"{principal.subject[:60]!r} lacks the 'engine' grant")
+            return
+        await EngineChannel(self.control, websocket, principal).run()
 
     def _origin_allowed(self, origin: str, host: str) -> bool:
         """Same origin (the page came from this server) or a configured CORS origin.
@@ -245,6 +284,7 @@ class Bridge:
         if self._otlp is not None:
             self._otlp.stop()
             self._otlp = None
+        await self.control.aclose()
         self.hub.close()
         await self.medians.aclose()
 
@@ -252,6 +292,7 @@ class Bridge:
     async def running(self) -> AsyncIterator[Bridge]:
         self.bind_loop()
         self.start_otlp()
+        self.control.start()
         try:
             yield self
         finally:

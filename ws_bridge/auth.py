@@ -7,6 +7,11 @@ receives an event outside them whichever room it arrived through.
 
 Writing telemetry (OTLP) needs the "ingest" grant, which no read grant implies —
 not even "*": a dashboard's token cannot forge events. "admin" implies both.
+
+Steering runs (docs/control.md) needs a control grant, which no read grant implies either:
+"control:*" (every workflow) or "control:workflow:<id>" (one workflow's runs). An engine
+connecting to the control channel needs "engine", which implies nothing else. "admin"
+implies every grant; with auth off, everyone is "admin".
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ from flowscope.collector.receiver import Forbidden, Unauthenticated
 _SCOPED = ("workflow", "user", "execution")
 INGEST = "ingest"
 ADMIN = "admin"
+ENGINE = "engine"
+CONTROL_ALL = "control:*"
+CONTROL_WORKFLOW = "control:workflow:"
 _WRITE_GRANTS = frozenset({INGEST, ADMIN})
+# Grants that say nothing about what may be read.
+_NOT_READ = frozenset({INGEST, ADMIN, ENGINE})
 
 
 class AuthError(Exception):
@@ -49,7 +59,7 @@ class Principal:
             return False
         if room.startswith("execution:"):
             # Which workflow an execution belongs to is known per event: filtered there.
-            return bool(self.grants - _WRITE_GRANTS)
+            return any(g not in _NOT_READ and not g.startswith("control:") for g in self.grants)
         return room in self.grants
 
     def watched_rooms(self) -> list[str]:
@@ -67,8 +77,30 @@ class Principal:
             or (user_id is not None and f"user:{user_id}" in self.grants)
         )
 
+    # -- steering (docs/control.md) ---------------------------------------------------------
 
-ANONYMOUS = Principal("anonymous", frozenset({"*"}))
+    @property
+    def may_serve_engine(self) -> bool:
+        return ENGINE in self.grants or ADMIN in self.grants
+
+    def may_control(self, workflow_id: str) -> bool:
+        return ADMIN in self.grants or CONTROL_ALL in self.grants or f"{CONTROL_WORKFLOW}{workflow_id}" in self.grants
+
+    @property
+    def controls(self) -> list[str]:
+        """What this principal may steer: ["*"] for every workflow, else the workflow ids (maybe none)."""
+        if ADMIN in self.grants or CONTROL_ALL in self.grants:
+            return ["*"]
+        prefix = len(CONTROL_WORKFLOW)
+        return sorted(g[prefix:] for g in self.grants if g.startswith(CONTROL_WORKFLOW) and len(g) > prefix)
+
+    @property
+    def may_control_any(self) -> bool:
+        return bool(self.controls)
+
+
+# Auth off (loopback only, or --no-auth): whoever connects may do anything, steering included.
+ANONYMOUS = Principal("anonymous", frozenset({"*", ADMIN}))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from flowscope.contract import LIVE_EVENT_TYPES, ControlType
 from flowscope.ws_bridge.auth import Principal
+from flowscope.ws_bridge.control import BadCommand, ControlHub, parse_command
 from flowscope.ws_bridge.events import user_of_events, wire_json
 from flowscope.ws_bridge.rooms import Hub, Subscription
 from flowscope.ws_bridge.types import LiveEvent, Message
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 EVENT_TYPES = LIVE_EVENT_TYPES
 _ROOM = re.compile(r"^(all|(execution|workflow|user):[A-Za-z0-9_.:@\-]{1,200})$")
 _SUB_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# Steering ops (docs/control.md); each is answered by a control.result with the op's id.
+CONTROL_OPS = frozenset({"start", "pause", "resume", "stop", "retry"})
+_MAX_COMMANDS_IN_FLIGHT = 64
 _MAX_SEQ = 2**62
 # History timestamps are DateTime64(9): 'since' must fall within its range.
 _EARLIEST = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
@@ -71,6 +75,7 @@ class Connection:
         history_events: HistoryEvents | None,
         history_since: HistorySince | None,
         history_owner: HistoryOwner | None = None,
+        control: ControlHub | None = None,
     ) -> None:
         self.ws = websocket
         self.principal = principal
@@ -79,6 +84,8 @@ class Connection:
         self._history_events = history_events
         self._history_since = history_since
         self._history_owner = history_owner
+        self._control_hub = control
+        self._commands: set[asyncio.Task[None]] = set()
         # Events are queued with their subscription id; control messages are plain dicts.
         self._events: deque[tuple[LiveEvent, str] | Message] = deque()
         self._control: deque[Message] = deque(maxlen=256)
@@ -140,9 +147,10 @@ class Connection:
             self.closed = True
             for sub in list(self.subscriptions.values()):
                 self._drop_subscription(sub)
-            for task in (sender, heartbeat, *self._replays.values()):
+            tasks = (sender, heartbeat, *self._replays.values(), *self._commands)
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(sender, heartbeat, *self._replays.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _receive_loop(self, sender: asyncio.Task[None]) -> None:
         while not sender.done():
@@ -234,8 +242,47 @@ class Connection:
                 raise ProtocolError("unknown_subscription", f"no subscription {sub_id!r}", str(sub_id))
             self._drop_subscription(sub)
             self.control({"type": ControlType.UNSUBSCRIBED, "id": sub.id})
+        elif op in CONTROL_OPS:
+            self._command(str(op), request)
         else:
-            raise ProtocolError("unknown_op", f"unknown op {op!r}: use subscribe, unsubscribe or ping")
+            raise ProtocolError(
+                "unknown_op",
+                f"unknown op {op!r}: use subscribe, unsubscribe, ping, start, pause, resume, stop or retry",
+            )
+
+    def _command(self, op: str, request: dict[str, Any]) -> None:
+        """A steering op, answered by a control.result once its engine answers: run as a task, so
+        the frames that follow are read meanwhile."""
+        request_id = request.get("id")
+        if not (isinstance(request_id, str) and 0 < len(request_id) <= 64) and not (
+            isinstance(request_id, int) and not isinstance(request_id, bool)
+        ):
+            raise ProtocolError("bad_request", f"{op} needs an 'id' (a string of 1-64 characters, or an integer)")
+        if len(self._commands) >= _MAX_COMMANDS_IN_FLIGHT:
+            raise ProtocolError("too_many_commands", f"at most {_MAX_COMMANDS_IN_FLIGHT} commands in flight")
+        result: Message = {"type": ControlType.CONTROL_RESULT, "id": request_id}
+        hub = self._control_hub
+        if hub is None:
+            self.control({**result, "ok": False, "code": "unavailable", "error": "this bridge takes no commands"})
+            return
+        try:
+            command = parse_command(op, request)
+        except BadCommand as exc:
+            self.control({**result, "ok": False, "code": "bad_request", "error": str(exc)})
+            return
+
+        async def run() -> None:
+            outcome = await hub.command(self.principal, command)
+            answer = {**result, "ok": outcome.ok}
+            if outcome.ok:
+                answer |= outcome.body
+            else:
+                answer |= {"code": outcome.code, "error": outcome.error}
+            self.control(answer)
+
+        task = asyncio.create_task(run())
+        self._commands.add(task)
+        task.add_done_callback(self._commands.discard)
 
     def _subscribe(self, request: dict[str, Any]) -> None:
         sub_id = request.get("id")

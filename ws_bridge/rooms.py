@@ -177,6 +177,11 @@ class Hub:
     def user_of(self, execution_id: str) -> str | None:
         return self.replay.user_of(execution_id)
 
+    def last_seq(self, execution_id: str) -> int:
+        """The highest seq routed for an execution the hub still tracks, else 0."""
+        track = self.replay.track_of(execution_id)
+        return track.last_seq if track is not None else 0
+
     def recent_events(self, execution_id: str, from_seq: int) -> list[LiveEvent]:
         return self.replay.events(execution_id, from_seq)
 

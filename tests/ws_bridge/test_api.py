@@ -156,7 +156,8 @@ async def test_a_restricted_token_lists_everything_its_grants_cover(stack_factor
         async with httpx.AsyncClient(base_url=stack.endpoints.web) as http:
             ana = {"Authorization": "Bearer tok-ana"}
             me = (await http.get("/api/v1/me", headers=ana)).json()
-            assert me == {"subject": "ana", "unrestricted": False, "rooms": ["user:ana", "workflow:api-bad"]}
+            rooms = ["user:ana", "workflow:api-bad"]
+            assert me == {"subject": "ana", "unrestricted": False, "rooms": rooms, "control": []}
             admin = (await http.get("/api/v1/me", params={"token": "tok-admin"})).json()
             assert admin["rooms"] == ["all"] and admin["unrestricted"] is True
             assert (await http.get("/api/v1/me")).status_code == 401

@@ -1,0 +1,515 @@
+"""The stack's side of the control plane (docs/control.md): connected engines, commands, liveness.
+
+Engines dial in on /control/v1/engine (ws_bridge/control_engine.py holds the channel) and
+announce the workflows they serve; their heartbeats say which executions each one runs. A
+command from REST or the live WebSocket is authorised here, routed to the one engine it
+concerns, and waited for: a command whose engine went away stays pending with that engine and
+is sent again if the same engineId comes back within the timeout — the engine answers a
+repeated commandId from memory, so a command is applied once — else the caller learns whether
+it had been delivered. Executions of an engine whose channel closed or that went silent are
+declared lost (`EmitLost`), and told so if their engine comes back with them.
+
+Runs on the event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flowscope.ws_bridge.auth import Principal
+from flowscope.ws_bridge.control_engine import EngineSession, Pending, RunInfo
+from flowscope.ws_bridge.control_events import EmitLost, LostRun
+from flowscope.ws_bridge.types import Message
+
+logger = logging.getLogger(__name__)
+
+OPS = ("start", "pause", "resume", "stop", "retry")
+_STATUS_OF_CODE = {"bad_request": 400, "forbidden": 403, "not_found": 404, "conflict": 409, "unavailable": 503}
+_CODE_OF_STATUS = {v: k for k, v in _STATUS_OF_CODE.items()}
+_AFTER = {"pause": "paused", "resume": "running", "stop": "cancelling"}
+# What is remembered of engines, commands and runs that are gone: enough to route a repeated
+# command or a retry, and to tell "gone" from "never heard of", never unbounded.
+MAX_REMEMBERED = 10_000
+MAX_GONE_ENGINES = 1_000
+
+# (workflow id, user id or "") of an execution, as its first stored record named them.
+StoredOwner = Callable[[str], tuple[str, str] | None]
+
+
+@dataclass(frozen=True)
+class CommandRequest:
+    """One command as a caller asked for it, validated (parse_command)."""
+
+    op: str
+    execution_id: str | None = None
+    workflow_id: str | None = None
+    version: str | None = None
+    input: Any = None
+    trigger: str | None = None
+    user_id: str | None = None
+    from_node: str | None = None
+    idempotency_key: str | None = None
+
+
+class BadCommand(ValueError):
+    """A command the stack cannot read: answered 400 / `bad_request`."""
+
+
+def parse_command(op: str, body: Any, idempotency_key: str | None = None) -> CommandRequest:
+    """The command in a REST body or a WebSocket op's fields; BadCommand says what is wrong."""
+    if not isinstance(body, dict):
+        raise BadCommand(f"the {op} command's body must be a JSON object")
+
+    def text(name: str, required: bool = False, limit: int = 200) -> str | None:
+        value = body.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value or len(value) > limit or not value.isprintable():
+            raise BadCommand(f"'{name}' must be a non-empty string of at most {limit} printable characters")
+        return value
+
+    if idempotency_key is not None and (
+        not idempotency_key or len(idempotency_key) > 200 or not idempotency_key.isascii()
+    ):
+        raise BadCommand("'Idempotency-Key' must be 1-200 ASCII characters")
+    if op == "start":
+        version = body.get("version")
+        return CommandRequest(
+            op,
+            workflow_id=text("workflowId", required=True),
+            version=str(version) if isinstance(version, int) and not isinstance(version, bool) else text("version"),
+            input=body.get("input"),
+            trigger=text("trigger", limit=64),
+            user_id=text("userId"),
+            idempotency_key=idempotency_key,
+        )
+    from_node = text("fromNode") if op == "retry" else None
+    return CommandRequest(
+        op, execution_id=text("executionId", required=True), from_node=from_node, idempotency_key=idempotency_key
+    )
+
+
+@dataclass(frozen=True)
+class ControlOutcome:
+    """The answer to a command: an HTTP status and its JSON body ({error, code} when it failed)."""
+
+    status: int
+    body: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 400
+
+    @property
+    def code(self) -> str | None:
+        return None if self.ok else _CODE_OF_STATUS.get(self.status, "conflict")
+
+    @property
+    def error(self) -> str | None:
+        return None if self.ok else str(self.body.get("error", ""))
+
+
+def failure(status: int, message: str) -> ControlOutcome:
+    return ControlOutcome(status, {"error": message, "code": _CODE_OF_STATUS.get(status, "conflict")})
+
+
+@dataclass(frozen=True)
+class _Ran:
+    engine_id: str
+    workflow_id: str
+    version: str
+    ended: str | None = None  # the result of a `finished` run
+
+
+class ControlHub:
+    def __init__(
+        self,
+        *,
+        stored_owner: StoredOwner | None = None,
+        last_seq: Callable[[str], int] | None = None,
+        emit_lost: EmitLost | None = None,
+        timeout_s: float = 5.0,
+        lost_after_s: float = 10.0,
+        heartbeat_interval_s: float = 2.0,
+        max_frame_bytes: int = 1 << 20,
+    ) -> None:
+        self.stored_owner = stored_owner
+        self.last_seq = last_seq or (lambda execution_id: 0)
+        self.emit_lost = emit_lost
+        self.timeout_s = timeout_s
+        self.lost_after_s = lost_after_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.max_frame_bytes = max_frame_bytes
+        self.engines: dict[str, EngineSession] = {}
+        self._gone: OrderedDict[str, EngineSession] = OrderedDict()
+        self._pending: dict[str, dict[str, Pending]] = {}
+        self._sent: OrderedDict[str, tuple[str, Message]] = OrderedDict()
+        self._ran: OrderedDict[str, _Ran] = OrderedDict()
+        self._lost: OrderedDict[str, int] = OrderedDict()
+        self._liveness: asyncio.Task[None] | None = None
+        self.lost_declared = 0
+
+    # -- life --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._liveness is None:
+            self._liveness = asyncio.create_task(self._watch())
+
+    async def aclose(self) -> None:
+        if self._liveness is not None:
+            self._liveness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._liveness
+            self._liveness = None
+
+    async def _watch(self) -> None:
+        # Often enough that a closed channel is noticed well within lost_after_s.
+        period = max(0.05, min(1.0, self.lost_after_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.check_liveness()
+            except Exception:
+                logger.exception("the control plane's liveness check failed")
+
+    # -- engines (called by the channel) ---------------------------------------------------------
+
+    def attach(self, session: EngineSession) -> str | None:
+        """Registers an engine after its hello; the refusal's reason when another subject's
+        engine holds that engineId. A reconnect of the same engine replaces its old session."""
+        engine_id = session.engine_id
+        old = self.engines.get(engine_id)
+        if old is not None:
+            if old.subject != session.subject:
+                return f"engine id {engine_id!r} is connected for another token subject"
+            old.replace("replaced by a new connection of this engine")
+        gone = self._gone.pop(engine_id, None)
+        if gone is not None and gone.subject != session.subject:
+            # Commands meant for another subject's engine are not handed to this one.
+            for pending in self._pending.pop(engine_id, {}).values():
+                pending.abandon()
+        self.engines[engine_id] = session
+        session.send(
+            {
+                "type": "welcome",
+                "engineId": engine_id,
+                "heartbeatIntervalS": self.heartbeat_interval_s,
+                "lostAfterS": self.lost_after_s,
+            }
+        )
+        self.heartbeat(session, session.executions)
+        for pending in self._pending.get(engine_id, {}).values():
+            session.send(pending.frame, pending)
+        logger.info("engine %s (%s) connected for %s", engine_id, session.name, session.subject)
+        return None
+
+    def detach(self, session: EngineSession) -> None:
+        if self.engines.get(session.engine_id) is not session:
+            return
+        del self.engines[session.engine_id]
+        session.closed_at = time.monotonic()
+        self._gone[session.engine_id] = session
+        self._gone.move_to_end(session.engine_id)
+        while len(self._gone) > MAX_GONE_ENGINES:
+            self._gone.popitem(last=False)
+        logger.info("engine %s (%s) disconnected", session.engine_id, session.name)
+
+    def heartbeat(self, session: EngineSession, executions: dict[str, RunInfo]) -> None:
+        session.executions = executions
+        session.seen()
+        for execution_id, run in executions.items():
+            self._remember(execution_id, _Ran(session.engine_id, run.workflow_id, run.version))
+            lost_seq = self._lost.pop(execution_id, None)
+            if lost_seq is not None:
+                # It was declared lost but lives: the engine emits workflow.recovered after this seq.
+                session.send({"type": "lost", "executionId": execution_id, "seq": lost_seq})
+            session.declared.discard(execution_id)
+
+    def finished(self, session: EngineSession, execution_id: str, workflow_id: str, result: str) -> None:
+        run = session.executions.pop(execution_id, None)
+        version = run.version if run is not None else self._version_of(execution_id)
+        self._remember(execution_id, _Ran(session.engine_id, workflow_id, version, result or "ended"))
+        self._lost.pop(execution_id, None)
+
+    def result(self, session: EngineSession, frame: Message) -> None:
+        command_id = frame["commandId"]
+        pending = self._pending.get(session.engine_id, {}).pop(command_id, None)
+        sent = self._sent.get(command_id)
+        if sent is not None and frame.get("ok") is True:
+            self._applied(session, sent[1], frame)
+        if pending is not None:
+            pending.answer(frame)
+
+    def _applied(self, session: EngineSession, command: Message, result: Message) -> None:
+        op = command["op"]
+        if op in ("start", "retry"):
+            execution_id = str(result.get("executionId") or command.get("newExecutionId") or command["executionId"])
+            workflow_id = str(command.get("workflowId") or self._workflow_of(command["executionId"]) or "")
+            version = str(command.get("version") or self._version_of(command["executionId"]))
+            session.executions[execution_id] = RunInfo(workflow_id, version, "running", 0)
+            self._remember(execution_id, _Ran(session.engine_id, workflow_id, version))
+        elif op in ("pause", "resume"):
+            run = session.executions.get(command["executionId"])
+            if run is not None:
+                session.executions[command["executionId"]] = run.with_status(_AFTER[op])
+
+    # -- liveness ---------------------------------------------------------------------------
+
+    def check_liveness(self) -> None:
+        """Declares lost every execution of an engine whose channel closed, or that stayed
+        silent for lost_after_s, once."""
+        now = time.monotonic()
+        for session in list(self._gone.values()):
+            if session.closed_at is not None and session.executions.keys() - session.declared:
+                self._declare_lost(session, "the engine's control channel closed")
+        for session in list(self.engines.values()):
+            silent = now - session.last_seen
+            if silent > self.lost_after_s and session.executions.keys() - session.declared:
+                self._declare_lost(session, f"the engine sent no heartbeat for {silent:.0f} s")
+
+    def _declare_lost(self, session: EngineSession, reason: str) -> None:
+        for execution_id, run in list(session.executions.items()):
+            if execution_id in session.declared:
+                continue
+            session.declared.add(execution_id)
+            seq = max(self.last_seq(execution_id), run.seq, self._lost.get(execution_id, 0)) + 1
+            self._lost[execution_id] = seq
+            self._lost.move_to_end(execution_id)
+            while len(self._lost) > MAX_REMEMBERED:
+                self._lost.popitem(last=False)
+            self.lost_declared += 1
+            logger.warning("execution %s is lost: %s (engine %s)", execution_id, reason, session.engine_id)
+            if self.emit_lost is None:
+                continue
+            lost = LostRun(
+                execution_id=execution_id,
+                workflow_id=run.workflow_id,
+                seq=seq,
+                engine_id=session.engine_id,
+                engine_name=session.name,
+                reason=reason,
+                last_heartbeat_unix_nano=session.last_heartbeat_ns,
+            )
+            try:
+                self.emit_lost(lost)
+            except Exception:
+                logger.exception("could not emit workflow.lost for %s", execution_id)
+
+    # -- commands ----------------------------------------------------------------------------
+
+    async def command(self, principal: Principal, request: CommandRequest) -> ControlOutcome:
+        """Authorises, routes and sends one command, and waits for the engine's answer."""
+        if not principal.may_control_any:
+            return failure(403, f"{principal.subject!r} may not steer runs: the token needs a control grant")
+        command_id = _command_id(principal, request.idempotency_key)
+        repeated = self._sent.get(command_id)
+        if repeated is not None:
+            engine_id, frame = repeated
+            if frame["op"] != request.op or (request.op != "start" and frame["executionId"] != request.execution_id):
+                return failure(409, "this Idempotency-Key was used for a different command")
+            # The same frame to the same engine: a start keeps its execution id, so it runs once.
+            return await self._send(engine_id, frame)
+        routed = await self._route(principal, request)
+        if isinstance(routed, ControlOutcome):
+            return routed
+        engine_id, frame = routed
+        frame = {"type": "command", "commandId": command_id, **frame}
+        self._sent[command_id] = (engine_id, frame)
+        while len(self._sent) > MAX_REMEMBERED:
+            self._sent.popitem(last=False)
+        return await self._send(engine_id, frame)
+
+    async def _route(self, principal: Principal, request: CommandRequest) -> ControlOutcome | tuple[str, Message]:
+        if request.op == "start":
+            return self._route_start(principal, request)
+        assert request.execution_id is not None
+        execution_id = request.execution_id
+        workflow_id = await self._owner_of(execution_id)
+        if workflow_id is None:
+            return failure(404, f"no execution {execution_id!r}")
+        if not principal.may_control(workflow_id):
+            return failure(403, f"{principal.subject!r} may not steer runs of workflow {workflow_id!r}")
+        running = self._running_on(execution_id)
+        if request.op == "retry":
+            return self._route_retry(request, execution_id, running)
+        if running is not None:
+            return running.engine_id, {"op": request.op, "executionId": execution_id}
+        ran = self._ran.get(execution_id)
+        if ran is not None and ran.ended is not None:
+            return failure(409, f"execution {execution_id!r} already ended ({ran.ended})")
+        gone = self._gone_with(execution_id)
+        if gone is not None and self._may_return(gone):
+            # Held for the engine: sent if it is back within the timeout.
+            return gone.engine_id, {"op": request.op, "executionId": execution_id}
+        if gone is not None:
+            return failure(
+                503,
+                f"the engine running execution {execution_id!r} ({gone.name}) is gone: the command "
+                "never left the stack",
+            )
+        return failure(409, f"execution {execution_id!r} is not running on any connected engine")
+
+    def _route_start(self, principal: Principal, request: CommandRequest) -> ControlOutcome | tuple[str, Message]:
+        workflow_id = request.workflow_id
+        assert workflow_id is not None
+        if not principal.may_control(workflow_id):
+            return failure(403, f"{principal.subject!r} may not start workflow {workflow_id!r}")
+        serving = [s for s in self.engines.values() if s.serves(workflow_id, request.version)]
+        if not serving:
+            which = f"{workflow_id!r}" + (f" version {request.version!r}" if request.version else "")
+            return failure(409, f"no connected engine serves workflow {which}")
+        engine = min(serving, key=lambda s: len(s.executions) + len(self._pending.get(s.engine_id, ())))
+        version = request.version or engine.version_of(workflow_id)
+        frame: Message = {"op": "start", "executionId": uuid.uuid4().hex, "workflowId": workflow_id}
+        frame |= {"version": version, "input": request.input, "trigger": request.trigger or "api"}
+        if request.user_id is not None:
+            frame["userId"] = request.user_id
+        return engine.engine_id, frame
+
+    def _route_retry(
+        self, request: CommandRequest, execution_id: str, running: EngineSession | None
+    ) -> ControlOutcome | tuple[str, Message]:
+        if running is not None:
+            return failure(409, f"execution {execution_id!r} is still running: stop it before retrying")
+        ran = self._ran.get(execution_id)
+        if ran is None:
+            return failure(409, f"no connected engine ran execution {execution_id!r}: a retry needs its outputs")
+        engine = self.engines.get(ran.engine_id) or self._gone.get(ran.engine_id)
+        if engine is None or (engine.closed_at is not None and not self._may_return(engine)):
+            return failure(409, f"the engine that ran execution {execution_id!r} ({ran.engine_id}) is not connected")
+        if request.from_node is not None and not engine.has_node(ran.workflow_id, ran.version, request.from_node):
+            return failure(400, f"workflow {ran.workflow_id!r} has no node {request.from_node!r}")
+        frame: Message = {"op": "retry", "executionId": execution_id, "newExecutionId": uuid.uuid4().hex}
+        if request.from_node is not None:
+            frame["fromNode"] = request.from_node
+        return engine.engine_id, frame
+
+    async def _send(self, engine_id: str, frame: Message) -> ControlOutcome:
+        command_id = frame["commandId"]
+        queue = self._pending.setdefault(engine_id, {})
+        pending = queue.get(command_id)
+        if pending is None:
+            pending = Pending(command_id, engine_id, frame, asyncio.get_running_loop().create_future())
+            queue[command_id] = pending
+            session = self.engines.get(engine_id)
+            if session is not None:
+                session.send(frame, pending)
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(pending.future), self.timeout_s)
+        except TimeoutError:
+            if queue.get(command_id) is pending:
+                del queue[command_id]
+            return self._unavailable(pending)
+        if answer is None:
+            return failure(503, f"engine {engine_id!r} was taken over by another token subject before it answered")
+        return _outcome(frame, answer, engine_id)
+
+    def _unavailable(self, pending: Pending) -> ControlOutcome:
+        session = self.engines.get(pending.engine_id) or self._gone.get(pending.engine_id)
+        name = f"engine {pending.engine_id!r}" + (f" ({session.name})" if session and session.name else "")
+        wait = f"{self.timeout_s:g} s"
+        if pending.engine_id in self.engines and pending.delivered:
+            return failure(
+                503,
+                f"{name} did not answer within {wait}; the command was delivered and may still be applied: "
+                "repeat it with the same Idempotency-Key to learn the outcome",
+            )
+        if pending.delivered:
+            return failure(
+                503,
+                f"{name} went away after the command was delivered and did not come back within {wait}; it may "
+                "have been applied: repeat it with the same Idempotency-Key to learn the outcome",
+            )
+        return failure(503, f"{name} is gone and did not come back within {wait}: the command never left the stack")
+
+    # -- what is known of executions ------------------------------------------------------------
+
+    async def _owner_of(self, execution_id: str) -> str | None:
+        """The workflow of an execution for authorisation: its first stored record's, else its engine's word."""
+        if self.stored_owner is not None:
+            try:
+                stored = await asyncio.to_thread(self.stored_owner, execution_id)
+            except Exception as exc:
+                logger.warning("no stored owner of %s (%s): the engine's word decides", execution_id, exc)
+                stored = None
+            if stored is not None:
+                return stored[0]
+        return self._workflow_of(execution_id)
+
+    def _workflow_of(self, execution_id: str) -> str | None:
+        session = self._running_on(execution_id) or self._gone_with(execution_id)
+        if session is not None:
+            return session.executions[execution_id].workflow_id
+        ran = self._ran.get(execution_id)
+        return ran.workflow_id if ran is not None else None
+
+    def _version_of(self, execution_id: str) -> str:
+        ran = self._ran.get(execution_id)
+        return ran.version if ran is not None else ""
+
+    def _running_on(self, execution_id: str) -> EngineSession | None:
+        return next((s for s in self.engines.values() if execution_id in s.executions), None)
+
+    def _gone_with(self, execution_id: str) -> EngineSession | None:
+        return next((s for s in reversed(self._gone.values()) if execution_id in s.executions), None)
+
+    def _may_return(self, session: EngineSession) -> bool:
+        return session.closed_at is not None and time.monotonic() - session.closed_at < self.timeout_s
+
+    def _remember(self, execution_id: str, ran: _Ran) -> None:
+        self._ran[execution_id] = ran
+        self._ran.move_to_end(execution_id)
+        while len(self._ran) > MAX_REMEMBERED:
+            self._ran.popitem(last=False)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def listing(self, principal: Principal) -> list[dict[str, Any]]:
+        """The connected engines, with only the workflows and executions `principal` may steer or see."""
+
+        def visible(workflow_id: str, execution_id: str = "") -> bool:
+            event = {"workflowId": workflow_id, "executionId": execution_id}
+            return principal.may_control(workflow_id) or principal.may_see(event, None)
+
+        items = []
+        for session in sorted(self.engines.values(), key=lambda s: s.connected_at):
+            item = session.describe(visible)
+            if item["workflows"] or item["executions"] or principal.unrestricted or principal.controls == ["*"]:
+                items.append(item)
+        return items
+
+
+def _command_id(principal: Principal, key: str | None) -> str:
+    """A caller's Idempotency-Key is its own: two callers using the same key are two commands."""
+    if key is None:
+        return uuid.uuid4().hex
+    return hashlib.sha256(f"{principal.subject}\0{key}".encode()).hexdigest()[:32]
+
+
+def _outcome(command: Message, answer: Message, engine_id: str) -> ControlOutcome:
+    op = command["op"]
+    if answer.get("ok") is not True:
+        code = answer.get("code")
+        status = _STATUS_OF_CODE.get(code, 409) if isinstance(code, str) else 409
+        error = answer.get("error")
+        return failure(status, str(error)[:1000] if error else f"the engine refused to {op} the run")
+    execution_id = answer.get("executionId")
+    if op == "start":
+        return ControlOutcome(201, {"executionId": execution_id or command["executionId"], "engineId": engine_id})
+    if op == "retry":
+        body = {
+            "executionId": execution_id or command["newExecutionId"],
+            "retryOf": command["executionId"],
+            "fromNode": answer.get("fromNode", command.get("fromNode")),
+        }
+        return ControlOutcome(201, body)
+    return ControlOutcome(200, {"executionId": command["executionId"], "status": _AFTER[op]})
