@@ -16,6 +16,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -93,9 +94,21 @@ async def _started(stack: Stack, providers: OtlpProviders, gate: Gate) -> tuple[
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("spooled", [False, True], ids=["memory", "spooled"])
 async def test_a_lost_run_is_lost_everywhere_then_recovers_and_its_span_decides(
-    stack: Stack, providers: OtlpProviders
+    stack_factory: StackFactory, tmp_path: Path, spooled: bool
 ) -> None:
+    """Spooled, every insert carries a deduplication token down to the views
+    (collector/writer.py): a second lost or recovered row must not be taken for the first."""
+    async with stack_factory(spool_dir=tmp_path / "spool" if spooled else None) as stack:
+        providers = otlp_providers(stack.collector, "grpc", service="lost-engine")
+        try:
+            await _lost_then_recovered(stack, providers)
+        finally:
+            await asyncio.to_thread(providers.shutdown)
+
+
+async def _lost_then_recovered(stack: Stack, providers: OtlpProviders) -> None:
     assert stack.endpoints is not None and stack.bridge is not None and stack.bridge.emit_lost is not None
     gate = Gate()
     engine, handle, last = await _started(stack, providers, gate)
