@@ -27,7 +27,8 @@ from typing import Any
 
 from bench.engine_overhead import sdk_telemetry
 from flowscope.engine import Engine, NodeContext, Workflow, WorkflowBuilder
-from flowscope.engine.checkpoints import GroupCommitStore, open_checkpoint_store
+from flowscope.engine.checkpoint_commit import GroupCommitStore
+from flowscope.engine.checkpoints import open_checkpoint_store
 
 WF = {"workflow_id": "bench", "workflow_version": "1"}
 

@@ -1,11 +1,12 @@
-"""The embedded checkpoint store: one SQLite file in WAL mode, written by one thread.
+"""The embedded checkpoint store: one SQLite file in WAL mode.
 
 WAL because a commit appends to the log instead of rewriting pages through a rollback
 journal, and readers (a `flowscope executions` command, another engine resuming a run) read
 while the writer writes. `synchronous=NORMAL` (the default) makes a commit a write() to the
 log, not an fsync: it survives the process being killed (the bytes are in the OS's page cache),
 not the machine losing power; `synchronous=FULL` fsyncs each commit and survives both.
-docs/durability.md, "Checkpoints", says why NORMAL is the default.
+docs/durability.md, "Checkpoints", says why NORMAL is the default. At NORMAL, commits run on
+the event loop (engine/checkpoint_commit.py says why) on a connection of their own.
 """
 
 from __future__ import annotations
@@ -83,13 +84,79 @@ def _run(r: RunRow) -> tuple[object, ...]:
     )
 
 
-class SqliteBackend:
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+_LEVEL_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+
+
+def _connect(file: Path, level: str, *, busy_timeout_ms: int, autocheckpoint: bool = True) -> sqlite3.Connection:
+    # check_same_thread=False: opened here, so a bad path fails the caller; used by one thread
+    # at a time from then on (the writer thread, or a loop holding the inline lock).
+    conn = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise ValueError(f"{file}: SQLite would not use WAL mode here (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous = {level}")
+        if not autocheckpoint:
+            # A WAL checkpoint fsyncs and may wait: the thread's connection does them (`maintain`).
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _write(conn: sqlite3.Connection, nodes: Sequence[NodeRow], runs: Sequence[RunRow]) -> None:
+    values = [*(n.value for n in nodes), *(r.input for r in runs)]
+    blobs = {v.sha256: v.data for v in values if v.sha256 and v.data}
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Each statement only when it has rows: an empty executemany still costs a statement,
+        # and a chain commits one put at a time.
+        if blobs:
+            conn.executemany("INSERT OR IGNORE INTO checkpoint_blobs VALUES (?, ?)", blobs.items())
+        if nodes:
+            conn.executemany(
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", map(_node, nodes)
+            )
+        if runs:
+            conn.executemany(
+                "INSERT OR REPLACE INTO checkpoint_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", map(_run, runs)
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+class _InlineWriter:
+    """Commits on the event loop, on a connection of its own that never waits for the write lock."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+
+    def __call__(self, nodes: Sequence[NodeRow], runs: Sequence[RunRow]) -> bool:
+        try:
+            _write(self._conn, nodes, runs)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                return False  # another writer has the database: the thread waits for it instead
+            raise
+        return True
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class SqliteBackend:
+    def __init__(self, conn: sqlite3.Connection, path: Path, inline: bool) -> None:
+        self._conn = conn  # the writer thread's: reads, handed-over writes, WAL checkpoints
+        self._inline = inline
         self.path = path
 
     @classmethod
-    def open(cls, path: str, *, url: str, synchronous: str = "normal") -> SqliteBackend:
+    def open(cls, path: str, *, url: str, synchronous: str = "normal", commit: str | None = None) -> SqliteBackend:
         if not path:
             raise ValueError(
                 f"sqlite checkpoint URL needs a file path: {url!r} (e.g. sqlite:///var/flowscope/checkpoints.db)"
@@ -97,45 +164,34 @@ class SqliteBackend:
         level = _SYNCHRONOUS.get(synchronous.lower())
         if level is None:
             raise ValueError(f"synchronous={synchronous!r} in {url!r}: use one of {sorted(_SYNCHRONOUS)}")
+        if commit not in (None, "loop", "thread"):
+            raise ValueError(f"commit={commit!r} in {url!r}: use loop or thread")
         file = Path(path).expanduser().resolve()
         if file.is_dir():
             raise ValueError(f"sqlite checkpoint URL {url!r} names a directory, not a database file")
         file.parent.mkdir(parents=True, exist_ok=True)
-        # Opened here so a bad path fails the caller; used by the writer thread alone from then on.
-        conn = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
+        conn = _connect(file, level, busy_timeout_ms=10_000)  # another engine on the file may be writing
         try:
-            conn.execute("PRAGMA busy_timeout = 10000")  # another engine on the same file writes too
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise ValueError(f"{file}: SQLite would not use WAL mode here (got {mode!r})")
-            conn.execute(f"PRAGMA synchronous = {level}")
             conn.executescript(_SCHEMA)
         except BaseException:
             conn.close()
             raise
-        return cls(conn, file)
+        # On the loop by default only when a commit cannot hold it up: no fsync per commit.
+        inline = commit == "loop" or (commit is None and level == "NORMAL")
+        return cls(conn, file, inline)
+
+    def inline_writer(self) -> _InlineWriter | None:
+        if not self._inline:
+            return None
+        level = _LEVEL_NAMES[self._conn.execute("PRAGMA synchronous").fetchone()[0]]
+        return _InlineWriter(_connect(self.path, level, busy_timeout_ms=0, autocheckpoint=False))
 
     def write(self, nodes: Sequence[NodeRow], runs: Sequence[RunRow]) -> None:
-        blobs = {v.sha256: v.data for v in [*(n.value for n in nodes), *(r.input for r in runs)] if v.sha256 and v.data}
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Each statement only when it has rows: a commit of one put is most of a deep
-            # chain's cost per step, and an empty executemany still costs a statement.
-            if blobs:
-                conn.executemany("INSERT OR IGNORE INTO checkpoint_blobs VALUES (?, ?)", blobs.items())
-            if nodes:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", map(_node, nodes)
-                )
-            if runs:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO checkpoint_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", map(_run, runs)
-                )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        _write(self._conn, nodes, runs)
+
+    def maintain(self) -> None:
+        # PASSIVE: copies what it can without waiting for, or blocking, readers and writers.
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def read_nodes(self, execution_id: str, *, with_data: bool) -> list[tuple[NodeCheckpoint, bytes | None]]:
         rows = self._conn.execute(

@@ -3,33 +3,29 @@
 `open_checkpoint_store(url)` picks the backend: `sqlite:///abs/path/checkpoints.db` (embedded,
 no server; engine/checkpoint_sqlite.py) or `chdb:///data/dir`, `clickhouse://…`, `http(s)://…`
 (a ClickHouse several engines share; engine/checkpoint_clickhouse.py). Both sit behind one
-group committer: `put` serialises the output on the caller's loop, hands it to one writer
-thread that commits every put waiting in one transaction or INSERT, and resolves the callers'
-futures only after that commit — so an acknowledged checkpoint is on disk, and the cost of a
-commit is shared by every put it covers. What is stored, what is not, and why: docs/durability.md,
-"Checkpoints".
+group committer (engine/checkpoint_commit.py): `put` serialises the output on the caller's
+loop, every put waiting is committed in one transaction or INSERT, and the callers' futures
+are resolved only after that commit — so an acknowledged checkpoint is stored, and the cost
+of a commit is shared by every put it covers. This module: the types, the protocol, what
+becomes of an output (`encode`), and the URL. What is stored, what is not, and why:
+docs/durability.md, "Checkpoints".
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-import logging
-import queue
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlparse
 
 import orjson
 
 from flowscope.engine.redact import REDACTED, Secret
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from flowscope.engine.checkpoint_commit import GroupCommitStore
 
 DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
 # Outputs up to this size are kept in their checkpoint's row; larger ones once, by sha256, in the
@@ -233,242 +229,55 @@ class Backend(Protocol):
 
     def read_blobs(self, digests: Sequence[str]) -> dict[str, bytes]: ...
 
+    def inline_writer(self) -> InlineWriter | None:
+        """A writer cheap enough to run on the event loop, or None: commits go to the thread."""
+
+    def maintain(self) -> None:
+        """Housekeeping the writer thread runs now and then (SQLite: a WAL checkpoint)."""
+
     def close(self) -> None: ...
 
 
-@dataclass
-class _Waiter:
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
+class InlineWriter(Protocol):
+    def __call__(self, nodes: Sequence[NodeRow], runs: Sequence[RunRow]) -> bool:
+        """Store the rows durably and return True, or return False at once, nothing stored, when
+        another writer holds the store (the rows then go to the writer thread); raise on failure."""
 
-
-@dataclass
-class _Write:
-    row: NodeRow | RunRow
-    waiter: _Waiter
-
-
-@dataclass
-class _Read:
-    call: Callable[[], Any]
-    waiter: _Waiter
-
-
-_STOP = object()
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller was cancelled; the checkpoint is stored all the same
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-def _settle_all(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for future, result, error in settled:
-        _settle(future, result, error)
-
-
-class GroupCommitStore:
-    """A `CheckpointStore` over a `Backend`: one writer thread, one commit per batch of puts.
-
-    Reads go through the same thread after the writes queued before them, so `load` sees every
-    put that was acknowledged before it was called.
-    """
-
-    def __init__(self, backend: Backend, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES, name: str) -> None:
-        if max_output_bytes <= 0:
-            raise ValueError(f"max_output_bytes must be positive, got {max_output_bytes}")
-        self.max_output_bytes = max_output_bytes
-        self.name = name
-        self._backend = backend
-        # A SimpleQueue, not a Condition over a list: its put and get are C calls, a large part
-        # of what a put costs the loop when puts come one at a time.
-        self._queue: queue.SimpleQueue[_Write | _Read | object] = queue.SimpleQueue()
-        self._closed = False
-        self.commits = 0  # batches committed: puts per commit = puts / commits
-        self.rows = 0
-        self._thread = threading.Thread(target=self._run, name=f"checkpoints-{name}", daemon=True)
-        self._thread.start()
-
-    async def put(
-        self, execution_id: str, node_id: str, output: Any, *, workflow_id: str, workflow_version: str, attempt: int
-    ) -> None:
-        value = encode(output, self.max_output_bytes)
-        if value.stored is Stored.UNSERIALISABLE:
-            logger.warning(
-                "checkpoint of node %r (execution %s) keeps no output: %s", node_id, execution_id, value.reason
-            )
-        row = NodeRow(execution_id, node_id, attempt, workflow_id, workflow_version, value, time.time())
-        await self._submit(lambda waiter: _Write(row, waiter))
-
-    async def put_run(
-        self,
-        execution_id: str,
-        workflow_id: str,
-        workflow_version: str,
-        input: Any,
-        resumed_from: str | None = None,
-    ) -> None:
-        row = RunRow(
-            execution_id, workflow_id, workflow_version, encode(input, self.max_output_bytes), resumed_from, time.time()
-        )
-        await self._submit(lambda waiter: _Write(row, waiter))
-
-    async def load(self, execution_id: str) -> Checkpoint:
-        result: Checkpoint = await self._submit(lambda waiter: _Read(lambda: self._load(execution_id), waiter))
-        return result
-
-    async def describe(self, execution_id: str) -> CheckpointSummary:
-        def read() -> CheckpointSummary:
-            nodes = [node for node, _ in self._backend.read_nodes(execution_id, with_data=False)]
-            run = self._backend.read_run(execution_id)
-            if run is not None:
-                run = RunRecord(**{**run.__dict__, "input": None})
-            return CheckpointSummary(execution_id, run, tuple(nodes))
-
-        result: CheckpointSummary = await self._submit(lambda waiter: _Read(read, waiter))
-        return result
-
-    def close(self) -> None:
-        """Write what is queued, then stop the writer. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(_STOP)
-        self._thread.join()
-        self._backend.close()
-
-    async def _submit(self, make: Callable[[_Waiter], _Write | _Read]) -> Any:
-        loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop, loop.create_future())
-        if self._closed:
-            raise CheckpointError(f"checkpoint store {self.name} is closed")
-        self._queue.put(make(waiter))
-        return await waiter.future
-
-    def _load(self, execution_id: str) -> Checkpoint:
-        read = self._backend.read_nodes(execution_id, with_data=True)
-        nodes = {n.node_id: n for n, _ in read}
-        inline = {n.node_id: data for n, data in read if data is not None}
-        run = self._backend.read_run(execution_id)
-        blobs = self._backend.read_blobs(sorted({n.sha256 for n in nodes.values() if n.sha256}))
-        outputs: dict[str, Any] = {}
-        encoded: dict[str, bytes] = {}
-        redacted: dict[str, Any] = {}
-        for node in nodes.values():
-            data = blobs.get(node.sha256) if node.sha256 else inline.get(node.node_id)
-            if data is None:
-                continue
-            if node.reusable:
-                encoded[node.node_id] = data
-                outputs[node.node_id] = decode(data)
-            elif node.stored is Stored.SECRET:
-                redacted[node.node_id] = decode(data)
-        return Checkpoint(execution_id, run, nodes, outputs, encoded, redacted)
-
-    def _take(self) -> list[_Write | _Read | object]:
-        """Block for one item, then take every item waiting behind it: one commit for all."""
-        taken = [self._queue.get()]
-        while True:
-            try:
-                taken.append(self._queue.get_nowait())
-            except queue.Empty:
-                return taken
-
-    def _run(self) -> None:
-        while True:
-            taken = self._take()
-            writes = [item for item in taken if isinstance(item, _Write)]
-            reads = [item for item in taken if isinstance(item, _Read)]
-            if writes:
-                self._commit(writes)
-            for read in reads:
-                self._answer(read)
-            if _STOP in taken:
-                self._refuse_late()
-                return
-
-    def _refuse_late(self) -> None:
-        """Fail what raced with `close()` past its check, so no caller waits forever."""
-        error = CheckpointError(f"checkpoint store {self.name} is closed")
-        for item in self._take_nowait():
-            if isinstance(item, _Write | _Read):
-                _call_soon(item.waiter.loop, _settle, item.waiter.future, None, error)
-
-    def _take_nowait(self) -> list[_Write | _Read | object]:
-        taken: list[_Write | _Read | object] = []
-        while True:
-            try:
-                taken.append(self._queue.get_nowait())
-            except queue.Empty:
-                return taken
-
-    def _commit(self, writes: list[_Write]) -> None:
-        nodes = [w.row for w in writes if isinstance(w.row, NodeRow)]
-        runs = [w.row for w in writes if isinstance(w.row, RunRow)]
-        error: BaseException | None = None
-        try:
-            self._backend.write(nodes, runs)
-            self.commits += 1
-            self.rows += len(writes)
-        except Exception as exc:
-            logger.exception("checkpoint store %s: a commit of %d rows failed", self.name, len(writes))
-            error = CheckpointError(f"checkpoints not stored in {self.name}: {exc}")
-        for loop, group in _by_loop(w.waiter for w in writes):
-            settled = [(w.future, None, error) for w in group]
-            _call_soon(loop, _settle_all, settled)
-
-    def _answer(self, read: _Read) -> None:
-        try:
-            result, error = read.call(), None
-        except Exception as exc:
-            logger.exception("checkpoint store %s: a read failed", self.name)
-            result, error = None, CheckpointError(f"checkpoints not readable from {self.name}: {exc}")
-        _call_soon(read.waiter.loop, _settle, read.waiter.future, result, error)
-
-
-def _by_loop(waiters: Iterator[_Waiter]) -> list[tuple[asyncio.AbstractEventLoop, list[_Waiter]]]:
-    """One wake-up of each loop per commit, not one per put."""
-    groups: dict[int, tuple[asyncio.AbstractEventLoop, list[_Waiter]]] = {}
-    for waiter in waiters:
-        groups.setdefault(id(waiter.loop), (waiter.loop, []))[1].append(waiter)
-    return list(groups.values())
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop closed while its callers waited: nobody to tell
-        loop.call_soon_threadsafe(callback, *args)
+    def close(self) -> None: ...
 
 
 # --- choosing a store by URL -------------------------------------------------------------------
 
-SQLITE_OPTIONS = {"synchronous"}
+SQLITE_OPTIONS = {"synchronous", "commit"}
 
 
 def open_checkpoint_store(
     url: str, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES, database: str | None = None
 ) -> GroupCommitStore:
-    """The store at `url`: `sqlite:///abs/path.db` (`?synchronous=normal|full`), or a ClickHouse
-    DSN as the collector takes it (`chdb:///dir`, `clickhouse://user:pw@host:8123/db`,
-    `http(s)://…`), in `database` (default: the DSN's, else `otel`). Raises ValueError for
-    a URL it cannot use."""
+    """The store at `url`: `sqlite:///abs/path.db` (options `?synchronous=normal|full`,
+    `&commit=loop|thread`), or a ClickHouse DSN as the collector takes it (`chdb:///dir`,
+    `clickhouse://user:pw@host:8123/db`, `http(s)://…`), in `database` (default: the DSN's,
+    else `otel`). Raises ValueError, saying what it expected, for a URL it cannot use."""
+    from flowscope.engine.checkpoint_commit import GroupCommitStore
+
     if not isinstance(url, str) or not url.strip():
         raise ValueError("checkpoint store URL is empty: use sqlite:///path/checkpoints.db or chdb:///data/dir")
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         from flowscope.engine.checkpoint_sqlite import SqliteBackend
 
-        path = parsed.netloc + parsed.path
         options = dict(parse_qsl(parsed.query, keep_blank_values=True))
         unknown = sorted(set(options) - SQLITE_OPTIONS)
         if unknown:
             raise ValueError(
                 f"unknown sqlite checkpoint option(s) {unknown} in {url!r}: known are {sorted(SQLITE_OPTIONS)}"
             )
-        backend = SqliteBackend.open(path, url=url, synchronous=options.get("synchronous", "normal"))
+        backend = SqliteBackend.open(
+            parsed.netloc + parsed.path,
+            url=url,
+            synchronous=options.get("synchronous", "normal"),
+            commit=options.get("commit"),
+        )
         return GroupCommitStore(backend, max_output_bytes=max_output_bytes, name=f"sqlite:{backend.path}")
     if parsed.scheme in {"chdb", "clickhouse", "clickhouses", "http", "https"}:
         from flowscope.engine.checkpoint_clickhouse import ClickHouseBackend

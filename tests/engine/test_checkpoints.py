@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -22,22 +23,21 @@ import orjson
 import pytest
 
 from flowscope.collector.store import Dsn, connect
-from flowscope.engine.checkpoints import (
-    CheckpointError,
-    GroupCommitStore,
-    Stored,
-    open_checkpoint_store,
-)
+from flowscope.engine.checkpoint_commit import GroupCommitStore
+from flowscope.engine.checkpoints import CheckpointError, Stored, open_checkpoint_store
 from flowscope.engine.redact import Secret
 
 ROOT = Path(__file__).parents[2]
 WF = {"workflow_id": "wf", "workflow_version": "3"}
 
 
-@pytest.fixture(params=["sqlite", "chdb"])
+# sqlite: commits on the loop (the default at synchronous=NORMAL); sqlite-thread: by the writer thread.
+@pytest.fixture(params=["sqlite", "sqlite-thread", "chdb"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite://{tmp_path}/checkpoints.db"
+    if request.param == "sqlite-thread":
+        return f"sqlite://{tmp_path}/checkpoints.db?commit=thread"
     dsn: str = request.getfixturevalue("chdb_dsn")
     return dsn
 
@@ -115,7 +115,7 @@ async def test_identical_outputs_are_stored_once(open_store: Any, store_url: str
     assert (await store.load("e1")).outputs["small"] == {"report": "z"}
     if store_url.startswith("sqlite"):
         store.close()
-        conn = __import__("sqlite3").connect(store_url.removeprefix("sqlite://"))
+        conn = sqlite3.connect(store_url.removeprefix("sqlite://").partition("?")[0])
         blobs = conn.execute("SELECT count(*) FROM checkpoint_blobs").fetchone()[0]
         conn.close()
     else:
@@ -210,6 +210,24 @@ async def test_group_commit_of_a_thousand_concurrent_puts(open_store: Any) -> No
     assert store.commits < 100, store.commits
 
 
+async def test_a_busy_database_hands_the_loops_commit_to_the_thread(tmp_path: Path) -> None:
+    store = open_checkpoint_store(f"sqlite://{tmp_path}/checkpoints.db")
+    other = sqlite3.connect(tmp_path / "checkpoints.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another engine on the same file, mid-transaction
+        put = asyncio.create_task(store.put("e1", "a", {"v": 1}, attempt=1, **WF))
+        await asyncio.sleep(0)  # the put gathers its row and schedules the loop's commit
+        await asyncio.sleep(0)  # which finds the database busy
+        assert store.handed_over == 1
+        assert not put.done()  # the thread waits for the lock; nothing acknowledged meanwhile
+        other.execute("COMMIT")
+        await asyncio.wait_for(put, 30)
+        assert (await store.load("e1")).outputs == {"a": {"v": 1}}
+    finally:
+        other.close()
+        store.close()
+
+
 async def test_a_closed_store_refuses_puts(open_store: Any) -> None:
     store = open_store()
     store.close()
@@ -227,6 +245,7 @@ async def test_a_closed_store_refuses_puts(open_store: Any) -> None:
         ("sqlite://", "needs a file path"),
         ("sqlite:///tmp/x.db?synchronous=sometimes", "synchronous='sometimes'"),
         ("sqlite:///tmp/x.db?journal=delete", "unknown sqlite checkpoint option"),
+        ("sqlite:///tmp/x.db?commit=later", "commit='later'"),
         ("clickhouse://", "needs a host"),
         ("chdb://", "needs a data directory"),
     ],
@@ -318,10 +337,14 @@ def _stored_after_restart(url: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sqlite", "chdb"])
+@pytest.mark.parametrize("kind", ["sqlite", "sqlite-thread", "chdb"])
 def test_every_acknowledged_checkpoint_survives_kill_9(kind: str, tmp_path: Path) -> None:
-    url = f"sqlite://{tmp_path}/checkpoints.db" if kind == "sqlite" else f"chdb://{tmp_path}/chdb"
-    acknowledged = _acknowledged_then_killed(url, 2000 if kind == "sqlite" else 200)
+    url = {
+        "sqlite": f"sqlite://{tmp_path}/checkpoints.db",
+        "sqlite-thread": f"sqlite://{tmp_path}/checkpoints.db?commit=thread",
+        "chdb": f"chdb://{tmp_path}/chdb",
+    }[kind]
+    acknowledged = _acknowledged_then_killed(url, 200 if kind == "chdb" else 2000)
 
     stored = _stored_after_restart(url)
 
