@@ -8,10 +8,11 @@ per-row dicts and attribute lookups in the hot loops.
 from __future__ import annotations
 
 import base64
-import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -126,13 +127,26 @@ class _Rejections:
 
 
 def any_value(value: Any) -> str:
-    """An AnyValue as the contrib exporter stringifies it (pdata's AsString)."""
+    """An AnyValue as the contrib exporter stores it: pdata's `Value.AsString()`."""
     kind = value.WhichOneof("value")
     if kind == "string_value":
         return str(value.string_value)
     if kind is None:
         return ""
-    return _as_json_text(_raw(value), top=True)
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    if kind == "int_value":
+        return str(value.int_value)
+    if kind == "double_value":
+        return float_text(value.double_value)
+    if kind == "bytes_value":
+        return base64.b64encode(value.bytes_value).decode()
+    # Maps and arrays: Go's encoding/json of AsRaw(), which fails (and AsString answers "")
+    # on a NaN or an infinity anywhere inside.
+    try:
+        return go_json(_raw(value))
+    except ValueError:
+        return ""
 
 
 def _raw(value: Any) -> Any:
@@ -155,31 +169,66 @@ def _raw(value: Any) -> Any:
 
 
 def float_text(value: float) -> str:
-    """A double as text: whole numbers exactly, others shortest round-trip, as ClickHouse's
-    toString writes them (fixed down to 1e-6, exponent below), so the SQL intake
-    (collector/intake.py) and this converter agree to the character."""
+    """A double as pdata writes it (`float64AsString`, Go's encoding/json rule, ES6 number to
+    string): shortest round-trip digits, fixed notation from 1e-6 up to 1e21, exponent
+    notation (`1e+21`, `1.5e-7`) outside; non-finite values as pdata's error text."""
     if not math.isfinite(value):
-        return repr(value)
-    if value.is_integer() and abs(value) < 1e21:
-        return str(int(value))
-    mantissa, _, exponent = repr(value).partition("e")
-    if not exponent:
-        return mantissa
-    power = int(exponent)
-    if power >= 0 or power < -6:
-        return f"{mantissa}e{power}"
-    sign, digits = ("-", mantissa[1:]) if mantissa.startswith("-") else ("", mantissa)
-    return f"{sign}0.{'0' * (-power - 1)}{digits.replace('.', '')}"
+        name = "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+        return f"json: unsupported value: {name}"
+    text = repr(value)
+    magnitude = abs(value)
+    if magnitude != 0 and (magnitude < 1e-6 or magnitude >= 1e21):
+        # repr writes every double in this range with an exponent, with the same digits.
+        mantissa, _, exponent = text.partition("e")
+        power = int(exponent)
+        return f"{mantissa}e{'+' if power >= 0 else '-'}{abs(power)}"
+    if "e" not in text:
+        return text[:-2] if text.endswith(".0") else text
+    # Fixed notation of repr's shortest digits, padded with zeros (1.5e+16, 1.5e-05).
+    return format(Decimal(text).normalize(), "f")
 
 
-def _as_json_text(raw: Any, top: bool = False) -> str:
+def go_json(raw: Any) -> str:
+    """JSON as Go's encoding/json writes it: map keys sorted, doubles as `float_text`, strings
+    with Go's escapes (HTML characters and U+2028/U+2029 as \\u escapes). No Python JSON
+    library writes doubles and escapes this way, hence by hand. ValueError on NaN/±Inf."""
+    if isinstance(raw, str):
+        return _go_string(raw)
+    if raw is None:
+        return "null"
     if isinstance(raw, bool):
         return "true" if raw else "false"
-    if isinstance(raw, float):
-        return float_text(raw)
-    if isinstance(raw, int | str) and top:
+    if isinstance(raw, int):
         return str(raw)
-    return json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+    if isinstance(raw, float):
+        if not math.isfinite(raw):
+            raise ValueError(f"json: unsupported value: {raw}")
+        return float_text(raw)
+    if isinstance(raw, dict):
+        return "{" + ",".join(f"{_go_string(k)}:{go_json(raw[k])}" for k in sorted(raw)) + "}"
+    return "[" + ",".join(go_json(item) for item in raw) + "]"
+
+
+_GO_ESCAPES = {
+    **{chr(c): f"\\u{c:04x}" for c in range(0x20)},
+    "\\": "\\\\",
+    '"': '\\"',
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+_GO_ESCAPED = re.compile("[" + re.escape("".join(_GO_ESCAPES)) + "]")
+
+
+def _go_string(text: str) -> str:
+    return '"' + _GO_ESCAPED.sub(lambda m: _GO_ESCAPES[m.group()], text) + '"'
 
 
 def attributes(kvs: Iterable[Any]) -> dict[str, str]:

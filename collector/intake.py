@@ -125,18 +125,26 @@ _INTAKE = f"""CREATE TABLE IF NOT EXISTS {{db}}.{INTAKE_TABLE} (
 # `flowscope.collector.convert` renders as JSON: the writer converts such a batch in Python instead.
 NESTED_VALUE = "flowscope intake: nested attribute value"
 
-# An AnyValue as `flowscope.collector.convert.any_value` renders a scalar (pdata's AsString);
-# doubles as `convert.float_text`: whole numbers exactly, others in ClickHouse's shortest form.
-# Float64 → Int128 is inexact in ClickHouse (1e20 → ...003), Float64 → Int64 exact: whole
-# doubles ≥ 9e18 are multiples of 2^11, so d / 1024 is a whole Int64 and × 1024 is exact.
+# An AnyValue as `flowscope.collector.convert.any_value` renders a scalar (pdata's AsString).
+# ClickHouse's toString writes a double as pdata does (shortest digits, fixed from 1e-6 to
+# 1e21) but for the exponent's sign above 1e21 and the text of non-finite values.
+_DOUBLE_TEXT = """if(isFinite({d}), if(abs({d}) >= 1e21, replaceOne(toString({d}), 'e', 'e+'), toString({d})),
+        concat('json: unsupported value: ', if(isNaN({d}), 'NaN', if({d} > 0, '+Inf', '-Inf'))))"""
+
+
+def fast_path_double_text(expression: str) -> str:
+    """The SQL that writes the Float64 `expression` as `flowscope.collector.convert.float_text` does."""
+    return _DOUBLE_TEXT.format(d=expression)
+
+
 _TEXT = (
     """multiIf(
     {v}.value = 'string_value', {v}.string_value,
     {v}.value = 'bool_value', if({v}.bool_value, 'true', 'false'),
     {v}.value = 'int_value', toString({v}.int_value),
-    {v}.value = 'double_value', if(isFinite({v}.double_value) AND {v}.double_value = floor({v}.double_value)
-        AND abs({v}.double_value) < 1e21, if(abs({v}.double_value) < 9e18, toString(toInt64({v}.double_value)),
-            toString(toInt128(toInt64({v}.double_value / 1024)) * 1024)), toString({v}.double_value)),
+    {v}.value = 'double_value', """
+    + fast_path_double_text("{v}.double_value")
+    + """,
     {v}.value = 'bytes_value', base64Encode({v}.bytes_value),
     {v}.value IN ('array_value', 'kvlist_value'), toString(throwIf({v}.value IN ('array_value', 'kvlist_value'),
         '"""
