@@ -98,9 +98,9 @@ async def test_stored_attributes_and_map_bodies_are_the_contrib_strings(collecto
     assert collector.pipeline is not None
     with grpc.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
         for traces in (mixed, plain):
-            TraceServiceStub(channel).Export(traces, timeout=30)
+            TraceServiceStub(channel).Export(traces, timeout=30)  # type: ignore[no-untyped-call]
             await asyncio.to_thread(collector.pipeline.flush, 30.0)
-        LogsServiceStub(channel).Export(logs, timeout=30)
+        LogsServiceStub(channel).Export(logs, timeout=30)  # type: ignore[no-untyped-call]
     await asyncio.to_thread(collector.pipeline.flush, 30.0)
 
     stored = _query(collector, "SELECT SpanName, SpanAttributes FROM {db}.otel_traces ORDER BY SpanName")
