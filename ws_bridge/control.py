@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import time
 import uuid
@@ -39,6 +40,9 @@ _AFTER = {"pause": "paused", "resume": "running", "stop": "cancelling"}
 # What is remembered of engines, commands and runs that are gone: enough to route a repeated
 # command or a retry, and to tell "gone" from "never heard of", never unbounded.
 MAX_REMEMBERED = 10_000
+# Commands sent with an Idempotency-Key, kept so a repeat is the same frame to the same engine;
+# a start's input may be large, so they are bounded by bytes as well.
+MAX_KEYED_BYTES = 64 << 20
 MAX_GONE_ENGINES = 1_000
 
 # (workflow id, user id or "") of an execution, as its first stored record named them.
@@ -152,7 +156,8 @@ class ControlHub:
         self.engines: dict[str, EngineSession] = {}
         self._gone: OrderedDict[str, EngineSession] = OrderedDict()
         self._pending: dict[str, dict[str, Pending]] = {}
-        self._sent: OrderedDict[str, tuple[str, Message]] = OrderedDict()
+        self._keyed: OrderedDict[str, tuple[str, Message, int]] = OrderedDict()
+        self._keyed_bytes = 0
         self._ran: OrderedDict[str, _Ran] = OrderedDict()
         self._lost: OrderedDict[str, int] = OrderedDict()
         self._liveness: asyncio.Task[None] | None = None
@@ -243,9 +248,8 @@ class ControlHub:
     def result(self, session: EngineSession, frame: Message) -> None:
         command_id = frame["commandId"]
         pending = self._pending.get(session.engine_id, {}).pop(command_id, None)
-        sent = self._sent.get(command_id)
-        if sent is not None and frame.get("ok") is True:
-            self._applied(session, sent[1], frame)
+        if pending is not None and frame.get("ok") is True:
+            self._applied(session, pending.frame, frame)
         if pending is not None:
             pending.answer(frame)
 
@@ -311,11 +315,14 @@ class ControlHub:
         if not principal.may_control_any:
             return failure(403, f"{principal.subject!r} may not steer runs: the token needs a control grant")
         command_id = _command_id(principal, request.idempotency_key)
-        repeated = self._sent.get(command_id)
+        repeated = self._keyed.get(command_id)
         if repeated is not None:
-            engine_id, frame = repeated
+            engine_id, frame, _ = repeated
             if frame["op"] != request.op or (request.op != "start" and frame["executionId"] != request.execution_id):
                 return failure(409, "this Idempotency-Key was used for a different command")
+            workflow_id = frame.get("workflowId") or await self._owner_of(frame["executionId"]) or ""
+            if not principal.may_control(workflow_id):
+                return failure(403, f"{principal.subject!r} may not steer runs of workflow {workflow_id!r}")
             # The same frame to the same engine: a start keeps its execution id, so it runs once.
             return await self._send(engine_id, frame)
         routed = await self._route(principal, request)
@@ -323,10 +330,16 @@ class ControlHub:
             return routed
         engine_id, frame = routed
         frame = {"type": "command", "commandId": command_id, **frame}
-        self._sent[command_id] = (engine_id, frame)
-        while len(self._sent) > MAX_REMEMBERED:
-            self._sent.popitem(last=False)
+        if request.idempotency_key is not None:
+            self._keep(command_id, engine_id, frame)
         return await self._send(engine_id, frame)
+
+    def _keep(self, command_id: str, engine_id: str, frame: Message) -> None:
+        size = len(json.dumps(frame.get("input"), default=str)) if frame["op"] == "start" else 0
+        self._keyed[command_id] = (engine_id, frame, size)
+        self._keyed_bytes += size
+        while len(self._keyed) > MAX_REMEMBERED or self._keyed_bytes > MAX_KEYED_BYTES:
+            self._keyed_bytes -= self._keyed.popitem(last=False)[1][2]
 
     async def _route(self, principal: Principal, request: CommandRequest) -> ControlOutcome | tuple[str, Message]:
         if request.op == "start":
@@ -403,12 +416,18 @@ class ControlHub:
             session = self.engines.get(engine_id)
             if session is not None:
                 session.send(frame, pending)
+        pending.waiters += 1
         try:
             answer = await asyncio.wait_for(asyncio.shield(pending.future), self.timeout_s)
         except TimeoutError:
-            if queue.get(command_id) is pending:
-                del queue[command_id]
             return self._unavailable(pending)
+        finally:
+            # Timed out, or its caller went away: nobody waits for it, so no reconnect resends it.
+            pending.waiters -= 1
+            if pending.waiters == 0 and queue.get(command_id) is pending:
+                del queue[command_id]
+            if not queue and self._pending.get(engine_id) is queue:
+                del self._pending[engine_id]
         if answer is None:
             return failure(503, f"engine {engine_id!r} was taken over by another token subject before it answered")
         return _outcome(frame, answer, engine_id)

@@ -65,6 +65,7 @@ class Pending:
     frame: Message
     future: asyncio.Future[Message | None]
     delivered: bool = False
+    waiters: int = 0
 
     def answer(self, result: Message) -> None:
         if not self.future.done():

@@ -10,7 +10,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection
 
 from tests.ws_bridge.conftest import recv_json, recv_until, ws_client
-from tests.ws_bridge.control_peer import WF_A, answering, control_bridge, run, scripted_engine
+from tests.ws_bridge.control_peer import WF_A, answering, control_bridge, run, scripted_engine, until
 
 
 async def _op(ws: ClientConnection, **request: Any) -> dict[str, Any]:
@@ -91,3 +91,17 @@ async def test_a_command_waiting_for_its_engine_does_not_hold_up_other_frames() 
         await engine.answer(command, executionId="x1", status="paused")
         [*_, result] = await recv_until(ws, lambda m: m.get("type") == "control.result")
         assert (result["id"], result["ok"]) == ("slow", True)
+
+
+async def test_a_command_whose_caller_left_is_not_sent_again() -> None:
+    async with control_bridge(control_timeout_s=30.0) as (bridge, port, _lost):
+        async with scripted_engine(port) as engine:
+            await engine.hello("eng", [WF_A], [run("x1")])
+            async with ws_client(f"ws://127.0.0.1:{port}/ws?token=operator") as ws:
+                await ws.send(json.dumps({"op": "pause", "id": "p", "executionId": "x1"}))
+                await engine.expect("command")
+            # The caller is gone before the engine answered: nobody waits for the command any more.
+            await until(lambda: not bridge.control._pending)
+        async with scripted_engine(port) as back:
+            await back.hello("eng", [WF_A], [run("x1")])
+            assert [f for f in await back.sync() if f["type"] == "command"] == []
