@@ -17,6 +17,8 @@ from tests.engine.test_sdk_fallback import OtlpReceiver
 from tests.flowscope.test_cli import cli_env
 
 WORKER = [sys.executable, "-m", "flowscope", "worker"]
+# A YAML file, a JSON file, a function returning workflows, and a Catalog with its registry.
+TARGETS = ["flow.yaml", "hang.json", "worker_flows:flows", "flowscope.samples:catalog"]
 
 FLOW_YAML = """\
 id: file-flow
@@ -31,6 +33,8 @@ nodes:
     depends_on: [pause]
     config: {delay_s: 0.01}
 """
+
+HANG_JSON = '{"id": "hang", "nodes": [{"id": "forever", "type": "wait", "config": {"signal": "never"}}]}'
 
 CATALOG_MODULE = """\
 from flowscope.engine import NodeContext, Workflow, WorkflowBuilder
@@ -48,6 +52,7 @@ def flows() -> list[Workflow]:
 @pytest.mark.slow
 async def test_the_worker_serves_files_and_catalogs_and_runs_what_the_stack_starts(tmp_path: Path) -> None:
     (tmp_path / "flow.yaml").write_text(FLOW_YAML)
+    (tmp_path / "hang.json").write_text(HANG_JSON)
     (tmp_path / "worker_flows.py").write_text(CATALOG_MODULE)
     receiver = OtlpReceiver()
     try:
@@ -56,7 +61,7 @@ async def test_the_worker_serves_files_and_catalogs_and_runs_what_the_stack_star
                 FLOWSCOPE_TOKEN="engine-token", OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}"
             )
             process = await asyncio.create_subprocess_exec(
-                *WORKER, "flow.yaml", "worker_flows:flows", "flowscope.samples:catalog", "--stack", stack.url,
+                *WORKER, *TARGETS, "--stack", stack.url,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
             )  # fmt: skip
             try:
@@ -70,6 +75,14 @@ async def test_the_worker_serves_files_and_catalogs_and_runs_what_the_stack_star
                 from_file = await stack.command("start", executionId="w-2", workflowId="file-flow", input=None)
                 assert from_file["ok"] is True
                 assert (await stack.ended("w-2"))["result"] == "success"
+                await stack.command("start", executionId="w-3", workflowId="hang", input=None)
+                await stack.wait_for(
+                    lambda: any(e["executionId"] == "w-3" for h in stack.of_type("heartbeat") for e in h["executions"]),
+                    "a heartbeat with w-3",
+                )
+                # Stopping the worker cancels what still runs and says so before it goes.
+                process.send_signal(signal.SIGTERM)
+                assert (await stack.ended("w-3"))["result"] == "cancellation"
             finally:
                 if process.returncode is None:
                     process.send_signal(signal.SIGTERM)
@@ -86,11 +99,14 @@ async def test_the_worker_serves_files_and_catalogs_and_runs_what_the_stack_star
             for ss in rs.scope_spans
             for span in ss.spans
         ]
-        assert {"invoke_workflow Module flow", "invoke_workflow File flow"} <= {s.name for s in spans}
+        assert {"invoke_workflow Module flow", "invoke_workflow File flow", "invoke_workflow hang"} <= {
+            s.name for s in spans
+        }
     finally:
         receiver.server.stop(None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("target", "message"),
     [
