@@ -84,6 +84,7 @@ def _settings(**flags: Any) -> Settings:
     )
 
 
+_DEMO_CONNECT_TIMEOUT_S = 30.0
 _INGEST_TOKEN_HELP = "Bearer token with the 'ingest' grant, sent with every OTLP export."
 
 
@@ -102,12 +103,17 @@ def send_token(token: str | None, env: MutableMapping[str, str] | None = None) -
 
 
 def with_demo_token(settings: Settings) -> tuple[Settings, str | None]:
-    """The demo's engines write to a stack that may require tokens: an ingest-only token of
-    their own, minted now and known only to this process."""
+    """The demo's engine and its client use a stack that may require tokens: a token of their
+    own, minted now and known only to this process, that may write telemetry, serve as an
+    engine, steer runs, and watch the sample workflows' runs (nothing else)."""
     if not settings.auth.configured or settings.no_auth:
         return settings, None
+    from flowscope.samples import catalog
+
+    reads = {f"workflow:{wf.id}" for wf in catalog().workflows}
+    grants = frozenset({"ingest", "engine", "control:*", *reads})
     token = secrets.token_urlsafe(32)
-    tokens = {**settings.auth_tokens, token: ("flowscope-demo", frozenset({"ingest"}))}
+    tokens = {**settings.auth_tokens, token: ("flowscope-demo", grants)}
     return replace(settings, auth_tokens=tokens), token
 
 
@@ -169,7 +175,7 @@ def demo(runs: int | None, interval: float, exit_after: bool, **flags: Any) -> N
 
     async def workload(stack: Any) -> None:
         from flowscope import samples
-        from flowscope.engine import Engine, Result
+        from flowscope.engine import Engine
         from flowscope.engine.telemetry import TelemetryOptions, setup, shutdown
 
         endpoints = stack.endpoints
@@ -180,7 +186,12 @@ def demo(runs: int | None, interval: float, exit_after: bool, **flags: Any) -> N
             protocol="grpc",
             options=TelemetryOptions(capture_io=True),
         )
-        engine = Engine(telemetry, samples.registry())
+        # The samples run as any steered engine does: served over the control plane, started
+        # through the REST API and followed over the live WebSocket (docs/control.md).
+        catalog = samples.catalog()
+        engine = Engine(telemetry, catalog.registry, control=endpoints.web, control_token=token)
+        engine.serve(*catalog.workflows)
+        runs_api = samples.StackRuns(endpoints.web, token)
         stack.exit_after_work = exit_after
         console.print(f"\n[bold]Open {endpoints.web}/ to watch the sample workflows run live.[/]")
         console.print("SQL examples (in another terminal):")
@@ -191,21 +202,32 @@ def demo(runs: int | None, interval: float, exit_after: bool, **flags: Any) -> N
             '  flowscope sql "SELECT NodeId, quantile(0.95)(DurationMs) FROM otel.node_executions GROUP BY NodeId"'
         )
 
-        def report(round_no: int, results: list[Any]) -> None:
+        def report(round_no: int, results: list[samples.RunEnd]) -> None:
             for result in results:
-                mark = "[green]✓[/]" if result.result is Result.SUCCESS else "[red]✗[/]"
+                mark = "[green]✓[/]" if result.result == Result.SUCCESS else "[red]✗[/]"
                 console.print(
-                    f"  {mark} {result.workflow.name:<16} {result.result.value:<8} "
-                    f"{result.duration_s * 1000:7.0f} ms  {endpoints.web}/executions/{result.execution_id}"
+                    f"  {mark} {result.workflow_name:<16} {result.result:<8} "
+                    f"{result.duration_ms:7.0f} ms  {endpoints.web}/executions/{result.execution_id}"
                 )
 
         try:
-            round_no = await samples.run_rounds(engine, runs, interval, report)
+            async with engine:
+                link = engine.control_link
+                assert link is not None
+                await asyncio.wait_for(link.connected.wait(), _DEMO_CONNECT_TIMEOUT_S)
+                round_no = await samples.repeat_rounds(
+                    lambda n: samples.run_stack_round(runs_api, n), runs, interval, report
+                )
+                tail = "" if exit_after else " The live view, the API and the engine stay up until Ctrl-C."
+                console.print(f"[bold]{round_no} round(s) done.[/]{tail}")
+                if not exit_after:
+                    # The engine stays connected: the page and the API can still start and steer runs.
+                    await asyncio.Event().wait()
+        except (samples.StackRunError, TimeoutError) as exc:
+            raise CliError(f"the demo could not run its samples through the stack: {exc}", EXIT_UNAVAILABLE) from exc
         finally:
-            await engine.aclose()
+            await runs_api.aclose()
             await asyncio.to_thread(shutdown)
-        tail = "" if exit_after else " The live view and API stay up until Ctrl-C."
-        console.print(f"[bold]{round_no} round(s) done.[/]{tail}")
 
     run_async(lambda: _serve_until_stopped(settings, workload))
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx
+
+from flowscope.contract import TERMINAL_EVENTS
 from flowscope.engine import (
     Catalog,
     Engine,
@@ -27,6 +30,9 @@ from flowscope.engine import (
     Workflow,
     WorkflowBuilder,
 )
+from flowscope.ws_bridge.client import LiveClient, LiveClientError
+
+T = TypeVar("T")
 
 tools = ToolRegistry()
 
@@ -185,20 +191,33 @@ async def run_rounds(
     engine: Engine, runs: int | None, interval_s: float, report: Callable[[int, list[ExecutionResult]], None]
 ) -> int:
     """Rounds of every sample, `interval_s` apart, until `runs` (or forever); returns rounds done."""
+    return await repeat_rounds(lambda round_no: run_round(engine, round_no), runs, interval_s, report)
+
+
+async def repeat_rounds(
+    one_round: Callable[[int], Awaitable[list[T]]],
+    runs: int | None,
+    interval_s: float,
+    report: Callable[[int, list[T]], None],
+) -> int:
     done = 0
     while runs is None or done < runs:
-        report(done, await run_round(engine, done))
+        report(done, await one_round(done))
         done += 1
         if runs is None or done < runs:
             await asyncio.sleep(interval_s)
     return done
 
 
+def _user(round_no: int) -> str:
+    users = ["ana", "bo", "chen"]
+    return users[round_no % len(users)]
+
+
 async def run_round(engine: Engine, round_no: int) -> list[ExecutionResult]:
     """One round of every sample; the billing run fails, then is resumed after a repair."""
     ledger.down = True
-    users = ["ana", "bo", "chen"]
-    user = users[round_no % len(users)]
+    user = _user(round_no)
     first = await asyncio.gather(
         engine.run(agent(), {"topic": "solar panels", "city": "Lisbon"}, user_id=user, trigger="api"),
         engine.run(etl(), None, trigger="schedule"),
@@ -210,4 +229,78 @@ async def run_round(engine: Engine, round_no: int) -> list[ExecutionResult]:
         ledger.down = False
         results.append(await engine.resume(failed).result())
     results.append(await engine.run(report(), None, user_id=user, trigger="manual"))
+    return results
+
+
+class StackRunError(RuntimeError):
+    """The stack refused to start a sample, or its live stream ended before the run did."""
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """A run started through a stack, as its last live event told it."""
+
+    execution_id: str
+    workflow_name: str
+    result: str
+    duration_ms: float
+
+
+class StackRuns:
+    """Starts samples through a stack's control API and follows each to its end over the live
+    WebSocket: what `flowscope demo` does, as any client of the stack would."""
+
+    def __init__(self, web: str, token: str | None) -> None:
+        self.web = web
+        self.token = token
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.api = httpx.AsyncClient(base_url=web, headers=headers, timeout=30.0)
+
+    async def aclose(self) -> None:
+        await self.api.aclose()
+
+    async def start(self, workflow_id: str, workflow_input: Any, **fields: Any) -> RunEnd:
+        body = {"workflowId": workflow_id, "input": workflow_input, **fields}
+        return await self._follow(await self._post("/api/v1/executions", body))
+
+    async def retry(self, execution_id: str) -> RunEnd:
+        return await self._follow(await self._post(f"/api/v1/executions/{execution_id}/retry", {}))
+
+    async def _post(self, path: str, body: dict[str, Any]) -> str:
+        try:
+            answer = await self.api.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise StackRunError(f"POST {path}: {exc}") from exc
+        if answer.status_code != 201:
+            raise StackRunError(f"POST {path}: {answer.status_code} {answer.text[:300]}")
+        execution_id: str = answer.json()["executionId"]
+        return execution_id
+
+    async def _follow(self, execution_id: str) -> RunEnd:
+        try:
+            async for event in LiveClient(self.web, execution_id=execution_id, token=self.token):
+                if event["type"] in TERMINAL_EVENTS:
+                    data = event["data"]
+                    return RunEnd(execution_id, event["workflowName"], str(data["result"]), float(data["durationMs"]))
+        except LiveClientError as exc:
+            raise StackRunError(f"watching {execution_id}: {exc}") from exc
+        raise StackRunError(f"the live stream of {execution_id} ended before the run did")
+
+
+async def run_stack_round(runs: StackRuns, round_no: int) -> list[RunEnd]:
+    """One round of every sample started through the stack; the failed billing run is retried
+    from its failed node after the repair."""
+    ledger.down = True
+    user = _user(round_no)
+    first = await asyncio.gather(
+        runs.start("research-agent", {"topic": "solar panels", "city": "Lisbon"}, userId=user, trigger="api"),
+        runs.start("etl-orders", None, trigger="schedule"),
+        runs.start("billing-sync", None, trigger="schedule"),
+    )
+    failed = first[2]
+    results = list(first)
+    if failed.result != Result.SUCCESS:
+        ledger.down = False
+        results.append(await runs.retry(failed.execution_id))
+    results.append(await runs.start("weekly-report", None, userId=user, trigger="manual"))
     return results
