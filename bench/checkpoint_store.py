@@ -3,15 +3,17 @@
 Run: .venv/bin/python -m bench.checkpoint_store [--puts 20000] [--chdb-puts 3000] [--nodes 1000] [--repeat 5]
 Each put is timed from the call to its acknowledgement (the commit that holds it is done), at
 concurrency 1 (a chain: every put waits for its own commit) and 64 (group commit: one commit
-for every put waiting). Backends: SQLite in WAL mode at synchronous=NORMAL (the default) and
-FULL (an fsync per commit), and embedded ClickHouse (chdb), each in a fresh temporary
+for every put waiting). Backends: SQLite in WAL mode at synchronous=NORMAL (the default: commits
+on the event loop), the same with `commit=thread` (the writer thread commits), FULL (an fsync per
+commit, by the thread), and embedded ClickHouse (chdb, by the thread), each in a fresh temporary
 directory. Outputs are distinct ~120-byte objects, so every put stores a new blob: the worst case.
 `cpu_us_per_put` is process CPU (the writer thread included) per put: what a put costs one core.
 
 "steps/s with checkpoint puts" runs the real engine with full telemetry (bench/engine_overhead.py's
 SDK set-up) on wide and deep 1,000-node workflows whose nodes each await a put of their output
 before returning — what a scheduler that checkpoints before dependents start pays — against the
-same workflows without puts, rounds interleaved, best round of each.
+same workflows without puts, rounds interleaved, best round of each; for commits on the loop
+(the default) and by the thread.
 """
 
 from __future__ import annotations
@@ -129,13 +131,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-checkpoints-") as tmp:
         root = Path(tmp)
         results["sqlite_normal"] = await store_figures(f"sqlite://{root}/normal.db", args.puts, "normal")
+        results["sqlite_normal_thread"] = await store_figures(
+            f"sqlite://{root}/thread.db?commit=thread", args.puts, "thread"
+        )
         results["sqlite_full"] = await store_figures(f"sqlite://{root}/full.db?synchronous=full", args.puts, "full")
         if args.chdb_puts:
             results["chdb"] = await store_figures(f"chdb://{root}/chdb", args.chdb_puts, "chdb")
         if args.nodes:
-            results["engine_sqlite_normal"] = await engine_figures(
-                f"sqlite://{root}/engine.db", args.nodes, args.repeat
-            )
+            for label, query in (("", ""), ("_thread", "?commit=thread")):
+                url = f"sqlite://{root}/engine{label}.db{query}"
+                results[f"engine_sqlite_normal{label}"] = await engine_figures(url, args.nodes, args.repeat)
     return results
 
 

@@ -41,8 +41,8 @@ from flowscope.engine.checkpoints import (
 
 logger = logging.getLogger(__name__)
 
-# Inline commits between two WAL checkpoints by the thread: the loop's connection never
-# checkpoints (that fsyncs), and a WAL nobody checkpoints grows without bound.
+# Commits between two WAL checkpoints by the thread: the loop's connection never checkpoints
+# (that fsyncs), and a WAL nobody checkpoints grows without bound.
 _MAINTAIN_EVERY = 256
 
 
@@ -239,6 +239,9 @@ class GroupCommitStore:
             _call_soon(loop, _settle_all, [(w.future, None, error) for w in group])
 
     def _answer(self, read: _Read) -> None:
+        if read.waiter is None:
+            self._maintain(read.call)
+            return
         try:
             result, error = read.call(), None
         except Exception as exc:
@@ -246,6 +249,16 @@ class GroupCommitStore:
             result, error = None, CheckpointError(f"checkpoints not readable from {self.name}: {exc}")
         if read.waiter is not None:
             _call_soon(read.waiter.loop, _settle, read.waiter.future, result, error)
+
+    def _maintain(self, call: Callable[[], Any]) -> None:
+        """Housekeeping with the loop's connection idle: a WAL checkpoint that runs while commits
+        append to the log never catches up with it, and the log is only reused once one has.
+        Meanwhile the loop's commits find the lock taken and come here, to wait behind it."""
+        try:
+            with self._inline_lock:
+                call()
+        except Exception:
+            logger.exception("checkpoint store %s: housekeeping failed", self.name)
 
     def _refuse_late(self) -> None:
         """Fail what raced with `close()` past its check, so no caller waits forever."""

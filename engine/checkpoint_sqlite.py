@@ -84,6 +84,7 @@ def _run(r: RunRow) -> tuple[object, ...]:
     )
 
 
+_WAL_SIZE_LIMIT = 16 * 1024 * 1024
 _LEVEL_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 
@@ -97,6 +98,8 @@ def _connect(file: Path, level: str, *, busy_timeout_ms: int, autocheckpoint: bo
         if str(mode).lower() != "wal":
             raise ValueError(f"{file}: SQLite would not use WAL mode here (got {mode!r})")
         conn.execute(f"PRAGMA synchronous = {level}")
+        # The log is reused from its start after a checkpoint; this bounds what it keeps on disk.
+        conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
         if not autocheckpoint:
             # A WAL checkpoint fsyncs and may wait: the thread's connection does them (`maintain`).
             conn.execute("PRAGMA wal_autocheckpoint = 0")
@@ -190,7 +193,8 @@ class SqliteBackend:
         _write(self._conn, nodes, runs)
 
     def maintain(self) -> None:
-        # PASSIVE: copies what it can without waiting for, or blocking, readers and writers.
+        # PASSIVE: never waits for readers (a long snapshot read); it copies what they allow and
+        # the next checkpoint the rest.
         self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def read_nodes(self, execution_id: str, *, with_data: bool) -> list[tuple[NodeCheckpoint, bytes | None]]:

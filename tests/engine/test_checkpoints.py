@@ -228,6 +228,17 @@ async def test_a_busy_database_hands_the_loops_commit_to_the_thread(tmp_path: Pa
         store.close()
 
 
+async def test_the_log_stays_bounded_when_commits_run_on_the_loop(tmp_path: Path) -> None:
+    store = open_checkpoint_store(f"sqlite://{tmp_path}/checkpoints.db")
+    try:
+        for i in range(4000):  # one commit each, ≈ 8 KiB of log each: 32 MiB if nothing reset the log
+            await store.put("e1", f"n{i}", {"i": i, "text": "x" * 100}, attempt=1, **WF)
+        assert len((await store.load("e1")).outputs) == 4000
+        assert (tmp_path / "checkpoints.db-wal").stat().st_size < 16 * 1024 * 1024
+    finally:
+        store.close()
+
+
 async def test_a_closed_store_refuses_puts(open_store: Any) -> None:
     store = open_store()
     store.close()
