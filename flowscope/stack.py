@@ -21,7 +21,7 @@ from flowscope.ws_bridge.api import Links
 from flowscope.ws_bridge.app import Bridge, BridgeConfig
 from flowscope.ws_bridge.auth import ADMIN, INGEST, Authenticator, require_auth_on_public_bind
 from flowscope.ws_bridge.connection import ConnectionLimits
-from flowscope.ws_bridge.control_events import LogSink, LostEmitter, collector_sink
+from flowscope.ws_bridge.control_events import LogSink, LostEmitter, collector_sink, first_started
 from flowscope.ws_bridge.history import History
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,14 @@ def assemble_bridge(
         background=background,
         sql_client_factory=(lambda: connect(sql_dsn)) if sql_dsn is not None else None,
     )
-    lost = LostEmitter(history, lost_sink) if lost_sink is not None else None
-    return Bridge(bridge_config(settings, otlp_port=otlp_port), history, emit_lost=lost), lost
+
+    def live_started(execution_id: str) -> Mapping[str, Any] | None:
+        # Called on the loop once the bridge runs: the hub's copy of a start not stored yet.
+        return first_started(bridge.hub.recent_events(execution_id, 1))
+
+    lost = LostEmitter(history, lost_sink, live_started=live_started) if lost_sink is not None else None
+    bridge = Bridge(bridge_config(settings, otlp_port=otlp_port), history, emit_lost=lost)
+    return bridge, lost
 
 
 @dataclass

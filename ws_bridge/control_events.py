@@ -17,11 +17,12 @@ one run after another so a run's lost events keep their order.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime as dt
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -56,12 +57,44 @@ class LostRun:
 
 EmitLost = Callable[[LostRun], None]
 LogSink = Callable[[ExportLogsServiceRequest], None]
+# The run's workflow.started as the live hub saw it (Hub.recent_events), else None.
+LiveStarted = Callable[[str], Mapping[str, Any] | None]
 
 
 class StoredRuns(Protocol):
     """What the emitter reads of a run: History.started_run."""
 
     def started_run(self, execution_id: str) -> dict[str, Any] | None: ...
+
+
+def first_started(events: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The workflow.started among a run's events (its first, as readers take it)."""
+    return next((e for e in events if e.get("type") == EventName.WORKFLOW_STARTED), None)
+
+
+def row_of_started(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored row a workflow.started live event stands for, as far as it tells: all but
+    the engine's service name, and the start to the microsecond (same partition, same run)."""
+    data = event.get("data") or {}
+    start = dt.datetime.fromisoformat(str(event["ts"]).replace("Z", "+00:00"))
+    return {
+        "Status": RunStatus.RUNNING,
+        "WorkflowName": event.get("workflowName") or "",
+        "WorkflowVersion": _text(data.get("workflowVersion")),
+        "TriggerType": _text(data.get("trigger")),
+        "UserId": _text(data.get("userId")),
+        "TotalNodes": data.get("totalNodes") if isinstance(data.get("totalNodes"), int) else 0,
+        "ResumedFrom": _text(data.get("resumedFrom")),
+        "ParentExecutionId": _text(data.get("parentExecutionId")),
+        "StartTimeUnixNano": (int(start.timestamp()) * 1_000_000 + start.microsecond) * 1000,
+        "TraceId": event.get("traceId") or "",
+        "SpanId": event.get("spanId") or "",
+        "ServiceName": "",
+    }
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def lost_body(run: LostRun, stored: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -82,8 +115,9 @@ def lost_body(run: LostRun, stored: Mapping[str, Any] | None) -> dict[str, Any]:
             "resumedFrom": stored["ResumedFrom"] or None,
             "parentExecutionId": stored["ParentExecutionId"] or None,
             "startTimeUnixNano": stored["StartTimeUnixNano"],
-            "serviceName": stored["ServiceName"],
         }
+        if stored["ServiceName"]:
+            body["serviceName"] = stored["ServiceName"]
     return body
 
 
@@ -131,20 +165,24 @@ class LostEmitter:
     """`EmitLost`: looks the run up in the store, builds its `workflow.lost`, hands it to the sink.
 
     The run's workflow.started may still be on its way to the store when its engine goes
-    (a run lost in its first second): the lookup is retried for `lookup_timeout_s`, then the
-    event goes out without the stored fields — the live stream and the events table still get
-    it, the executions row stays as it is. A run whose stored row already holds a result
-    (its run span arrived first) is not declared lost."""
+    (a run lost in its first second, or while ClickHouse is away and rows wait in the queue):
+    then the hub's copy of that event (`live_started`, read on the loop when the run is
+    handed over) gives the fields, and without either the store is asked again for
+    `lookup_timeout_s`, after which the event goes out without them — the live stream and the
+    events table still get it, the executions row stays as it is. A run whose stored row
+    already holds a result (its run span arrived first) is not declared lost."""
 
     def __init__(
         self,
         runs: StoredRuns | None,
         sink: LogSink,
         *,
+        live_started: LiveStarted | None = None,
         lookup_timeout_s: float = 5.0,
         on_close: Callable[[], None] | None = None,
     ) -> None:
         self._runs = runs
+        self._live_started = live_started
         self._sink = sink
         self._lookup_timeout_s = lookup_timeout_s
         self._on_close = on_close
@@ -155,11 +193,12 @@ class LostEmitter:
         if self._closed.is_set():
             logger.warning("run %s lost after the emitter closed: not recorded", run.execution_id)
             return
-        self._worker.submit(self._emit, run)
+        seen = self._live_started(run.execution_id) if self._live_started is not None else None
+        self._worker.submit(self._emit, run, row_of_started(seen) if seen is not None else None)
 
-    def _emit(self, run: LostRun) -> None:
+    def _emit(self, run: LostRun, seen: dict[str, Any] | None) -> None:
         try:
-            stored = self._stored(run.execution_id)
+            stored = self._stored(run.execution_id, seen is not None) or seen
             if stored is not None and stored["Status"] not in _LIVE_STATUSES:
                 logger.info("run %s already ended (%s): not declared lost", run.execution_id, stored["Status"])
                 return
@@ -167,10 +206,10 @@ class LostEmitter:
         except Exception:  # the emitter must outlive any failure: the next run still gets its event
             logger.exception("could not record run %s as lost", run.execution_id)
 
-    def _stored(self, execution_id: str) -> dict[str, Any] | None:
+    def _stored(self, execution_id: str, once: bool) -> dict[str, Any] | None:
         if self._runs is None:
             return None
-        deadline = time.monotonic() + self._lookup_timeout_s
+        deadline = time.monotonic() + (0 if once else self._lookup_timeout_s)
         delay = 0.05
         while True:
             try:

@@ -15,7 +15,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from flowscope.stack import Stack
 from flowscope.ws_bridge.control_events import LostEmitter, LostRun, OtlpLogSink, lost_request
 from flowscope.ws_bridge.shapes import execution_from_events
 from tests.collector.otlp import OtlpProviders, otlp_providers
+from tests.collector.test_outage import OutageWriter, outage_factory
 from tests.helpers import Gate
 from tests.ws_bridge.conftest import StackFactory, recv_json, recv_until, stack, stack_factory, ws_client, ws_url
 from tests.ws_bridge.live_events import live_event
@@ -86,11 +87,50 @@ async def _started(stack: Stack, providers: OtlpProviders, gate: Gate) -> tuple[
         # is coalesced, so it trails the node's start): after it the run is quiet.
         events = await asyncio.to_thread(history.events, handle.execution_id)
         last = events[-1] if events else None
-        quiet = last is not None and last["type"] == "execution.progress" and last["data"]["runningNodes"] == 1
+        quiet = last is not None and _at_gate(last)
         return events if quiet else None
 
     events = await eventually(settled, "the run quiet at its gate")
     return engine, handle, int(events[-1]["seq"])
+
+
+def _at_gate(event: Mapping[str, Any]) -> bool:
+    """The progress saying `a` is done and `wait` runs: the run's last event before its gate."""
+    data = event.get("data") or {}
+    counts = (data.get("completedNodes"), data.get("runningNodes"))
+    return event.get("type") == "execution.progress" and counts == (1, 1)
+
+
+@pytest.mark.slow
+async def test_a_run_lost_while_clickhouse_is_away_is_lost_once_it_is_back(stack_factory: StackFactory) -> None:
+    """Its workflow.started is not stored yet: the hub's copy gives the lost row its start."""
+    writers: list[OutageWriter] = []
+    async with stack_factory(writer_factory=outage_factory(writers)) as stack:
+        assert stack.bridge is not None and stack.bridge.emit_lost is not None
+        providers = otlp_providers(stack.collector, "grpc", service="lost-engine")
+        try:
+            gate = Gate()
+            engine = Engine(providers.telemetry())
+            workflow = WorkflowBuilder("liveness", "Liveness").code("a", quick).code("wait", gate, depends_on=["a"])
+            handle = engine.start(workflow.build(), user_id="ana")
+            execution_id = handle.execution_id
+            await gate.entered.wait()
+            await asyncio.to_thread(providers.flush)
+            async with ws_client(ws_url(stack, f"/ws/executions/{execution_id}?fromSeq=1")) as ws:
+                last = (await recv_until(ws, _at_gate))[-1]["seq"]
+                assert await _status(stack, execution_id) is None, "nothing is stored while ClickHouse is away"
+                stack.bridge.emit_lost(LostRun(execution_id, "liveness", last + 1, "e-1", "worker-a", "silent"))
+                lost = (await recv_until(ws, lambda m: m.get("type") == "workflow.lost"))[-1]
+            assert lost["seq"] == last + 1 and lost["data"]["userId"] == "ana" and lost["data"]["totalNodes"] == 2
+            assert lost["data"]["startTimeUnixNano"] > 0
+            for writer in writers:
+                writer.down.clear()
+            assert await eventually(lambda: _is(stack, execution_id, "lost"), "status lost once written") == "lost"
+            gate.release.set()
+            await handle.result()
+            await engine.aclose()
+        finally:
+            await asyncio.to_thread(providers.shutdown)
 
 
 @pytest.mark.slow
