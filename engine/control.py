@@ -12,6 +12,7 @@ import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from flowscope.contract.states import RunStatus
 from flowscope.engine.catalog import UnknownNode, retry_plan
 from flowscope.engine.dag import Workflow
 
@@ -147,11 +148,11 @@ class Commands:
             if execution.paused:
                 raise CommandError("conflict", f"execution {execution_id} is already paused")
             execution.pause()
-            return {"executionId": execution_id, "status": "paused"}
+            return {"executionId": execution_id, "status": RunStatus.PAUSED.value}
         if not execution.paused:
             raise CommandError("conflict", f"execution {execution_id} is not paused")
         execution.resume()
-        return {"executionId": execution_id, "status": "running"}
+        return {"executionId": execution_id, "status": RunStatus.RUNNING.value}
 
     def _unused(self, execution_id: str) -> None:
         if self._engine.get(execution_id) is not None or self._engine.finished.previous(execution_id) is not None:
@@ -174,7 +175,7 @@ def execution_frame(execution: Execution) -> dict[str, Any]:
         "executionId": execution.execution_id,
         "workflowId": execution.workflow.id,
         "version": execution.workflow.version,
-        "status": "paused" if execution.paused else "running",
+        "status": (RunStatus.PAUSED if execution.paused else RunStatus.RUNNING).value,
         "seq": execution.seq,
     }
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from flowscope.contract.states import RunStatus
 from flowscope.engine.control import Commands, control_url, execution_frame, workflow_frame
 from flowscope.engine.dag import Workflow
 from flowscope.engine.results import ExecutionResult, Result
@@ -42,6 +43,8 @@ _BACKOFF_CAP_S = 5.0
 # A refused token does not fix itself within seconds: retry slowly, without flooding the log.
 _AUTH_RETRY_S = 30.0
 _FLUSH_ON_CLOSE_S = 1.0
+# The stack's frame is named for the status it gave the run.
+_LOST = RunStatus.LOST.value
 _AUTH_REFUSALS = {
     4401: "the stack refused the engine's token (4401: bad or missing token; set FLOWSCOPE_TOKEN)",
     4403: "the engine's token lacks the 'engine' grant (4403)",
@@ -162,7 +165,7 @@ class ControlLink:
                     heartbeat = self._welcomed(ws, frame, heartbeat)
                 elif kind == "command":
                     await self._send(ws, self.commands.handle(frame))
-                elif kind == "lost":
+                elif kind == _LOST:
                     self._lost(frame)
                 elif kind == "error":
                     logger.warning("control link: the stack says %s: %s", frame.get("code"), frame.get("message"))
