@@ -17,9 +17,17 @@ from flowscope.engine.dag import Workflow
 from flowscope.engine.nodes import NodeRegistry
 from flowscope.engine.results import ExecutionResult, NodeState
 
-__all__ = ["Catalog", "FinishedRuns", "RetrySource", "UnknownNode", "retry_plan", "stable_order"]
+__all__ = [
+    "DEFAULT_FINISHED_RUNS",
+    "Catalog",
+    "FinishedRuns",
+    "RetrySource",
+    "UnknownNode",
+    "retry_plan",
+    "stable_order",
+]
 
-_DEFAULT_FINISHED_RUNS = 1_000
+DEFAULT_FINISHED_RUNS = 1_000
 
 
 @dataclass
@@ -37,16 +45,18 @@ class RetrySource(Protocol):
 
 
 class FinishedRuns:
-    """The most recent ended runs of one engine, oldest forgotten first."""
+    """The most recent ended runs of one engine, oldest forgotten first (`capacity` 0: none)."""
 
-    def __init__(self, capacity: int = _DEFAULT_FINISHED_RUNS) -> None:
-        self._capacity = capacity
+    def __init__(self, capacity: int = DEFAULT_FINISHED_RUNS) -> None:
+        self.capacity = capacity
         self._runs: OrderedDict[str, ExecutionResult] = OrderedDict()
 
     def add(self, result: ExecutionResult) -> None:
+        if self.capacity <= 0:
+            return
         self._runs[result.execution_id] = result
         self._runs.move_to_end(result.execution_id)
-        while len(self._runs) > self._capacity:
+        while len(self._runs) > self.capacity:
             self._runs.popitem(last=False)
 
     def previous(self, execution_id: str) -> ExecutionResult | None:

@@ -24,6 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from flowscope.contract.states import RunStatus
+from flowscope.engine.catalog import DEFAULT_FINISHED_RUNS
 from flowscope.engine.control import Commands, control_url, execution_frame, workflow_frame
 from flowscope.engine.dag import Workflow
 from flowscope.engine.results import ExecutionResult, Result
@@ -75,6 +76,8 @@ class ControlLink:
         self.engine_id = uuid.uuid4().hex
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.commands = Commands(engine)
+        # Retries by id need the ended runs: an engine given a link later keeps them from now on.
+        engine.finished.capacity = max(engine.finished.capacity, DEFAULT_FINISHED_RUNS)
         self._backoff_cap_s = backoff_cap_s
         self._auth_retry_s = auth_retry_s
         self._outbox: deque[dict[str, Any]] = deque(maxlen=_MAX_OUTBOX)

@@ -21,7 +21,7 @@ from opentelemetry.context import Context
 
 from flowscope.contract.attributes import CHILD_EXECUTION_ID
 from flowscope.engine.attempts import Attempt, AttemptRunner, NodeTimeout, describe
-from flowscope.engine.catalog import FinishedRuns, RetrySource, retry_plan
+from flowscope.engine.catalog import DEFAULT_FINISHED_RUNS, FinishedRuns, RetrySource, retry_plan
 from flowscope.engine.context import NodeContext
 from flowscope.engine.dag import Node, Workflow
 from flowscope.engine.events import EventBus
@@ -430,8 +430,9 @@ class Engine:
         self.events = EventBus()
         self._tasks: set[asyncio.Task[ExecutionResult]] = set()
         self._executions: dict[str, Execution] = {}
-        # Ended runs, for retries; a durable store may stand in as the retry source.
-        self.finished = FinishedRuns()
+        # Ended runs, for retries by id over the control link (kept only with one: a busy
+        # engine's outputs would otherwise stay in memory); a durable store may stand in.
+        self.finished = FinishedRuns(DEFAULT_FINISHED_RUNS if control is not None else 0)
         self.retry_source: RetrySource = retry_source or self.finished
         self._served: dict[str, dict[str, Workflow]] = {}
         self._finish_listeners: list[FinishListener] = []

@@ -9,12 +9,22 @@ import os
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 
-from flowscope.engine import Catalog, ControlLink, Engine, NodeContext, NodeState, Result, Workflow, WorkflowBuilder
+from flowscope.engine import (
+    Catalog,
+    ControlLink,
+    Engine,
+    FinishedRuns,
+    NodeContext,
+    NodeState,
+    Result,
+    Workflow,
+    WorkflowBuilder,
+)
 from flowscope.engine.catalog import UnknownNode
 from tests.engine.conftest import Captured, attrs_of
 from tests.engine.control_peer import ScriptedStack, scripted_stack
@@ -288,9 +298,7 @@ async def test_engine_retry_needs_no_network(captured: Captured, flows: Flows) -
             engine.retry(first, "ghost")
 
 
-async def test_the_link_reconnects_and_sends_nothing_twice(
-    engine: Engine, stack: ScriptedStack, flows: Flows
-) -> None:
+async def test_the_link_reconnects_and_sends_nothing_twice(engine: Engine, stack: ScriptedStack, flows: Flows) -> None:
     first_hello = await stack.hello()
     start = await stack.command("start", command_id="c-start", executionId="r1", workflowId="hold", input=None)
     await flows.arrived("a").wait()
@@ -359,3 +367,14 @@ def test_a_catalog_carries_its_registry() -> None:
     flows = Flows()
     catalog = Catalog([flows.hold()])
     assert [w.id for w in catalog.workflows] == ["hold"] and catalog.registry is not None
+
+
+async def test_ended_runs_are_kept_bounded_and_only_for_a_steered_engine(captured: Captured, flows: Flows) -> None:
+    async with Engine(captured.telemetry) as plain:
+        ran = await plain.run(flows.fork())
+        assert plain.finished.previous(ran.execution_id) is None
+    kept = FinishedRuns(2)
+    for result in (ran, replace(ran, execution_id="b"), replace(ran, execution_id="c")):
+        kept.add(result)
+    assert (kept.previous(ran.execution_id), len(kept)) == (None, 2)
+    assert kept.previous("b") is not None and kept.previous("c") is not None
