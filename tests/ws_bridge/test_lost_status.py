@@ -13,7 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -27,12 +31,17 @@ from flowscope.engine import Engine, NodeContext, WorkflowBuilder
 from flowscope.engine.scheduler import ExecutionHandle
 from flowscope.reading import _watch_fold
 from flowscope.stack import Stack
+from flowscope.ws_bridge.auth import AuthConfig, Authenticator
 from flowscope.ws_bridge.control_events import LostEmitter, LostRun, OtlpLogSink, lost_request
 from flowscope.ws_bridge.shapes import execution_from_events
 from tests.collector.otlp import OtlpProviders, otlp_providers
 from tests.collector.test_outage import OutageWriter, outage_factory
+from tests.conftest import CollectorFactory
+from tests.flowscope.test_bridge_assembly import ROOT, _bridge_port
 from tests.helpers import Gate
 from tests.ws_bridge.conftest import StackFactory, recv_json, recv_until, stack, stack_factory, ws_client, ws_url
+from tests.ws_bridge.control_peer import run as peer_run
+from tests.ws_bridge.control_peer import scripted_engine
 from tests.ws_bridge.live_events import live_event
 
 __all__ = ["stack", "stack_factory"]
@@ -317,3 +326,50 @@ def test_a_run_known_by_its_events_alone_is_lost_until_recovered() -> None:
     assert execution_from_events("e1", [started, lost], None)["status"] == "lost"
     assert execution_from_events("e1", [started, lost, recovered, progress], None)["status"] == "running"
     assert execution_from_events("e1", [started, progress], None)["status"] == "running"
+
+
+@pytest.mark.slow
+async def test_flowscope_bridge_sends_lost_runs_to_the_collector_tier(
+    collector_factory: CollectorFactory, tmp_path: Path
+) -> None:
+    """The distributed bridge: its engine's channel closes, and the run's workflow.lost goes over
+    OTLP/gRPC to FLOWSCOPE_CONTROL_OTLP_ENDPOINT with FLOWSCOPE_TOKEN, stored by the collector."""
+    ingest = Authenticator(AuthConfig(tokens={"ingest-token": ("control", frozenset({"ingest"}))}))
+    async with collector_factory(authorize=ingest.authorize_ingest) as collector:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWSCOPE_", "OTEL_"))}
+        env |= {
+            "PYTHONPATH": str(ROOT),
+            "NO_COLOR": "1",
+            "COLUMNS": "200",
+            "FLOWSCOPE_AUTH_TOKENS": "engine-token=engine-1:engine",
+            "FLOWSCOPE_TOKEN": "ingest-token",
+            "FLOWSCOPE_CONTROL_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.grpc_port}",
+        }
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "flowscope.cli", "bridge", "--dsn", f"chdb://{tmp_path}/chdb"),
+            *("--http-port", "0", "--otlp-port", "0"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+        )
+        try:
+            port = await _bridge_port(process)
+            async with scripted_engine(port) as engine:
+                await engine.hello(executions=[peer_run("remote-1", seq=3)])
+            # The channel closed: the run is lost, seq one past the engine's last.
+            client = collector.client()
+
+            async def stored() -> list[Any]:
+                sql = f"SELECT Seq, EventName, ServiceName FROM {collector.database}.workflow_events FINAL"
+                result = await asyncio.to_thread(client.query, sql + " WHERE ExecutionId = 'remote-1'")
+                return list(result.result_rows)
+
+            assert await eventually(stored, "the lost event in the collector's store") == [
+                (4, "workflow.lost", "flowscope-control")
+            ]
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.communicate(), _DEADLINE_S)
+        assert process.returncode == 0
