@@ -34,6 +34,24 @@ function api(path) {
   const headers = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
   return fetch(path, { headers }).then(async (r) => ({ status: r.status, body: await r.json() }));
 }
+// Commands (docs/control.md): JSON bodies, since the server refuses any other type with 415.
+function post(path, body) {
+  const headers = { "Content-Type": "application/json" };
+  if (TOKEN) headers.Authorization = `Bearer ${TOKEN}`;
+  return fetch(path, { method: "POST", headers, body: JSON.stringify(body ?? {}) })
+    .then(async (r) => ({ status: r.status, body: await r.json().catch(() => ({})) }))
+    .catch((err) => ({ status: 0, body: { error: `the stack could not be reached (${err.message})` } }));
+}
+const ok = (answer) => answer.status >= 200 && answer.status < 300;
+const failedText = (what, answer) => `${what} refused${answer.status ? ` (HTTP ${answer.status})` : ""}: ${answer.body.error || "no reason given"}`;
+const pageHref = (path) => `${path}${TOKEN ? `?token=${encodeURIComponent(TOKEN)}` : ""}`;
+const executionHref = (eid) => pageHref(`/executions/${encodeURIComponent(eid)}`);
+// What `GET /api/v1/me` says the token may steer: ["*"], workflow ids, or nothing.
+const maySteer = (controls, workflowId) => controls.includes("*") || controls.includes(workflowId);
+// A token without control grants gets none of this: the elements are never built.
+const ME = api("/api/v1/me");
+const steering = ME.then(({ status, body }) => status === 200 && Array.isArray(body.control) ? body.control : []);
+
 function wsUrl(path) {
   const url = new URL(path, location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
@@ -88,11 +106,14 @@ function listView() {
   };
   workflowFilter.addEventListener("input", render);
   statusFilter.addEventListener("change", render);
+  const startSlot = h("div", { id: "start-slot" });
   app.replaceChildren(
     h("h1", {}, "Executions"),
+    startSlot,
     h("div", { class: "filters" }, workflowFilter, statusFilter),
     h("table", { id: "executions" }, h("thead", {}, h("tr", {}, ["Execution", "Workflow", "Status", "Nodes", "Duration", "Started", "Trigger", "User"].map((t) => h("th", {}, t)))), tbody),
   );
+  steering.then((controls) => { if (controls.length) startSlot.replaceWith(startPanel(controls)); });
   // Live rows win over the history API's (which lags the store), field by field.
   const merge = (base, over) => { for (const [k, v] of Object.entries(over)) if (v !== undefined) base[k] = v; return base; };
   api("/api/v1/executions?limit=100").then(({ status, body }) => {
@@ -108,7 +129,7 @@ function listView() {
   const runTypes = CONTRACT.runEvents;
   // An unrestricted token watches `all`; a restricted one the rooms of its grants, 16 to a
   // subscription, two subscriptions (runs, progress) per 16 rooms within the 16 a connection may hold.
-  api("/api/v1/me").then(({ status, body }) => {
+  ME.then(({ status, body }) => {
     if (status !== 200) return;  // the list request above shows what was wrong
     const groups = [];
     for (let i = 0; i < body.rooms.length && groups.length < 8; i += 16) groups.push(body.rooms.slice(i, i + 16));
@@ -135,6 +156,61 @@ function listView() {
   }
 }
 
+// ---------------------------------------------------------------- starting runs
+// One Start form per workflow the token may steer and a connected engine serves. Engines come
+// and go, so the list is refreshed; a form keeps what was typed in it across refreshes.
+function startPanel(controls) {
+  const section = h("section", { id: "start", class: "start", "aria-labelledby": "start-title" });
+  const forms = new Map();
+  const list = h("div", { class: "start-list" });
+  const note = h("p", { class: "empty", id: "no-engines" }, "No connected engine serves a workflow you may start.");
+  section.append(h("h2", { id: "start-title" }, "Start a workflow"), note, list);
+  const refresh = () => api("/api/v1/engines").then(({ status, body }) => {
+    if (status !== 200) return;
+    const served = new Map();
+    for (const engine of body.items) for (const w of engine.workflows) {
+      if (maySteer(controls, w.workflowId) && !served.has(w.workflowId)) served.set(w.workflowId, w);
+    }
+    for (const [wid, form] of forms) if (!served.has(wid) && !form.busy) { form.el.remove(); forms.delete(wid); }
+    for (const [wid, w] of [...served].sort((a, b) => a[0].localeCompare(b[0]))) {
+      if (!forms.has(wid)) { const form = startForm(w); forms.set(wid, form); list.append(form.el); }
+    }
+    note.hidden = forms.size > 0;
+  });
+  refresh();
+  setInterval(refresh, 15_000);
+  return section;
+}
+
+function startForm(w) {
+  const name = w.name && w.name !== w.workflowId ? `${w.name} (${w.workflowId})` : w.workflowId;
+  const input = h("textarea", { class: "start-input", rows: 2, spellcheck: "false", "aria-label": `Input for ${name}, as JSON` }, "{}");
+  const error = h("p", { class: "control-error", role: "alert", "aria-live": "assertive" });
+  const button = h("button", { type: "submit", class: "control" }, "Start");
+  const form = { busy: false, el: null };
+  const submit = async (ev) => {
+    ev.preventDefault();
+    error.textContent = "";
+    const text = input.value.trim();
+    let value = null;
+    try { value = text ? JSON.parse(text) : null; } catch (err) {
+      input.setAttribute("aria-invalid", "true");
+      error.textContent = `The input is not valid JSON: ${err.message}`;
+      return;
+    }
+    input.removeAttribute("aria-invalid");
+    form.busy = true; button.disabled = true; button.setAttribute("aria-busy", "true");
+    const answer = await post("/api/v1/executions", value === null ? { workflowId: w.workflowId } : { workflowId: w.workflowId, input: value });
+    if (ok(answer)) { location.assign(executionHref(answer.body.executionId)); return; }
+    form.busy = false; button.disabled = false; button.removeAttribute("aria-busy");
+    error.textContent = failedText("Start", answer);
+  };
+  form.el = h("form", { class: "start-form", "data-workflow": w.workflowId, onsubmit: submit },
+    h("div", { class: "start-name" }, h("b", {}, name), w.version ? h("span", { class: "muted" }, ` v${w.version}`) : null),
+    input, button, error);
+  return form;
+}
+
 // ---------------------------------------------------------------- one execution
 function executionView(id) {
   const state = { lastSeq: 0, nodes: new Map(), order: [], status: RS.PENDING, progress: 0, eta: null, meta: {}, warnings: [], finished: false };
@@ -147,9 +223,10 @@ function executionView(id) {
   const errorEl = h("div", { id: "error" });
   const linksEl = h("div", { class: "links", id: "links" });
   const logEl = h("div", { class: "log", id: "log", role: "log" });
+  const controlsSlot = h("div", { id: "controls-slot" });
   app.replaceChildren(h("p", {}, h("a", { href: `/${TOKEN ? `?token=${TOKEN}` : ""}` }, "← all executions")),
     h("h1", { id: "title" }, `Execution ${id}`), metaEl, h("div", { class: "progress", role: "progressbar", "aria-label": "progress" }, bar), progressText,
-    linksEl, errorEl, h("h2", {}, "Graph"), dagEl, h("h2", {}, "Performance"), noWarnings, warnEl, h("h2", {}, "Event log"), logEl);
+    controlsSlot, linksEl, errorEl, h("h2", {}, "Graph"), dagEl, h("h2", {}, "Performance"), noWarnings, warnEl, h("h2", {}, "Event log"), logEl);
 
   const node = (nid) => {
     if (!state.nodes.has(nid)) { state.nodes.set(nid, { id: nid, label: nid, type: "", dependsOn: [], state: NS.PENDING, attempts: 0, durationMs: null, error: null }); state.order.push(nid); }
@@ -256,11 +333,14 @@ function executionView(id) {
     }
     log(msg);
   };
+  const steer = runControls(id, state, () => schedule());
+  steering.then((controls) => { steer.grant(controls, controlsSlot); schedule(); });
   let pending = false;
-  const schedule = () => { if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; renderMeta(); renderDag(); }); } };
+  const schedule = () => { if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; renderMeta(); renderDag(); steer.render(); }); } };
   api(`/api/v1/executions/${encodeURIComponent(id)}`).then(({ status, body }) => {
     if (status !== 200) return;
     Object.assign(state.meta, { trigger: body.trigger, userId: body.userId, durationMs: body.durationMs });
+    state.meta.workflowId = state.meta.workflowId || body.workflowId;
     const l = body.links || {};
     linksEl.replaceChildren(...[l.jaeger && h("a", { href: l.jaeger, target: "_blank", rel: "noopener" }, "Trace in Jaeger"),
       l.grafana && h("a", { href: l.grafana, target: "_blank", rel: "noopener" }, "Grafana")].filter(Boolean));
@@ -271,6 +351,78 @@ function executionView(id) {
     if (msg.executionId === id) { apply(msg); schedule(); }
   });
   renderMeta();
+}
+
+// ---------------------------------------------------------------- steering one run
+// Buttons follow the run's live status: Pause or Resume and Stop while it runs; Retry (from its
+// first failed node, the server's default) or Retry from a chosen node once it failed, was
+// cancelled or was lost. One command at a time: every button waits for the answer.
+const RETRYABLE = new Set([RS.FAILURE, RS.ERROR, RS.TIMEOUT, RS.CANCELLATION, RS.LOST]);
+
+function runControls(id, state, changed) {
+  let section = null, controls = [], busy = false, stopping = false, drawn = "", fromNode = null;
+  const buttons = h("div", { class: "control-buttons" });
+  const error = h("p", { id: "control-error", class: "control-error", role: "alert", "aria-live": "assertive" });
+  const note = h("p", { id: "control-note", class: "muted", "aria-live": "polite" });
+  const allowed = () => section !== null && state.meta.workflowId && maySteer(controls, state.meta.workflowId);
+  const button = (label, path, body = () => ({})) => h("button", {
+    type: "button", class: "control", "data-command": path, disabled: busy ? "" : null, "aria-busy": busy ? "true" : null,
+    onclick: () => send(label, path, body()),
+  }, label);
+  const firstFailed = () => state.order.find((nid) => state.nodes.get(nid).state === NS.FAILED) || state.order[0];
+  const retryFrom = () => {
+    const chosen = fromNode !== null && state.nodes.has(fromNode) ? fromNode : firstFailed();
+    const select = h("select", { id: "retry-node", disabled: busy ? "" : null, onchange: (ev) => { fromNode = ev.target.value; } },
+      state.order.map((nid) => h("option", { value: nid, selected: nid === chosen ? "" : null }, `${state.nodes.get(nid).label} (${state.nodes.get(nid).state})`)));
+    return h("span", { class: "retry-from" }, h("label", { for: "retry-node" }, "From node"), select,
+      button("Retry from this node", "retry", () => ({ fromNode: select.value })));
+  };
+  const render = () => {
+    if (!allowed()) return;
+    const status = state.status;
+    const live = status === RS.RUNNING || status === RS.PAUSED;
+    const retryable = RETRYABLE.has(status) && state.order.length > 0;
+    // Rebuilt only when something shown changed, so focus and a chosen node stay put.
+    const key = JSON.stringify([status, busy, stopping, retryable && state.order.map((nid) => state.nodes.get(nid).state)]);
+    if (key === drawn) return;
+    drawn = key;
+    section.hidden = !live && !retryable;
+    if (live && stopping) {
+      buttons.replaceChildren();
+      note.textContent = "Stop requested: waiting for the run to end.";
+    } else if (live) {
+      buttons.replaceChildren(status === RS.PAUSED ? button("Resume", "resume") : button("Pause", "pause"), button("Stop", "cancel"));
+      note.textContent = "";
+    } else if (retryable) {
+      buttons.replaceChildren(button("Retry", "retry"), retryFrom());
+      note.textContent = "Retry reruns the first failed node and everything after it; Retry from this node, the chosen one. Nodes before it reuse their outputs.";
+    } else {
+      buttons.replaceChildren();
+      note.textContent = "";
+    }
+  };
+  const send = async (label, path, body) => {
+    busy = true; error.textContent = ""; render();
+    const answer = await post(`/api/v1/executions/${encodeURIComponent(id)}/${path}`, body);
+    // The new run's page; the buttons stay disabled until it loads.
+    if (ok(answer) && path === "retry") { location.assign(executionHref(answer.body.executionId)); return; }
+    busy = false;
+    if (!ok(answer)) error.textContent = failedText(label, answer);
+    // The engine applied it: shown now, its lifecycle event follows through the pipeline.
+    else if (path === "pause") state.status = RS.PAUSED;
+    else if (path === "resume") state.status = RS.RUNNING;
+    else if (path === "cancel") stopping = true;
+    changed();
+  };
+  return {
+    grant(granted, slot) {
+      controls = granted;
+      if (!controls.length) return;
+      section = h("section", { id: "controls", class: "controls", "aria-label": "Steer this run", hidden: "" }, buttons, note, error);
+      slot.replaceWith(section);
+    },
+    render,
+  };
 }
 
 const match = location.pathname.match(/^\/executions\/([^/]+)$/);
