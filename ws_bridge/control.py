@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from flowscope.contract import RunStatus
 from flowscope.ws_bridge.auth import Principal
 from flowscope.ws_bridge.control_engine import EngineSession, Pending, RunInfo
 from flowscope.ws_bridge.control_events import EmitLost, LostRun
@@ -36,7 +37,9 @@ logger = logging.getLogger(__name__)
 OPS = ("start", "pause", "resume", "stop", "retry")
 _STATUS_OF_CODE = {"bad_request": 400, "forbidden": 403, "not_found": 404, "conflict": 409, "unavailable": 503}
 _CODE_OF_STATUS = {v: k for k, v in _STATUS_OF_CODE.items()}
-_AFTER = {"pause": "paused", "resume": "running", "stop": "cancelling"}
+_AFTER = {"pause": RunStatus.PAUSED.value, "resume": RunStatus.RUNNING.value, "stop": "cancelling"}
+# The frame that tells an engine one of its runs was declared lost.
+LOST_FRAME = RunStatus.LOST.value
 # What is remembered of engines, commands and runs that are gone: enough to route a repeated
 # command or a retry, and to tell "gone" from "never heard of", never unbounded.
 MAX_REMEMBERED = 10_000
@@ -236,7 +239,7 @@ class ControlHub:
             lost_seq = self._lost.pop(execution_id, None)
             if lost_seq is not None:
                 # It was declared lost but lives: the engine emits workflow.recovered after this seq.
-                session.send({"type": "lost", "executionId": execution_id, "seq": lost_seq})
+                session.send({"type": LOST_FRAME, "executionId": execution_id, "seq": lost_seq})
             session.declared.discard(execution_id)
 
     def finished(self, session: EngineSession, execution_id: str, workflow_id: str, result: str) -> None:
@@ -259,7 +262,7 @@ class ControlHub:
             execution_id = str(result.get("executionId") or command.get("newExecutionId") or command["executionId"])
             workflow_id = str(command.get("workflowId") or self._workflow_of(command["executionId"]) or "")
             version = str(command.get("version") or self._version_of(command["executionId"]))
-            session.executions[execution_id] = RunInfo(workflow_id, version, "running", 0)
+            session.executions[execution_id] = RunInfo(workflow_id, version, RunStatus.RUNNING.value, 0)
             self._remember(execution_id, _Ran(session.engine_id, workflow_id, version))
         elif op in ("pause", "resume"):
             run = session.executions.get(command["executionId"])

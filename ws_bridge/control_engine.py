@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from flowscope.contract import RunStatus
 from flowscope.ws_bridge.auth import Principal
 from flowscope.ws_bridge.types import Message
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RUN_STATUSES = frozenset({"running", "paused"})
+RUN_STATUSES = frozenset({RunStatus.RUNNING.value, RunStatus.PAUSED.value})
 MAX_WORKFLOWS = 10_000
 MAX_NODES = 10_000
 MAX_EXECUTIONS = 100_000
@@ -303,7 +304,7 @@ def _executions(value: Any) -> dict[str, RunInfo]:
     for item in _list(value, "executions", MAX_EXECUTIONS):
         if not isinstance(item, dict):
             raise FrameError("bad_request", "each of 'executions' must be an object")
-        status = item.get("status", "running")
+        status = item.get("status", RunStatus.RUNNING.value)
         seq = item.get("seq", 0)
         if status not in RUN_STATUSES:
             raise FrameError("bad_request", f"an execution's 'status' is running or paused, not {str(status)[:64]!r}")
