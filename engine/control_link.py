@@ -210,8 +210,8 @@ class ControlLink:
             return
         execution = self.engine.get(execution_id)
         if execution is None or not execution.recovered(seq):
-            # Ended: its `finished` (queued or sent) tells the stack.
-            logger.info("control link: execution %s declared lost has already ended", execution_id)
+            # Ended here (its `finished`, queued or sent, tells the stack) or never ran here.
+            logger.info("control link: execution %s, declared lost, is not running here", execution_id)
 
     # -- frames ----------------------------------------------------------------------------
 
@@ -240,12 +240,15 @@ class ControlLink:
             self._flushing = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
-        # In order, each dropped only once sent: what a broken connection did not take goes next time.
-        while self._outbox and self._ws is not None:
+        # In order, each dropped only once sent: what a broken connection did not take goes on
+        # the next one (this task carries on there if the engine reconnected meanwhile).
+        while self._outbox and (ws := self._ws) is not None:
             try:
-                await self._send(self._ws, self._outbox[0])
+                await self._send(ws, self._outbox[0])
             except ConnectionClosed:
-                return
+                if self._ws is ws:
+                    return
+                continue
             if self._outbox:
                 self._outbox.popleft()
 
