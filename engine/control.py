@@ -124,7 +124,8 @@ class Commands:
             start, _ = retry_plan(previous, from_node)
         except UnknownNode as exc:
             raise CommandError("bad_request", str(exc)) from exc
-        self._engine.retry(previous, start, new_id, user_id=frame.get("userId") or None)
+        user_id = frame.get("userId")
+        self._engine.retry(previous, start, new_id, user_id=str(user_id) if user_id else None)
         return {"executionId": new_id, "retryOf": execution_id, "fromNode": start}
 
     def _running(self, execution_id: str) -> Execution:
