@@ -274,12 +274,13 @@ async def test_a_killed_worker_leaves_its_runs_lost_and_commands_get_a_clear_err
     async with steered(stack_factory, tmp_path) as (_, control, process):
         execution_id = await start(control, "ctl-hold")
         await control.entered(execution_id, "a")
+        # Killed once its start is stored: a start still in the engine's export batch dies with it.
+        started = await control.event(execution_id, "workflow.started")
         os.kill(process.pid, signal.SIGKILL)
         await process.wait()
         lost = await control.status(execution_id, "lost")
         assert lost["workflowId"] == "ctl-hold"
         lost_event = await control.event(execution_id, "workflow.lost")
-        started = await control.event(execution_id, "workflow.started")
         assert lost_event["seq"] > started["seq"]
         listed = await control.http.get("/api/v1/executions", params={"status": "lost"})
         assert [item["executionId"] for item in listed.json()["items"]] == [execution_id]
