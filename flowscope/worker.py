@@ -93,7 +93,11 @@ def _workflows(target: str, found: Any) -> list[Workflow | Catalog]:
 )
 @click.option("--token", envvar="FLOWSCOPE_TOKEN", help="Bearer token with the 'engine' and 'ingest' grants.")
 @click.option(
-    "--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT", default="http://127.0.0.1:4317", show_default=True
+    "--otlp-endpoint",
+    envvar="OTEL_EXPORTER_OTLP_ENDPOINT",
+    default="http://127.0.0.1:4317",
+    show_default=True,
+    help="Collector OTLP/gRPC address for the runs' telemetry.",
 )
 def worker(targets: tuple[str, ...], stack: str, token: str | None, otlp_endpoint: str) -> None:
     """Serve workflows (YAML/JSON files, module:attr catalogs) to a stack that starts and steers them."""
