@@ -130,11 +130,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-checkpoints-") as tmp:
         root = Path(tmp)
-        results["sqlite_normal"] = await store_figures(f"sqlite://{root}/normal.db", args.puts, "normal")
-        results["sqlite_normal_thread"] = await store_figures(
-            f"sqlite://{root}/thread.db?commit=thread", args.puts, "thread"
-        )
-        results["sqlite_full"] = await store_figures(f"sqlite://{root}/full.db?synchronous=full", args.puts, "full")
+        if args.puts:
+            results["sqlite_normal"] = await store_figures(f"sqlite://{root}/normal.db", args.puts, "normal")
+            results["sqlite_normal_thread"] = await store_figures(
+                f"sqlite://{root}/thread.db?commit=thread", args.puts, "thread"
+            )
+            results["sqlite_full"] = await store_figures(f"sqlite://{root}/full.db?synchronous=full", args.puts, "full")
         if args.chdb_puts:
             results["chdb"] = await store_figures(f"chdb://{root}/chdb", args.chdb_puts, "chdb")
         if args.nodes:
@@ -146,7 +147,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--puts", type=int, default=20_000, help="puts per SQLite measurement")
+    parser.add_argument("--puts", type=int, default=20_000, help="puts per SQLite measurement; 0 skips SQLite")
     parser.add_argument("--chdb-puts", type=int, default=3_000, help="puts per chdb measurement; 0 skips chdb")
     parser.add_argument("--nodes", type=int, default=1_000, help="nodes of the engine workflows; 0 skips them")
     parser.add_argument("--repeat", type=int, default=5)
