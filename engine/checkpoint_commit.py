@@ -191,6 +191,10 @@ class GroupCommitStore:
             for write in writes:
                 _settle(write.waiter.future, None, error)
             return
+        if self._closed:  # the thread is gone or going: tell the callers rather than leave them waiting
+            for write in writes:
+                _settle(write.waiter.future, None, CheckpointError(f"checkpoint store {self.name} is closed"))
+            return
         self.handed_over += 1
         for write in writes:
             self._queue.put(write)

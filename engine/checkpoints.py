@@ -191,7 +191,7 @@ def decode(data: bytes) -> Any:
     return orjson.loads(data)
 
 
-# --- what the writer thread is handed ----------------------------------------------------------
+# --- what a commit is handed ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

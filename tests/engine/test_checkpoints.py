@@ -239,6 +239,24 @@ async def test_the_log_stays_bounded_when_commits_run_on_the_loop(tmp_path: Path
         store.close()
 
 
+@pytest.mark.parametrize("query", ["", "?commit=thread"])
+async def test_a_refused_commit_fails_its_puts_and_the_store_goes_on(tmp_path: Path, query: str) -> None:
+    store = open_checkpoint_store(f"sqlite://{tmp_path}/checkpoints.db{query}")
+    admin = sqlite3.connect(tmp_path / "checkpoints.db", isolation_level=None)
+    try:
+        admin.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON checkpoints WHEN NEW.node_id = 'bad'"
+            " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        )
+        with pytest.raises(CheckpointError, match="refused by the test"):
+            await store.put("e1", "bad", 1, attempt=1, **WF)
+        await store.put("e1", "good", 2, attempt=1, **WF)
+        assert (await store.load("e1")).outputs == {"good": 2}
+    finally:
+        admin.close()
+        store.close()
+
+
 async def test_a_closed_store_refuses_puts(open_store: Any) -> None:
     store = open_store()
     store.close()
