@@ -8,6 +8,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from flowscope.ws_bridge.auth import ANONYMOUS, Principal
 from tests.ws_bridge.control_peer import WF_A, control_bridge, engine_url, http, run, scripted_engine, until
+from tests.ws_bridge.test_browser_guards import upgrade_headers
 
 
 async def _close_code(port: int, token: str | None, **kwargs: object) -> tuple[int | None, str]:
@@ -32,6 +33,12 @@ async def test_the_handshake_needs_a_token_with_the_engine_grant_and_no_origin()
                                origin=f"http://127.0.0.1:{port}"):  # type: ignore[arg-type]  # fmt: skip
                 pass
         assert refused.value.response.status_code == 403
+        # A rebinding page's name as Host reaches neither the channel nor the commands.
+        async with http(port, "admin") as client:
+            headers = upgrade_headers("evil.example") | {"authorization": "Bearer engine-token"}
+            assert (await client.get("/control/v1/engine", headers=headers)).status_code == 400
+            posted = await client.post("/api/v1/executions", json={"workflowId": "w"}, headers={"host": "evil.example"})
+            assert posted.status_code == 400
         # A token in the query string is not taken here.
         assert (await _close_code_url(f"{engine_url(port)}?token=engine-token"))[0] == 4401
         async with scripted_engine(port, "admin") as engine:
