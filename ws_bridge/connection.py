@@ -22,7 +22,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from flowscope.contract import LIVE_EVENT_TYPES, ControlType
 from flowscope.ws_bridge.auth import Principal
-from flowscope.ws_bridge.control import BadCommand, ControlHub, parse_command
+from flowscope.ws_bridge.control import ControlHub
+from flowscope.ws_bridge.control_commands import OPS, BadCommand, parse_command
 from flowscope.ws_bridge.events import user_of_events, wire_json
 from flowscope.ws_bridge.rooms import Hub, Subscription
 from flowscope.ws_bridge.types import LiveEvent, Message
@@ -33,7 +34,7 @@ EVENT_TYPES = LIVE_EVENT_TYPES
 _ROOM = re.compile(r"^(all|(execution|workflow|user):[A-Za-z0-9_.:@\-]{1,200})$")
 _SUB_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 # Steering ops (docs/control.md); each is answered by a control.result with the op's id.
-CONTROL_OPS = frozenset({"start", "pause", "resume", "stop", "retry"})
+CONTROL_OPS = frozenset(OPS)
 _MAX_COMMANDS_IN_FLIGHT = 64
 _MAX_SEQ = 2**62
 # History timestamps are DateTime64(9): 'since' must fall within its range.

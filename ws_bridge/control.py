@@ -28,16 +28,13 @@ from typing import Any
 
 from flowscope.contract import RunStatus
 from flowscope.ws_bridge.auth import Principal
+from flowscope.ws_bridge.control_commands import AFTER, CommandRequest, ControlOutcome, failure, outcome_of
 from flowscope.ws_bridge.control_engine import EngineSession, Pending, RunInfo
 from flowscope.ws_bridge.control_events import EmitLost, LostRun
 from flowscope.ws_bridge.types import Message
 
 logger = logging.getLogger(__name__)
 
-OPS = ("start", "pause", "resume", "stop", "retry")
-_STATUS_OF_CODE = {"bad_request": 400, "forbidden": 403, "not_found": 404, "conflict": 409, "unavailable": 503}
-_CODE_OF_STATUS = {v: k for k, v in _STATUS_OF_CODE.items()}
-_AFTER = {"pause": RunStatus.PAUSED.value, "resume": RunStatus.RUNNING.value, "stop": "cancelling"}
 # The frame that tells an engine one of its runs was declared lost.
 LOST_FRAME = RunStatus.LOST.value
 # What is remembered of engines, commands and runs that are gone: enough to route a repeated
@@ -50,83 +47,6 @@ MAX_GONE_ENGINES = 1_000
 
 # (workflow id, user id or "") of an execution, as its first stored record named them.
 StoredOwner = Callable[[str], tuple[str, str] | None]
-
-
-@dataclass(frozen=True)
-class CommandRequest:
-    """One command as a caller asked for it, validated (parse_command)."""
-
-    op: str
-    execution_id: str | None = None
-    workflow_id: str | None = None
-    version: str | None = None
-    input: Any = None
-    trigger: str | None = None
-    user_id: str | None = None
-    from_node: str | None = None
-    idempotency_key: str | None = None
-
-
-class BadCommand(ValueError):
-    """A command the stack cannot read: answered 400 / `bad_request`."""
-
-
-def parse_command(op: str, body: Any, idempotency_key: str | None = None) -> CommandRequest:
-    """The command in a REST body or a WebSocket op's fields; BadCommand says what is wrong."""
-    if not isinstance(body, dict):
-        raise BadCommand(f"the {op} command's body must be a JSON object")
-
-    def text(name: str, required: bool = False, limit: int = 200) -> str | None:
-        value = body.get(name)
-        if value is None and not required:
-            return None
-        if not isinstance(value, str) or not value or len(value) > limit or not value.isprintable():
-            raise BadCommand(f"'{name}' must be a non-empty string of at most {limit} printable characters")
-        return value
-
-    if idempotency_key is not None and (
-        not idempotency_key or len(idempotency_key) > 200 or not idempotency_key.isascii()
-    ):
-        raise BadCommand("'Idempotency-Key' must be 1-200 ASCII characters")
-    if op == "start":
-        version = body.get("version")
-        return CommandRequest(
-            op,
-            workflow_id=text("workflowId", required=True),
-            version=str(version) if isinstance(version, int) and not isinstance(version, bool) else text("version"),
-            input=body.get("input"),
-            trigger=text("trigger", limit=64),
-            user_id=text("userId"),
-            idempotency_key=idempotency_key,
-        )
-    from_node = text("fromNode") if op == "retry" else None
-    return CommandRequest(
-        op, execution_id=text("executionId", required=True), from_node=from_node, idempotency_key=idempotency_key
-    )
-
-
-@dataclass(frozen=True)
-class ControlOutcome:
-    """The answer to a command: an HTTP status and its JSON body ({error, code} when it failed)."""
-
-    status: int
-    body: dict[str, Any]
-
-    @property
-    def ok(self) -> bool:
-        return self.status < 400
-
-    @property
-    def code(self) -> str | None:
-        return None if self.ok else _CODE_OF_STATUS.get(self.status, "conflict")
-
-    @property
-    def error(self) -> str | None:
-        return None if self.ok else str(self.body.get("error", ""))
-
-
-def failure(status: int, message: str) -> ControlOutcome:
-    return ControlOutcome(status, {"error": message, "code": _CODE_OF_STATUS.get(status, "conflict")})
 
 
 @dataclass(frozen=True)
@@ -267,7 +187,7 @@ class ControlHub:
         elif op in ("pause", "resume"):
             run = session.executions.get(command["executionId"])
             if run is not None:
-                session.executions[command["executionId"]] = run.with_status(_AFTER[op])
+                session.executions[command["executionId"]] = run.with_status(AFTER[op])
 
     # -- liveness ---------------------------------------------------------------------------
 
@@ -433,7 +353,7 @@ class ControlHub:
                 del self._pending[engine_id]
         if answer is None:
             return failure(503, f"engine {engine_id!r} was taken over by another token subject before it answered")
-        return _outcome(frame, answer, engine_id)
+        return outcome_of(frame, answer, engine_id)
 
     def _unavailable(self, pending: Pending) -> ControlOutcome:
         session = self.engines.get(pending.engine_id) or self._gone.get(pending.engine_id)
@@ -515,23 +435,3 @@ def _command_id(principal: Principal, key: str | None) -> str:
     if key is None:
         return uuid.uuid4().hex
     return hashlib.sha256(f"{principal.subject}\0{key}".encode()).hexdigest()[:32]
-
-
-def _outcome(command: Message, answer: Message, engine_id: str) -> ControlOutcome:
-    op = command["op"]
-    if answer.get("ok") is not True:
-        code = answer.get("code")
-        status = _STATUS_OF_CODE.get(code, 409) if isinstance(code, str) else 409
-        error = answer.get("error")
-        return failure(status, str(error)[:1000] if error else f"the engine refused to {op} the run")
-    execution_id = answer.get("executionId")
-    if op == "start":
-        return ControlOutcome(201, {"executionId": execution_id or command["executionId"], "engineId": engine_id})
-    if op == "retry":
-        body = {
-            "executionId": execution_id or command["newExecutionId"],
-            "retryOf": command["executionId"],
-            "fromNode": answer.get("fromNode", command.get("fromNode")),
-        }
-        return ControlOutcome(201, body)
-    return ControlOutcome(200, {"executionId": command["executionId"], "status": _AFTER[op]})

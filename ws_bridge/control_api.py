@@ -13,7 +13,8 @@ from starlette.routing import Route
 
 from flowscope.ws_bridge.api import BadRequest, UnsupportedMediaType, _require_json
 from flowscope.ws_bridge.auth import Authenticator, AuthError, Principal
-from flowscope.ws_bridge.control import BadCommand, ControlHub, ControlOutcome, parse_command
+from flowscope.ws_bridge.control import ControlHub
+from flowscope.ws_bridge.control_commands import BadCommand, ControlOutcome, parse_command
 
 MAX_BODY_BYTES = 1 << 20
 
