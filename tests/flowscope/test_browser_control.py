@@ -108,6 +108,7 @@ async def test_an_operator_starts_a_run_with_json_input_then_pauses_and_resumes_
         await form.locator('[role="alert"]', has_text="not valid JSON").wait_for()
         assert await box.get_attribute("aria-invalid") == "true"
         assert posted == [] and page.url.endswith(f"/?token={OPERATOR}")
+        await shot(page, "control-start-bad-json")
 
         await box.fill('{"n": 7, "who": "page"}')
         await form.get_by_role("button", name="Start").click()
@@ -131,6 +132,7 @@ async def test_an_operator_starts_a_run_with_json_input_then_pauses_and_resumes_
         await control.event(execution_id, "workflow.paused")
         await page.get_by_role("button", name="Resume").wait_for()
         assert await page.get_by_role("button", name="Pause").count() == 0
+        await page.wait_for_function("document.activeElement.textContent === 'Resume'")
         await page.wait_for_selector('#log [data-type="workflow.paused"]')
         await shot(page, "control-paused")
 
@@ -249,4 +251,42 @@ async def test_a_refused_command_shows_the_servers_message(
         assert f"HTTP {answer.status}" in (await alert.text_content() or "")
         assert execution_id in page.url, "a refused retry goes nowhere"
         assert not await retry.is_disabled(), "the answer came: the buttons are back"
+        assert await page.evaluate("document.activeElement.textContent") == "Retry"
         await shot(page, "control-refused")
+
+
+async def test_buttons_follow_the_live_status_and_stop_ends_the_run(
+    stack_factory: StackFactory, tmp_path: Path, browser: Browser
+) -> None:
+    async with steered(stack_factory, tmp_path) as (stack, control, _):
+        assert stack.endpoints is not None
+        execution_id = await start(control, "ctl-wide")
+        await control.entered(execution_id, "g1")
+        await control.entered(execution_id, "g2")
+        page = await opened(browser, f"{stack.endpoints.web}/executions/{execution_id}?token={OPERATOR}")
+        await page.get_by_role("button", name="Pause").wait_for()
+
+        # Paused by another client: the page learns it from the run's events alone.
+        paused = await control.post(f"/api/v1/executions/{execution_id}/pause")
+        assert paused.status_code == 200, paused.text
+        await status(page, "paused")
+        await page.get_by_role("button", name="Resume").wait_for()
+        assert await page.get_by_role("button", name="Pause").count() == 0
+
+        await page.get_by_role("button", name="Stop").click()
+        await control.event(execution_id, "workflow.cancelled")
+        await status(page, "cancellation")
+        await page.get_by_role("button", name="Retry", exact=True).wait_for()
+        for gone in ("Pause", "Resume", "Stop"):
+            assert await page.get_by_role("button", name=gone).count() == 0, gone
+        ended = await control.status(execution_id, "cancellation")
+        assert {n["nodeId"]: n["state"] for n in ended["nodes"]}["g1"] == "cancelled"
+        await shot(page, "control-stopped")
+
+        # A cancelled run is retried like a failed one.
+        control.open("g1")
+        control.open("g2")
+        await page.get_by_role("button", name="Retry", exact=True).click()
+        again = await new_execution(page, execution_id)
+        assert (await control.status(again, "success"))["resumedFrom"] == execution_id
+        await status(page, "success")

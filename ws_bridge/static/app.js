@@ -360,19 +360,20 @@ function executionView(id) {
 const RETRYABLE = new Set([RS.FAILURE, RS.ERROR, RS.TIMEOUT, RS.CANCELLATION, RS.LOST]);
 
 function runControls(id, state, changed) {
-  let section = null, controls = [], busy = false, stopping = false, drawn = "", fromNode = null;
+  let section = null, controls = [], busy = false, stopping = false, drawn = "", fromNode = null, refocus = false;
   const buttons = h("div", { class: "control-buttons" });
   const error = h("p", { id: "control-error", class: "control-error", role: "alert", "aria-live": "assertive" });
   const note = h("p", { id: "control-note", class: "muted", "aria-live": "polite" });
   const allowed = () => section !== null && state.meta.workflowId && maySteer(controls, state.meta.workflowId);
   const button = (label, path, body = () => ({})) => h("button", {
-    type: "button", class: "control", "data-command": path, disabled: busy ? "" : null, "aria-busy": busy ? "true" : null,
-    onclick: () => send(label, path, body()),
+    type: "button", class: "control", "data-command": path, onclick: () => send(label, path, body()),
   }, label);
-  const firstFailed = () => state.order.find((nid) => state.nodes.get(nid).state === NS.FAILED) || state.order[0];
+  const stateOf = (nid) => state.nodes.get(nid).state;
+  const firstFailed = () => state.order.find((nid) => stateOf(nid) === NS.FAILED) ||
+    state.order.find((nid) => stateOf(nid) !== NS.SUCCESS && stateOf(nid) !== NS.SKIPPED) || state.order[0];
   const retryFrom = () => {
     const chosen = fromNode !== null && state.nodes.has(fromNode) ? fromNode : firstFailed();
-    const select = h("select", { id: "retry-node", disabled: busy ? "" : null, onchange: (ev) => { fromNode = ev.target.value; } },
+    const select = h("select", { id: "retry-node", onchange: (ev) => { fromNode = ev.target.value; } },
       state.order.map((nid) => h("option", { value: nid, selected: nid === chosen ? "" : null }, `${state.nodes.get(nid).label} (${state.nodes.get(nid).state})`)));
     return h("span", { class: "retry-from" }, h("label", { for: "retry-node" }, "From node"), select,
       button("Retry from this node", "retry", () => ({ fromNode: select.value })));
@@ -382,9 +383,17 @@ function runControls(id, state, changed) {
     const status = state.status;
     const live = status === RS.RUNNING || status === RS.PAUSED;
     const retryable = RETRYABLE.has(status) && state.order.length > 0;
-    // Rebuilt only when something shown changed, so focus and a chosen node stay put.
-    const key = JSON.stringify([status, busy, stopping, retryable && state.order.map((nid) => state.nodes.get(nid).state)]);
-    if (key === drawn) return;
+    // Rebuilt only when what is offered changed, so focus and a chosen node stay put.
+    const key = JSON.stringify([status, stopping, retryable && state.order.map((nid) => state.nodes.get(nid).state)]);
+    if (key !== drawn) draw(key, status, live, retryable);
+    for (const el of section.querySelectorAll("button, select")) {
+      el.disabled = busy;
+      if (busy) el.setAttribute("aria-busy", "true"); else el.removeAttribute("aria-busy");
+    }
+    // After Pause, keyboard focus lands on Resume (and back), not on the page's start.
+    if (refocus) { refocus = false; buttons.querySelector("button")?.focus(); }
+  };
+  const draw = (key, status, live, retryable) => {
     drawn = key;
     section.hidden = !live && !retryable;
     if (live && stopping) {
@@ -402,6 +411,7 @@ function runControls(id, state, changed) {
     }
   };
   const send = async (label, path, body) => {
+    const clicked = document.activeElement;
     busy = true; error.textContent = ""; render();
     const answer = await post(`/api/v1/executions/${encodeURIComponent(id)}/${path}`, body);
     // The new run's page; the buttons stay disabled until it loads.
@@ -412,6 +422,10 @@ function runControls(id, state, changed) {
     else if (path === "pause") state.status = RS.PAUSED;
     else if (path === "resume") state.status = RS.RUNNING;
     else if (path === "cancel") stopping = true;
+    refocus = ok(answer);
+    render();
+    // A disabled button loses focus: give it back to the one that was refused.
+    if (!ok(answer) && clicked?.isConnected) clicked.focus();
     changed();
   };
   return {
