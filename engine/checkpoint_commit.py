@@ -1,16 +1,18 @@
 """Group commit: every put waiting is committed in one transaction or INSERT, and acknowledged
 only after it.
 
-Two paths to one commit. The writer thread takes every put queued since its last commit,
+Two paths to a commit. The writer thread takes every put queued since its last commit,
 commits them, and resolves their futures on their loops (`call_soon_threadsafe`, one wake-up
 of each loop per commit); ClickHouse and SQLite at `synchronous=FULL` always use it, because
 their commits block for milliseconds (a part written, an fsync). A SQLite commit at
 `synchronous=NORMAL` is a write() to the WAL, tens of microseconds: cheaper than the two thread
 switches of a hand-off, which in a chain of nodes (one put per commit, nothing to share it
-with) were most of a put's cost. So by default those puts are gathered per event-loop
-iteration and committed by one callback on the loop itself, on a connection that never waits
-for a lock: if another writer holds the database, the batch goes to the thread, which waits.
-Reads always go through the thread, after every write queued before them.
+with) were most of a put's cost. So by default those commits run on the event loop, on a
+connection that never waits for a lock (if another writer holds the database, the batch goes
+to the thread, which waits): the puts of one loop iteration are gathered and committed by one
+callback at its end — or, when nothing else is queued to run in the iteration (a chain), at
+once, since no other put could join. Reads always go through the thread, after every write
+queued before them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 # Commits between two WAL checkpoints by the thread: the loop's connection never checkpoints
 # (that fsyncs), and a WAL nobody checkpoints grows without bound.
-_MAINTAIN_EVERY = 256
+_MAINTAIN_EVERY = 1024
 
 
 @dataclass
@@ -157,10 +159,34 @@ class GroupCommitStore:
         else:
             pending = self._pending.get(loop)
             if pending is None:
+                if _nothing_else_ready(loop) and self._commit_alone(write):
+                    return
                 pending = self._pending[loop] = []
                 loop.call_soon(self._flush, loop)  # after the puts of this loop iteration
             pending.append(write)
         await write.waiter.future
+
+    def _commit_alone(self, write: _Write) -> bool:
+        """Commit one put now, if the inline connection is free: True once it is stored."""
+        written, error = self._commit_inline([write])
+        if error is not None:
+            raise error
+        return written
+
+    def _commit_inline(self, writes: list[_Write]) -> tuple[bool, CheckpointError | None]:
+        """(True, None) once stored; (False, None) when the store is busy; (False, error)."""
+        if self._inline is None or not self._inline_lock.acquire(blocking=False):
+            return False, None
+        try:
+            written = self._inline(*_split(writes))
+        except Exception as exc:
+            logger.exception("checkpoint store %s: a commit of %d rows failed", self.name, len(writes))
+            return False, CheckpointError(f"checkpoints not stored in {self.name}: {exc}")
+        finally:
+            self._inline_lock.release()
+        if written:
+            self._counted(len(writes))
+        return written, None
 
     async def _read(self, call: Callable[[], Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -175,19 +201,8 @@ class GroupCommitStore:
         writes = self._pending.pop(loop, [])
         if not writes:  # close() handed them to the thread
             return
-        written = False
-        error: BaseException | None = None
-        if self._inline is not None and self._inline_lock.acquire(blocking=False):
-            try:
-                written = self._inline(*_split(writes))
-            except Exception as exc:
-                logger.exception("checkpoint store %s: a commit of %d rows failed", self.name, len(writes))
-                error = CheckpointError(f"checkpoints not stored in {self.name}: {exc}")
-            finally:
-                self._inline_lock.release()
+        written, error = self._commit_inline(writes)
         if written or error is not None:
-            if written:
-                self._counted(len(writes))
             for write in writes:
                 _settle(write.waiter.future, None, error)
             return
@@ -255,10 +270,13 @@ class GroupCommitStore:
             _call_soon(read.waiter.loop, _settle, read.waiter.future, result, error)
 
     def _maintain(self, call: Callable[[], Any]) -> None:
-        """Housekeeping with the loop's connection idle: a WAL checkpoint that runs while commits
-        append to the log never catches up with it, and the log is only reused once one has.
-        Meanwhile the loop's commits find the lock taken and come here, to wait behind it."""
+        """Housekeeping, twice: alongside the loop's commits (a WAL checkpoint copies the bulk of
+        the log, fsyncs included), then with the loop's connection held idle, so that it copies
+        the few commits made meanwhile and completes — one racing a steady stream of commits
+        never catches up, and the log is only reused from its start once one has. While the
+        lock is held, the loop's commits come here and wait behind it: a short while."""
         try:
+            call()
             with self._inline_lock:
                 call()
         except Exception:
@@ -290,6 +308,15 @@ class GroupCommitStore:
             elif node.stored is Stored.SECRET:
                 redacted[node.node_id] = decode(data)
         return Checkpoint(execution_id, run, nodes, outputs, encoded, redacted)
+
+
+def _nothing_else_ready(loop: asyncio.AbstractEventLoop) -> bool:
+    """True when no callback is queued to run in this loop iteration, so no other put can join a
+    commit deferred to its end: a chain's put is then committed at once, without the two loop
+    iterations a deferred commit and its acknowledgement take. asyncio's own loops keep that
+    queue in `_ready`; other loops (uvloop) are asked nothing and always defer."""
+    ready = getattr(loop, "_ready", None)
+    return ready is not None and not ready
 
 
 def _split(writes: list[_Write]) -> tuple[list[NodeRow], list[RunRow]]:

@@ -95,6 +95,21 @@ async def test_round_trip_outputs_and_run_metadata(open_store: Any) -> None:
     assert empty.run is None and not empty.nodes and not empty.outputs
 
 
+@pytest.mark.parametrize("query", ["", "?commit=thread"])
+async def test_a_put_is_committed_when_it_returns(tmp_path: Path, query: str) -> None:
+    store = open_checkpoint_store(f"sqlite://{tmp_path}/checkpoints.db{query}")
+    other = sqlite3.connect(tmp_path / "checkpoints.db")  # another process's view of the file
+    try:
+        for i in range(50):  # one at a time, as a chain of nodes puts them
+            await store.put("e1", f"n{i}", {"i": i}, attempt=1, **WF)
+            rows = other.execute("SELECT node_id FROM checkpoints WHERE node_id = ?", (f"n{i}",)).fetchall()
+            assert rows == [(f"n{i}",)]
+        assert store.commits == 50
+    finally:
+        other.close()
+        store.close()
+
+
 async def test_checkpoints_survive_reopening(open_store: Any) -> None:
     store = open_store()
     await store.put("e1", "a", {"v": 1}, attempt=1, **WF)
@@ -304,9 +319,10 @@ WRITER = textwrap.dedent(
             sys.stdout.write(f"n{i}\\n")
             sys.stdout.flush()
         i = 0
-        while True:  # until killed: 16 puts in flight at a time, so group commits are cut too
-            await asyncio.gather(*(one(i + k) for k in range(16)))
-            i += 16
+        while True:  # until killed: a put alone (a chain's), then 16 at once (a group commit)
+            await one(i)
+            await asyncio.gather(*(one(i + 1 + k) for k in range(16)))
+            i += 17
 
     asyncio.run(main(sys.argv[1]))
     """
