@@ -14,7 +14,16 @@ import pytest
 from playwright.async_api import Browser, Page, Request, Route, async_playwright
 
 from tests.conftest import StackFactory
-from tests.flowscope.test_control_e2e import OPERATOR, VIEWER, start, steered
+from tests.flowscope.test_control_e2e import (
+    OPERATOR,
+    TOKENS,
+    VIEWER,
+    Control,
+    connected_engine,
+    start,
+    steered,
+    worker,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -290,3 +299,38 @@ async def test_buttons_follow_the_live_status_and_stop_ends_the_run(
         again = await new_execution(page, execution_id)
         assert (await control.status(again, "success"))["resumedFrom"] == execution_id
         await status(page, "success")
+
+
+async def test_a_workflow_scoped_grant_steers_that_workflow_only(
+    stack_factory: StackFactory, tmp_path: Path, browser: Browser
+) -> None:
+    scoped = "scoped-token"
+    tokens = {**TOKENS, scoped: ("scoped", frozenset({"*", "control:workflow:ctl-hold"}))}
+    async with stack_factory(auth_tokens=tokens) as stack:
+        assert stack.endpoints is not None
+        web = stack.endpoints.web
+        control = Control(web, tmp_path)
+        async with worker(web, stack.endpoints.otlp_grpc, tmp_path):
+            await connected_engine(control)
+            (tmp_path / "flaky.broken").touch()
+            failed = await start(control, "ctl-chain")
+            await control.status(failed, "failure")
+            held = await start(control, "ctl-hold")
+            await control.entered(held, "a")
+
+            page = await opened(browser, f"{web}/?token={scoped}")
+            await page.locator('form[data-workflow="ctl-hold"]').wait_for()
+            await page.wait_for_selector(f'tr[data-execution="{failed}"][data-status="failure"]')
+            shown = await page.locator("form[data-workflow]").evaluate_all("fs => fs.map((f) => f.dataset.workflow)")
+            assert shown == ["ctl-hold"]
+
+            await page.goto(f"{web}/executions/{failed}?token={scoped}")
+            await status(page, "failure")
+            await no_controls(page)
+            await page.goto(f"{web}/executions/{held}?token={scoped}")
+            await page.get_by_role("button", name="Pause").wait_for()
+            await page.get_by_role("button", name="Stop").wait_for()
+            await shot(page, "control-scoped")
+            control.open("a")
+            await control.status(held, "success")
+            await control.http.aclose()

@@ -360,11 +360,18 @@ function executionView(id) {
 const RETRYABLE = new Set([RS.FAILURE, RS.ERROR, RS.TIMEOUT, RS.CANCELLATION, RS.LOST]);
 
 function runControls(id, state, changed) {
-  let section = null, controls = [], busy = false, stopping = false, drawn = "", fromNode = null, refocus = false;
+  let slot = null, section = null, controls = [], busy = false, stopping = false, drawn = "", fromNode = null, refocus = false;
   const buttons = h("div", { class: "control-buttons" });
   const error = h("p", { id: "control-error", class: "control-error", role: "alert", "aria-live": "assertive" });
   const note = h("p", { id: "control-note", class: "muted", "aria-live": "polite" });
-  const allowed = () => section !== null && state.meta.workflowId && maySteer(controls, state.meta.workflowId);
+  // Built once the run's workflow is known to be one the token may steer: else never.
+  const allowed = () => {
+    if (section === null && slot !== null && state.meta.workflowId && maySteer(controls, state.meta.workflowId)) {
+      section = h("section", { id: "controls", class: "controls", "aria-label": "Steer this run", hidden: "" }, buttons, note, error);
+      slot.replaceWith(section);
+    }
+    return section !== null;
+  };
   const button = (label, path, body = () => ({})) => h("button", {
     type: "button", class: "control", "data-command": path, onclick: () => send(label, path, body()),
   }, label);
@@ -429,12 +436,7 @@ function runControls(id, state, changed) {
     changed();
   };
   return {
-    grant(granted, slot) {
-      controls = granted;
-      if (!controls.length) return;
-      section = h("section", { id: "controls", class: "controls", "aria-label": "Steer this run", hidden: "" }, buttons, note, error);
-      slot.replaceWith(section);
-    },
+    grant(granted, where) { controls = granted; slot = where; },
     render,
   };
 }
