@@ -83,6 +83,7 @@ class ControlHub:
         self._keyed_bytes = 0
         self._ran: OrderedDict[str, _Ran] = OrderedDict()
         self._lost: OrderedDict[str, int] = OrderedDict()
+        self._stored_owners: OrderedDict[str, str] = OrderedDict()
         self._liveness: asyncio.Task[None] | None = None
         self.lost_declared = 0
 
@@ -377,6 +378,9 @@ class ControlHub:
 
     async def _owner_of(self, execution_id: str) -> str | None:
         """The workflow of an execution for authorisation: its first stored record's, else its engine's word."""
+        known = self._stored_owners.get(execution_id)
+        if known is not None:
+            return known
         if self.stored_owner is not None:
             try:
                 stored = await asyncio.to_thread(self.stored_owner, execution_id)
@@ -384,6 +388,10 @@ class ControlHub:
                 logger.warning("no stored owner of %s (%s): the engine's word decides", execution_id, exc)
                 stored = None
             if stored is not None:
+                # The first stored record never changes: a run steered again costs no query.
+                self._stored_owners[execution_id] = stored[0]
+                while len(self._stored_owners) > MAX_REMEMBERED:
+                    self._stored_owners.popitem(last=False)
                 return stored[0]
         return self._workflow_of(execution_id)
 

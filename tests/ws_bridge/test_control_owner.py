@@ -24,6 +24,16 @@ async def test_the_stored_owner_decides_who_may_steer_an_execution(stack_factory
         port = stack.endpoints.http_port
         ok_ids, _failed = await run_some(stack, "engine-token")
         running, stored_only = ok_ids[0], ok_ids[1]
+        assert stack.bridge is not None
+        control, lookups = stack.bridge.control, []
+        stored_owner = control.stored_owner
+        assert stored_owner is not None
+
+        def counted(execution_id: str) -> tuple[str, str] | None:
+            lookups.append(execution_id)
+            return stored_owner(execution_id)
+
+        control.stored_owner = counted
         async with scripted_engine(port) as engine:
             # The engine claims the stored api-ok run for another workflow.
             claim = {"executionId": running, "workflowId": "wf-claimed", "version": "1", "status": "running", "seq": 9}
@@ -36,6 +46,10 @@ async def test_the_stored_owner_decides_who_may_steer_an_execution(stack_factory
                 pausing = asyncio.create_task(client.post(f"/api/v1/executions/{running}/pause", json={}))
                 [command] = await answering(engine, 1, executionId=running, status="paused")
                 assert command["executionId"] == running and (await pausing).status_code == 200
+                # The stored owner is read once: it never changes.
+                resuming = asyncio.create_task(client.post(f"/api/v1/executions/{running}/resume", json={}))
+                await answering(engine, 1, executionId=running, status="running")
+                assert (await resuming).status_code == 200 and lookups.count(running) == 1
                 # Stored but run by no connected engine: a conflict, not an unknown execution.
                 response = await client.post(f"/api/v1/executions/{stored_only}/pause", json={})
                 assert response.status_code == 409 and "not running on any connected engine" in response.text
