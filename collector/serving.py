@@ -11,16 +11,27 @@ from typing import Any
 import uvicorn
 
 
-@contextlib.asynccontextmanager
-async def serve_asgi(app: Any, host: str = "127.0.0.1", port: int = 0, **options: Any) -> AsyncIterator[int]:
-    """Serve `app` until the block exits; yields the bound port (useful with port 0)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for a server to accept on.
+
+    proto=IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that say
+    they are TCP, and accepted sockets inherit the listener's proto. Without it, Nagle holds a
+    response's second write until the client's delayed ACK (~40 ms on Linux) — on every REST
+    answer and many WebSocket frames."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(app: Any, host: str = "127.0.0.1", port: int = 0, **options: Any) -> AsyncIterator[int]:
+    """Serve `app` until the block exits; yields the bound port (useful with port 0)."""
+    sock = listening_socket(host, port)
     bound = sock.getsockname()[1]
     options.setdefault("log_level", "warning")
     config = uvicorn.Config(app, lifespan="off", **options)
