@@ -105,13 +105,15 @@ def send_token(token: str | None, env: MutableMapping[str, str] | None = None) -
 def with_demo_token(settings: Settings) -> tuple[Settings, str | None]:
     """The demo's engine and its client use a stack that may require tokens: a token of their
     own, minted now and known only to this process, that may write telemetry, serve as an
-    engine, steer runs, and watch the sample workflows' runs (nothing else)."""
+    engine, and steer and watch the sample workflows' runs (nothing else)."""
     if not settings.auth.configured or settings.no_auth:
         return settings, None
     from flowscope.samples import catalog
 
-    reads = {f"workflow:{wf.id}" for wf in catalog().workflows}
-    grants = frozenset({"ingest", "engine", "control:*", *reads})
+    samples = [wf.id for wf in catalog().workflows]
+    grants = frozenset(
+        {"ingest", "engine", *(f"workflow:{w}" for w in samples), *(f"control:workflow:{w}" for w in samples)}
+    )
     token = secrets.token_urlsafe(32)
     tokens = {**settings.auth_tokens, token: ("flowscope-demo", grants)}
     return replace(settings, auth_tokens=tokens), token

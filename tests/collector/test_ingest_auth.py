@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 
 from flowscope.cli import send_token, with_demo_token
 from flowscope.config import Settings
+from flowscope.samples import catalog
 from flowscope.stack import Stack
 from flowscope.ws_bridge.app import Bridge, BridgeConfig
 from flowscope.ws_bridge.auth import AuthConfig
@@ -171,16 +172,20 @@ def test_send_token_keeps_other_headers_and_replaces_an_old_token() -> None:
     assert untouched == {"OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=a"}
 
 
-async def test_the_demo_mints_an_ingest_only_token_its_stack_accepts(stack_factory: StackFactory) -> None:
+async def test_the_demo_mints_a_token_for_its_samples_alone_that_its_stack_accepts(stack_factory: StackFactory) -> None:
     open_settings, none = with_demo_token(Settings())
     assert none is None and open_settings.auth_tokens == {}, "an open stack stays open"
     settings, token = with_demo_token(Settings(auth_tokens=TOKENS))
-    assert token is not None and settings.auth_tokens[token] == ("flowscope-demo", frozenset({"ingest"}))
+    assert token is not None
+    samples = [wf.id for wf in catalog().workflows]
+    grants = {"ingest", "engine", *(f"workflow:{w}" for w in samples), *(f"control:workflow:{w}" for w in samples)}
+    assert settings.auth_tokens[token] == ("flowscope-demo", frozenset(grants))
     async with stack_factory(auth_tokens=settings.auth_tokens) as stack:
         assert await asyncio.to_thread(_grpc_export, stack.collector.grpc_port, token) == grpc.StatusCode.OK
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.endpoints.http_port}") as client:  # type: ignore[union-attr]
             me = await client.get("/api/v1/me", headers={"authorization": f"Bearer {token}"})
-        assert me.json()["rooms"] == [] and me.json()["unrestricted"] is False
+        assert me.json()["rooms"] == sorted(f"workflow:{w}" for w in samples) and me.json()["unrestricted"] is False
+        assert sorted(me.json()["control"]) == sorted(samples)
 
 
 async def test_flowscope_run_sends_its_token(stack_factory: StackFactory, tmp_path: Path) -> None:
