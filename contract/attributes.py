@@ -40,10 +40,21 @@ NODE_ID: Final = "workflow.node.id"
 NODE_TYPE: Final = "workflow.node.type"
 NODE_LABEL: Final = "workflow.node.label"
 NODE_ATTEMPT: Final = "workflow.node.attempt"
+NODE_RERUN: Final = "workflow.node.rerun"  # true: the node may have run before, in the run this one resumes
 NODE_RESULT: Final = "workflow.node.result"
 NODE_INPUT: Final = "workflow.node.input"
 NODE_OUTPUT: Final = "workflow.node.output"
 TIME_TO_FIRST_TOKEN: Final = "workflow.llm.time_to_first_token"
+# A rollback's span and its compensations' spans (docs/telemetry.md, "Rollback"). A compensation
+# names its node with its own key, not workflow.node.id: it is no attempt of the node, and the
+# node_executions view must not take it for one.
+ROLLBACK_ID: Final = "workflow.rollback.id"
+ROLLBACK_TO_NODE: Final = "workflow.rollback.to_node"
+ROLLBACK_FORCED: Final = "workflow.rollback.forced"
+ROLLBACK_RESULT: Final = "workflow.rollback.result"
+COMPENSATION_NODE_ID: Final = "workflow.compensation.node.id"
+COMPENSATION_RESULT: Final = "workflow.compensation.result"
+SIDE_EFFECT: Final = "workflow.node.side_effect"
 
 # Values of `gen_ai.operation.name`: a run span is the one whose operation is invoke_workflow.
 OPERATION_INVOKE_WORKFLOW: Final = "invoke_workflow"
@@ -51,6 +62,8 @@ OPERATION_CHAT: Final = "chat"
 OPERATION_EXECUTE_TOOL: Final = "execute_tool"
 # Value of `workflow.link.type` on a resumed run's link to the run it resumes.
 LINK_RESUMED_FROM: Final = "resumed_from"
+# … and on a rollback span's link to the run it rolls back.
+LINK_ROLLBACK_OF: Final = "rollback_of"
 
 ATTRIBUTE_KEYS: Final = frozenset(
     {
@@ -58,6 +71,6 @@ ATTRIBUTE_KEYS: Final = frozenset(
         GEN_AI_TOKEN_TYPE, GEN_AI_TOOL_NAME, ERROR_TYPE, ENDUSER_ID, WORKFLOW_NAME, WORKFLOW_ID, WORKFLOW_VERSION,
         EXECUTION_ID, EVENT_SEQ, TRIGGER_TYPE, NODE_COUNT, NODES_COMPLETED, NODES_FAILED, NODES_SKIPPED,
         WORKFLOW_RESULT, RESUMED_FROM, PARENT_EXECUTION_ID, LINK_TYPE, CHILD_EXECUTION_ID, NODE_ID, NODE_TYPE,
-        NODE_LABEL, NODE_ATTEMPT, NODE_RESULT, NODE_INPUT, NODE_OUTPUT, TIME_TO_FIRST_TOKEN,
+        NODE_LABEL, NODE_ATTEMPT, NODE_RERUN, NODE_RESULT, NODE_INPUT, NODE_OUTPUT, TIME_TO_FIRST_TOKEN,
     }
 )  # fmt: skip

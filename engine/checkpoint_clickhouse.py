@@ -40,8 +40,11 @@ def _schema(db: str) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS `{db}`.flowscope_checkpoint_runs (
             ExecutionId String, WorkflowId LowCardinality(String), WorkflowVersion LowCardinality(String),
             InputStored LowCardinality(String), InputSize UInt64, InputSha256 String,
-            InputData String CODEC(ZSTD(1)), ResumedFrom Nullable(String), StoredAt DateTime64(6, 'UTC'), Version UInt64
+            InputData String CODEC(ZSTD(1)), ResumedFrom Nullable(String), StoredAt DateTime64(6, 'UTC'),
+            Version UInt64, TraceParent String DEFAULT ''
         ) ENGINE = ReplacingMergeTree(Version) ORDER BY ExecutionId""",
+        # Tables made before runs kept their trace.
+        f"ALTER TABLE `{db}`.flowscope_checkpoint_runs ADD COLUMN IF NOT EXISTS TraceParent String DEFAULT ''",
     ]
 
 
@@ -137,6 +140,7 @@ class ClickHouseBackend:
                     "ResumedFrom",
                     "StoredAt",
                     "Version",
+                    "TraceParent",
                 ],
                 [
                     [
@@ -150,6 +154,7 @@ class ClickHouseBackend:
                         r.resumed_from,
                         datetime.fromtimestamp(r.stored_at, UTC),
                         self._next_version(),
+                        r.trace_parent or "",
                     ]
                     for r in runs
                 ],
@@ -180,7 +185,7 @@ class ClickHouseBackend:
     def read_run(self, execution_id: str) -> RunRecord | None:
         rows = self._client.query(
             f"SELECT WorkflowId, WorkflowVersion, InputStored, InputSize, ResumedFrom,"
-            f" toUnixTimestamp64Micro(StoredAt), InputSha256, InputData"
+            f" toUnixTimestamp64Micro(StoredAt), InputSha256, InputData, TraceParent"
             f" FROM `{self._db}`.flowscope_checkpoint_runs FINAL"
             " WHERE ExecutionId = {e:String}",
             parameters={"e": execution_id},
@@ -190,7 +195,7 @@ class ClickHouseBackend:
         r = rows[0]
         data = self.read_blobs([r[6]]).get(r[6]) if r[6] else (_bytes(r[7]) if r[7] else None)
         value = decode(data) if data is not None else None
-        return RunRecord(execution_id, r[0], r[1], Stored(r[2]), int(r[3]), r[4], r[5] / 1e6, value)
+        return RunRecord(execution_id, r[0], r[1], Stored(r[2]), int(r[3]), r[4], r[5] / 1e6, value, r[8] or None)
 
     def read_blobs(self, digests: Sequence[str]) -> dict[str, bytes]:
         if not digests:

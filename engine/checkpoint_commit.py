@@ -113,9 +113,11 @@ class GroupCommitStore:
         workflow_version: str,
         input: Any,
         resumed_from: str | None = None,
+        trace_parent: str | None = None,
     ) -> None:
         value = encode(input, self.max_output_bytes)
-        await self._write(RunRow(execution_id, workflow_id, workflow_version, value, resumed_from, time.time()))
+        row = RunRow(execution_id, workflow_id, workflow_version, value, resumed_from, time.time(), trace_parent)
+        await self._write(row)
 
     async def load(self, execution_id: str) -> Checkpoint:
         result: Checkpoint = await self._read(lambda: self._load(execution_id))

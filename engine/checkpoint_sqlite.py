@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS checkpoint_runs (
     input_sha256 TEXT,
     input_data BLOB,
     resumed_from TEXT,
-    stored_at REAL NOT NULL
+    stored_at REAL NOT NULL,
+    trace_parent TEXT
 ) WITHOUT ROWID;
 """
 
@@ -81,6 +82,7 @@ def _run(r: RunRow) -> tuple[object, ...]:
         None if v.sha256 else v.data,
         r.resumed_from,
         r.stored_at,
+        r.trace_parent,
     )
 
 
@@ -124,7 +126,7 @@ def _write(conn: sqlite3.Connection, nodes: Sequence[NodeRow], runs: Sequence[Ru
             )
         if runs:
             conn.executemany(
-                "INSERT OR REPLACE INTO checkpoint_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", map(_run, runs)
+                "INSERT OR REPLACE INTO checkpoint_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", map(_run, runs)
             )
         conn.execute("COMMIT")
     except BaseException:
@@ -176,6 +178,9 @@ class SqliteBackend:
         conn = _connect(file, level, busy_timeout_ms=10_000)  # another engine on the file may be writing
         try:
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(checkpoint_runs)")}
+            if "trace_parent" not in columns:  # a file written before runs kept their trace
+                conn.execute("ALTER TABLE checkpoint_runs ADD COLUMN trace_parent TEXT")
         except BaseException:
             conn.close()
             raise
@@ -208,7 +213,7 @@ class SqliteBackend:
     def read_run(self, execution_id: str) -> RunRecord | None:
         row = self._conn.execute(
             "SELECT r.workflow_id, r.workflow_version, r.input_stored, r.input_size, r.resumed_from, r.stored_at,"
-            " coalesce(r.input_data, b.data)"
+            " coalesce(r.input_data, b.data), r.trace_parent"
             " FROM checkpoint_runs r LEFT JOIN checkpoint_blobs b ON b.sha256 = r.input_sha256"
             " WHERE r.execution_id = ?",
             (execution_id,),
@@ -216,7 +221,7 @@ class SqliteBackend:
         if row is None:
             return None
         value = decode(row[6]) if row[6] is not None else None
-        return RunRecord(execution_id, row[0], row[1], Stored(row[2]), row[3], row[4], row[5], value)
+        return RunRecord(execution_id, row[0], row[1], Stored(row[2]), row[3], row[4], row[5], value, row[7])
 
     def read_blobs(self, digests: Sequence[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}

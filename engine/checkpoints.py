@@ -92,6 +92,8 @@ class RunRecord:
     resumed_from: str | None
     stored_at: float
     input: Any = None  # the input when input_stored is OUTPUT; its redacted form when SECRET
+    # W3C traceparent of the run's span: a resume in another process links its trace to it.
+    trace_parent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class CheckpointStore(Protocol):
         workflow_version: str,
         input: Any,
         resumed_from: str | None = None,
+        trace_parent: str | None = None,
     ) -> None: ...
 
     async def load(self, execution_id: str) -> Checkpoint: ...
@@ -213,6 +216,7 @@ class RunRow:
     input: Encoded
     resumed_from: str | None
     stored_at: float
+    trace_parent: str | None = None
 
 
 class Backend(Protocol):
