@@ -2,25 +2,31 @@
 
 A `Catalog` is a set of workflows with the node registry they need: what `flowscope worker`
 loads from `module:attr` and an engine announces to the stack. `RetrySource` is where a
-retry finds the run it retries; today the engine's memory of recent runs (`FinishedRuns`),
-later a durable checkpoint store that any engine can read.
+retry or a resume finds the run it continues: the engine's memory of recent runs
+(`FinishedRuns`), or a checkpoint store any engine sharing it can read (`CheckpointedRuns`,
+docs/durability.md).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, TraceFlags
+
+from flowscope.engine.checkpoints import Checkpoint, CheckpointStore, Stored
 from flowscope.engine.dag import Workflow
 from flowscope.engine.nodes import NodeRegistry
-from flowscope.engine.results import ExecutionResult, NodeState
+from flowscope.engine.results import ExecutionResult, NodeState, Result
 
 __all__ = [
     "DEFAULT_FINISHED_RUNS",
     "Catalog",
+    "CheckpointedRuns",
     "FinishedRuns",
+    "NotResumable",
     "RetrySource",
     "UnknownNode",
     "retry_plan",
@@ -39,9 +45,10 @@ class Catalog:
 
 
 class RetrySource(Protocol):
-    """Where a retry reads the ended run it retries: its outputs, node states and input."""
+    """Where a retry reads the ended run it retries: its outputs, node states and input (at
+    once, or awaited when it must be read from a store)."""
 
-    def previous(self, execution_id: str) -> ExecutionResult | None: ...
+    def previous(self, execution_id: str) -> ExecutionResult | Awaitable[ExecutionResult | None] | None: ...
 
 
 class FinishedRuns:
@@ -127,3 +134,95 @@ def retry_plan(previous: ExecutionResult, from_node: str | None = None) -> tuple
         if state is NodeState.SUCCESS and node_id not in rerun and node_id in previous.outputs
     }
     return start, reused
+
+
+class NotResumable(ValueError):
+    """A run the checkpoint store knows that this engine cannot continue (its workflow version is
+    not served here, its input was not stored)."""
+
+
+# Which workflow a stored run names, from what the engine serves (None: not served here).
+ServedWorkflow = Callable[[str, str], Workflow | None]
+
+
+class CheckpointedRuns:
+    """Ended, cancelled or lost runs as a checkpoint store holds them, so that any engine sharing
+    the store can resume or retry them; the engine's own memory (`recent`) is asked first, as it
+    knows each node's state exactly."""
+
+    def __init__(self, store: CheckpointStore, served: ServedWorkflow, recent: FinishedRuns | None = None) -> None:
+        self.store = store
+        self._served = served
+        self._recent = recent
+
+    async def previous(self, execution_id: str) -> ExecutionResult | None:
+        if self._recent is not None:
+            found = self._recent.previous(execution_id)
+            if found is not None:
+                return found
+        checkpoint = await self.store.load(execution_id)
+        run = checkpoint.run
+        if run is None:
+            return None
+        workflow = self._served(run.workflow_id, run.workflow_version)
+        if workflow is None:
+            raise NotResumable(
+                f"execution {execution_id} ran workflow {run.workflow_id!r} version {run.workflow_version!r}, "
+                "which this engine does not serve"
+            )
+        if run.input_stored is not Stored.OUTPUT:
+            raise NotResumable(f"the input of execution {execution_id} was not stored ({run.input_stored.value})")
+        return ExecutionResult(
+            execution_id=execution_id,
+            workflow=workflow,
+            # Its outcome is the stack's to know (failed, cancelled or lost): not a success here.
+            result=Result.ERROR,
+            outputs=dict(checkpoint.outputs),
+            node_states=stored_states(workflow, checkpoint),
+            attempts={node_id: node.attempt for node_id, node in checkpoint.nodes.items()},
+            error="read from the checkpoint store",
+            duration_s=0.0,
+            span_context=span_context_of(run.trace_parent),
+            events_emitted=0,
+            workflow_input=run.input,
+        )
+
+
+def stored_states(workflow: Workflow, checkpoint: Checkpoint) -> dict[str, NodeState]:
+    """Node states as far as checkpoints tell them: a checkpointed node succeeded; one whose every
+    dependency was checkpointed was ready, so may have been running when its engine died (RUNNING:
+    a resume marks it a rerun); the rest never started."""
+    done = checkpoint.nodes.keys()
+    states = {}
+    for node in workflow.nodes:
+        if node.id in done:
+            states[node.id] = NodeState.SUCCESS
+        elif all(d in done for d in node.depends_on):
+            states[node.id] = NodeState.RUNNING
+        else:
+            states[node.id] = NodeState.PENDING
+    return states
+
+
+def span_context_of(trace_parent: str | None) -> SpanContext:
+    """The run span named by a W3C traceparent as put_run stored it (invalid when none)."""
+    parts = (trace_parent or "").split("-")
+    if len(parts) != 4:
+        return INVALID_SPAN_CONTEXT
+    try:
+        trace_id, span_id = int(parts[1], 16), int(parts[2], 16)
+    except ValueError:
+        return INVALID_SPAN_CONTEXT
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+
+def trace_parent_of(span_context: SpanContext) -> str | None:
+    if not span_context.is_valid:
+        return None
+    return f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-01"
+
+
+def rerun_nodes(previous: ExecutionResult, reused: dict[str, Any]) -> frozenset[str]:
+    """Nodes a continuation of `previous` runs that had started there (or may have)."""
+    never = (NodeState.PENDING, NodeState.SKIPPED)
+    return frozenset(n for n, state in previous.node_states.items() if n not in reused and state not in never)

@@ -8,13 +8,16 @@ that carries them is engine/control_link.py.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from flowscope.contract.states import RunStatus
-from flowscope.engine.catalog import UnknownNode, retry_plan
+from flowscope.engine.catalog import NotResumable, UnknownNode, retry_plan
+from flowscope.engine.checkpoints import CheckpointError
 from flowscope.engine.dag import Workflow
+from flowscope.engine.results import ExecutionResult, Result
 
 if TYPE_CHECKING:
     from flowscope.engine.scheduler import Engine, Execution
@@ -54,7 +57,7 @@ class Commands:
         self._capacity = capacity
         self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
-    def handle(self, frame: dict[str, Any]) -> dict[str, Any]:
+    async def handle(self, frame: dict[str, Any]) -> dict[str, Any]:
         """The `result` frame answering a `command` frame."""
         command_id = frame.get("commandId")
         if not isinstance(command_id, str) or not command_id:
@@ -64,7 +67,7 @@ class Commands:
             self._answers.move_to_end(command_id)
             return stored
         try:
-            answer = _result(command_id, fields=self.apply(frame))
+            answer = _result(command_id, fields=await self.apply(frame))
         except CommandError as exc:
             answer = _result(command_id, error=exc)
         except Exception as exc:
@@ -75,7 +78,7 @@ class Commands:
             self._answers.popitem(last=False)
         return answer
 
-    def apply(self, frame: dict[str, Any]) -> dict[str, Any]:
+    async def apply(self, frame: dict[str, Any]) -> dict[str, Any]:
         op = frame.get("op")
         execution_id = frame.get("executionId")
         if not isinstance(execution_id, str) or not execution_id:
@@ -83,7 +86,9 @@ class Commands:
         if op == "start":
             return self._start(frame, execution_id)
         if op == "retry":
-            return self._retry(frame, execution_id)
+            return await self._retry(frame, execution_id)
+        if op == "resume" and "newExecutionId" in frame:
+            return await self._continue(frame, execution_id)
         if op in ("pause", "resume", "stop"):
             execution = self._running(execution_id)
             return self._steer(op, execution)
@@ -108,17 +113,13 @@ class Commands:
         )
         return {"executionId": execution_id}
 
-    def _retry(self, frame: dict[str, Any], execution_id: str) -> dict[str, Any]:
+    async def _retry(self, frame: dict[str, Any], execution_id: str) -> dict[str, Any]:
         new_id, from_node = frame.get("newExecutionId"), frame.get("fromNode")
         if not isinstance(new_id, str) or not new_id:
             raise CommandError("bad_request", "retry needs a newExecutionId")
         if from_node is not None and not isinstance(from_node, str):
             raise CommandError("bad_request", "fromNode must be a node id")
-        if self._engine.get(execution_id) is not None:
-            raise CommandError("conflict", f"execution {execution_id} is still running; stop it first")
-        previous = self._engine.retry_source.previous(execution_id)
-        if previous is None:
-            raise CommandError("conflict", f"this engine holds no ended execution {execution_id} to retry")
+        previous = await self._previous(execution_id, "retry")
         self._unused(new_id)
         try:
             start, _ = retry_plan(previous, from_node)
@@ -127,6 +128,35 @@ class Commands:
         user_id = frame.get("userId")
         self._engine.retry(previous, start, new_id, user_id=str(user_id) if user_id else None)
         return {"executionId": new_id, "retryOf": execution_id, "fromNode": start}
+
+    async def _continue(self, frame: dict[str, Any], execution_id: str) -> dict[str, Any]:
+        """Resume an ended or lost run as a new one: checkpointed nodes are reused, the rest run."""
+        new_id = frame.get("newExecutionId")
+        if not isinstance(new_id, str) or not new_id:
+            raise CommandError("bad_request", "resume of an ended run needs a newExecutionId")
+        previous = await self._previous(execution_id, "resume")
+        if previous.result is Result.SUCCESS:
+            raise CommandError("conflict", f"execution {execution_id} succeeded; there is nothing to resume")
+        self._unused(new_id)
+        user_id = frame.get("userId")
+        self._engine.resume(previous, execution_id=new_id, user_id=str(user_id) if user_id else None)
+        return {"executionId": new_id, "resumedFrom": execution_id}
+
+    async def _previous(self, execution_id: str, op: str) -> ExecutionResult:
+        """The ended run a retry or resume continues, from the engine's memory or its checkpoints."""
+        if self._engine.get(execution_id) is not None:
+            raise CommandError("conflict", f"execution {execution_id} is still running; stop it first")
+        try:
+            found = self._engine.retry_source.previous(execution_id)
+            previous = await found if inspect.isawaitable(found) else found
+        except NotResumable as exc:
+            raise CommandError("conflict", str(exc)) from exc
+        except CheckpointError as exc:
+            raise CommandError("unavailable", f"the checkpoint store could not be read: {exc}") from exc
+        if previous is None:
+            where = "and no checkpoint of it" if self._engine.checkpoints is not None else "(no checkpoint store)"
+            raise CommandError("conflict", f"this engine holds no ended execution {execution_id} {where} to {op}")
+        return previous
 
     def _running(self, execution_id: str) -> Execution:
         execution = self._engine.get(execution_id)

@@ -167,7 +167,7 @@ class ControlLink:
                 if kind == "welcome":
                     heartbeat = self._welcomed(ws, frame, heartbeat)
                 elif kind == "command":
-                    await self._send(ws, self.commands.handle(frame))
+                    await self._send(ws, await self.commands.handle(frame))
                 elif kind == _LOST:
                     self._lost(frame)
                 elif kind == "error":

@@ -171,7 +171,8 @@ class RunReporter:
         links = []
         if options.resumed_from is not None:
             attributes[t.RESUMED_FROM] = options.resumed_from.execution_id
-            links.append(Link(options.resumed_from.span_context, {t.LINK_TYPE: t.LINK_RESUMED_FROM}))
+            if options.resumed_from.span_context.is_valid:  # unknown when its run kept no trace
+                links.append(Link(options.resumed_from.span_context, {t.LINK_TYPE: t.LINK_RESUMED_FROM}))
         if options.parent_execution_id:
             attributes[t.PARENT_EXECUTION_ID] = options.parent_execution_id
         self.span = self._tel.start_span(
@@ -275,6 +276,8 @@ class RunReporter:
             t.NODE_LABEL: node.display_label,
             t.NODE_ATTEMPT: attempt_no,
         }
+        if self._options.rerun and node.id in self._options.rerun:
+            attrs[t.NODE_RERUN] = True
         if node_type.span_attributes is not None:
             attrs.update(node_type.span_attributes(node))
         options = self._tel.options

@@ -81,3 +81,5 @@ class RunOptions:
     reused: dict[str, Any] = field(default_factory=dict)
     resumed_from: ExecutionResult | None = None
     parent_execution_id: str | None = None
+    # Nodes that may have run in the run this one resumes: their spans say so (workflow.node.rerun).
+    rerun: frozenset[str] = frozenset()

@@ -21,7 +21,16 @@ from opentelemetry.context import Context
 
 from flowscope.contract.attributes import CHILD_EXECUTION_ID
 from flowscope.engine.attempts import Attempt, AttemptRunner, NodeTimeout, describe
-from flowscope.engine.catalog import DEFAULT_FINISHED_RUNS, FinishedRuns, RetrySource, retry_plan
+from flowscope.engine.catalog import (
+    DEFAULT_FINISHED_RUNS,
+    CheckpointedRuns,
+    FinishedRuns,
+    RetrySource,
+    rerun_nodes,
+    retry_plan,
+    trace_parent_of,
+)
+from flowscope.engine.checkpoints import CheckpointError, CheckpointStore, open_checkpoint_store
 from flowscope.engine.context import NodeContext
 from flowscope.engine.dag import Node, Workflow
 from flowscope.engine.events import EventBus
@@ -85,6 +94,7 @@ class Execution:
             engine.progress_interval_s,
         )
         self._runner = AttemptRunner(self, self._reporter)
+        self._checkpoints = engine.checkpoints
         self._untaken: dict[str, str] = {}
         # Set while the run is not paused; attempts wait on it before they start.
         self.unpaused = asyncio.Event()
@@ -226,7 +236,9 @@ class Execution:
         outcome: Result = Result.ERROR
         error: str | None = "internal error"
         try:
-            outcome, error = await self._drive(started)
+            error = None if self._checkpoints is None else await self._checkpoint_run()
+            if error is None:
+                outcome, error = await self._drive(started)
         finally:
             self._finished = True
             duration = time.perf_counter() - started
@@ -244,6 +256,52 @@ class Execution:
             events_emitted=reporter.seq,
             workflow_input=self.workflow_input,
         )
+
+    async def _checkpoint_run(self) -> str | None:
+        """Store the run (workflow, input, trace) and the outputs it reuses under its own id, so
+        that it can be continued in turn; the reason when the store refuses."""
+        store, wf, execution_id = self._checkpoints, self.workflow, self.execution_id
+        assert store is not None
+        resumed = self.options.resumed_from
+        writes = [
+            store.put_run(
+                execution_id,
+                wf.id,
+                wf.version,
+                self.workflow_input,
+                resumed.execution_id if resumed is not None else None,
+                trace_parent_of(self._reporter.span.get_span_context()),
+            ),
+            *(
+                store.put(execution_id, node_id, output, workflow_id=wf.id, workflow_version=wf.version, attempt=0)
+                for node_id, output in self.options.reused.items()
+            ),
+        ]
+        try:
+            await asyncio.gather(*writes)
+        except CheckpointError as exc:
+            return f"the checkpoint store refused the run: {exc}"
+        return None
+
+    async def _run_checkpointed(self, node: Node) -> Attempt:
+        """A node's attempts, then its output stored: dependents start only once it is durable."""
+        attempt = await self._runner.run(node)
+        store = self._checkpoints
+        if attempt.result is Result.SUCCESS and store is not None:
+            wf = self.workflow
+            try:
+                await store.put(
+                    self.execution_id,
+                    node.id,
+                    attempt.output,
+                    workflow_id=wf.id,
+                    workflow_version=wf.version,
+                    attempt=self.attempts[node.id],
+                )
+            except CheckpointError as exc:
+                self.set_state(node.id, NodeState.FAILED)
+                return Attempt(Result.ERROR, error=exc)
+        return attempt
 
     async def _drive(self, started: float) -> tuple[Result, str | None]:
         """Run the DAG to its end, a failure, the workflow timeout or a cancellation.
@@ -325,7 +383,9 @@ class Execution:
                 self._reporter.node_skipped(node, reason)
                 queue.extend(self._completed(node_id))
                 continue
-            task = asyncio.ensure_future(self._runner.run(node))
+            # Without a store the attempt task is the runner's own: no extra coroutine per step.
+            runner = self._runner.run if self._checkpoints is None else self._run_checkpointed
+            task = asyncio.ensure_future(runner(node))
             self._tasks[task] = node_id
             task.add_done_callback(self._attempt_done)
 
@@ -419,6 +479,7 @@ class Engine:
         control: str | None = None,
         control_token: str | None = None,
         retry_source: RetrySource | None = None,
+        checkpoints: str | CheckpointStore | None = None,
     ) -> None:
         self.telemetry = telemetry or Telemetry()
         self.registry = registry or NodeRegistry()
@@ -433,6 +494,14 @@ class Engine:
         # Ended runs, for retries by id over the control link (kept only with one: a busy
         # engine's outputs would otherwise stay in memory); a durable store may stand in.
         self.finished = FinishedRuns(DEFAULT_FINISHED_RUNS if control is not None else 0)
+        # Each node's output is stored before its dependents start (docs/durability.md): any engine
+        # sharing the store can then continue a run this one could not finish.
+        self._owns_checkpoints = isinstance(checkpoints, str)
+        self.checkpoints: CheckpointStore | None = (
+            open_checkpoint_store(checkpoints) if isinstance(checkpoints, str) else checkpoints
+        )
+        if retry_source is None and self.checkpoints is not None:
+            retry_source = CheckpointedRuns(self.checkpoints, self.served_workflow, self.finished)
         self.retry_source: RetrySource = retry_source or self.finished
         self._served: dict[str, dict[str, Workflow]] = {}
         self._finish_listeners: list[FinishListener] = []
@@ -504,6 +573,7 @@ class Engine:
         _resumed_from: ExecutionResult | None = None,
         _reused: dict[str, Any] | None = None,
         _parent_execution_id: str | None = None,
+        _rerun: frozenset[str] = frozenset(),
     ) -> ExecutionHandle:
         """Validate and start `workflow`; returns at once with a handle.
 
@@ -523,6 +593,7 @@ class Engine:
             reused=_reused or {},
             resumed_from=_resumed_from,
             parent_execution_id=_parent_execution_id,
+            rerun=_rerun,
         )
         execution = Execution(self, workflow, workflow_input, execution_id or _new_execution_id(), options)
         task = asyncio.ensure_future(execution.run())
@@ -551,7 +622,8 @@ class Engine:
         return await self.start(workflow, workflow_input, **kwargs).result()
 
     def resume(self, previous: ExecutionResult, **kwargs: Any) -> ExecutionHandle:
-        """A new execution that reuses the outputs of nodes that succeeded and reruns the rest."""
+        """A new execution that reuses the outputs of nodes that succeeded and reruns the rest;
+        a node that had started in `previous` carries `workflow.node.rerun` on its span."""
         if previous.result is Result.SUCCESS:
             raise ValueError(f"execution {previous.execution_id} succeeded; there is nothing to resume")
         reused = {
@@ -561,7 +633,10 @@ class Engine:
         }
         kwargs.setdefault("trigger", "resume")
         workflow_input = kwargs.pop("workflow_input", previous.workflow_input)
-        return self.start(previous.workflow, workflow_input, _resumed_from=previous, _reused=reused, **kwargs)
+        rerun = rerun_nodes(previous, reused)
+        return self.start(
+            previous.workflow, workflow_input, _resumed_from=previous, _reused=reused, _rerun=rerun, **kwargs
+        )
 
     def retry(
         self, previous: ExecutionResult, from_node: str | None = None, execution_id: str | None = None, **kwargs: Any
@@ -577,6 +652,7 @@ class Engine:
             execution_id=execution_id,
             _resumed_from=previous,
             _reused=reused,
+            _rerun=rerun_nodes(previous, reused),
             **kwargs,
         )
 
@@ -601,6 +677,8 @@ class Engine:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.control_link is not None:
             await self.control_link.aclose()
+        if self._owns_checkpoints and self.checkpoints is not None:
+            self.checkpoints.close()
         if self._owns_client and self._http_client is not None:
             await self._http_client.aclose()
 
