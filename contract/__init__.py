@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from flowscope.contract import attributes
 from flowscope.contract.events import (
+    COMPENSATION_EVENTS,
     LIFECYCLE_EVENTS,
     LIVE_EVENT_TYPES,
     NODE_EVENTS,
@@ -34,6 +35,7 @@ from flowscope.contract.states import (
 
 __all__ = [
     "ACTIVE_NODE_STATES",
+    "COMPENSATION_EVENTS",
     "DONE_NODE_STATES",
     "LIFECYCLE_EVENTS",
     "LIVE_EVENT_TYPES",

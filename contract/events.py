@@ -22,6 +22,12 @@ class EventName(StrEnum):
     # back and still running it, says so with workflow.recovered. Neither ends the run.
     WORKFLOW_LOST = "workflow.lost"
     WORKFLOW_RECOVERED = "workflow.recovered"
+    # A rollback of an ended run (docs/durability.md, "Rollback"), numbered on in the run's own
+    # sequence: each compensation's start and end, then the rollback's end. None ends a run.
+    WORKFLOW_ROLLED_BACK = "workflow.rolled_back"
+    NODE_COMPENSATING = "node.compensating"
+    NODE_COMPENSATED = "node.compensated"
+    NODE_COMPENSATION_FAILED = "node.compensation_failed"
     NODE_STARTED = "node.started"
     NODE_COMPLETED = "node.completed"
     NODE_FAILED = "node.failed"
@@ -65,6 +71,10 @@ RUN_EVENTS: Final = (
     frozenset({EventName.WORKFLOW_STARTED, EventName.WORKFLOW_LOST, EventName.WORKFLOW_RECOVERED}) | TERMINAL_EVENTS
 )
 NODE_EVENTS: Final = frozenset(e for e in EventName if e.startswith("node."))
+# A rollback's node events: they say what was undone after the run, not a node's state in it.
+COMPENSATION_EVENTS: Final = frozenset(
+    {EventName.NODE_COMPENSATING, EventName.NODE_COMPENSATED, EventName.NODE_COMPENSATION_FAILED}
+)
 
 # A node's state after each node event; `node_state` adds what the event's data says.
 NODE_STATES: Final[Mapping[str, NodeState]] = {

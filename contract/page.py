@@ -6,6 +6,7 @@ from enum import StrEnum
 from typing import Any
 
 from flowscope.contract.events import (
+    COMPENSATION_EVENTS,
     NODE_STATES,
     NODE_STATES_BY_RESULT,
     RUN_EVENTS,
@@ -33,6 +34,7 @@ def page_constants() -> dict[str, Any]:
         "control": _members(ControlType),
         "terminalEvents": _ordered(TERMINAL_EVENTS, EventName),
         "runEvents": _ordered(RUN_EVENTS, EventName),
+        "compensationEvents": _ordered(COMPENSATION_EVENTS, EventName),
         "results": _members(Result),
         "runStatuses": _members(RunStatus),
         "storedRunStatuses": _ordered(STORED_RUN_STATUSES, RunStatus),

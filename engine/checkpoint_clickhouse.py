@@ -197,6 +197,15 @@ class ClickHouseBackend:
         value = decode(data) if data is not None else None
         return RunRecord(execution_id, r[0], r[1], Stored(r[2]), int(r[3]), r[4], r[5] / 1e6, value, r[8] or None)
 
+    def invalidate(self, execution_id: str, node_ids: Sequence[str]) -> None:
+        # A lightweight delete masks the rows in every part at once; a later put of the node
+        # (a resume running it again) is a new part and is seen as usual.
+        self._client.command(
+            f"DELETE FROM `{self._db}`.flowscope_checkpoints"
+            " WHERE ExecutionId = {e:String} AND NodeId IN {n:Array(String)}",
+            parameters={"e": execution_id, "n": list(node_ids)},
+        )
+
     def read_blobs(self, digests: Sequence[str]) -> dict[str, bytes]:
         if not digests:
             return {}

@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +133,12 @@ class GroupCommitStore:
 
         result: CheckpointSummary = await self._read(read)
         return result
+
+    async def invalidate(self, execution_id: str, node_ids: Sequence[str]) -> None:
+        """Forget these nodes' checkpoints, after every write queued before (a rollback undid them)."""
+        nodes = list(node_ids)
+        if nodes:
+            await self._read(lambda: self._backend.invalidate(execution_id, nodes))
 
     def close(self) -> None:
         """Commit every put already made, then stop the writer. Idempotent."""

@@ -223,6 +223,18 @@ class SqliteBackend:
         value = decode(row[6]) if row[6] is not None else None
         return RunRecord(execution_id, row[0], row[1], Stored(row[2]), row[3], row[4], row[5], value, row[7])
 
+    def invalidate(self, execution_id: str, node_ids: Sequence[str]) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.executemany(
+                "DELETE FROM checkpoints WHERE execution_id = ? AND node_id = ?", [(execution_id, n) for n in node_ids]
+            )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+
     def read_blobs(self, digests: Sequence[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
         for start in range(0, len(digests), 500):  # under SQLite's bound on host parameters

@@ -140,6 +140,9 @@ class CheckpointStore(Protocol):
 
     async def describe(self, execution_id: str) -> CheckpointSummary: ...
 
+    async def invalidate(self, execution_id: str, node_ids: Sequence[str]) -> None:
+        """Forget these nodes' checkpoints (a rollback undid them): a resume runs them again."""
+
     def close(self) -> None: ...
 
 
@@ -232,6 +235,9 @@ class Backend(Protocol):
         """The run's record, its input decoded when stored."""
 
     def read_blobs(self, digests: Sequence[str]) -> dict[str, bytes]: ...
+
+    def invalidate(self, execution_id: str, node_ids: Sequence[str]) -> None:
+        """Delete these nodes' checkpoints durably; raise if not done."""
 
     def inline_writer(self) -> InlineWriter | None:
         """A writer cheap enough to run on the event loop, or None: commits go to the thread."""

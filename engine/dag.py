@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowscope.contract.rollback import SIDE_EFFECTS
 from flowscope.engine.retry import RetryPolicy
 
 
@@ -28,10 +30,20 @@ class Node:
     depends_on: tuple[str, ...] = ()
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout_s: float | None = None
+    # Undoes the node's effect in a rollback: a callable (or 'module:function') taking a
+    # rollback.CompensationContext, which holds the node's checkpointed output.
+    compensate: Callable[..., Any] | str | None = None
+    # What the node does outside the run (contract/rollback.py): none, reversible or external
+    # (e-mails, payments, third-party APIs), which a rollback will not pass uncompensated unless forced.
+    side_effect: str = "none"
 
     @property
     def display_label(self) -> str:
         return self.label or self.id
+
+    @property
+    def compensable(self) -> bool:
+        return self.compensate is not None
 
 
 @dataclass(frozen=True)
@@ -105,12 +117,44 @@ def _structural_problems(workflow: Workflow) -> list[str]:
         if node.timeout_s is not None and node.timeout_s <= 0:
             problems.append(f"node {node.id!r}: timeout_s must be > 0")
         problems.extend(f"node {node.id!r}: {p}" for p in node.retry.problems())
+        problems.extend(f"node {node.id!r}: {p}" for p in rollback_problems(node))
     if workflow.timeout_s is not None and workflow.timeout_s <= 0:
         problems.append("workflow timeout_s must be > 0")
     cycle = find_cycle(workflow)
     if cycle:
         problems.append("cycle: " + " -> ".join(cycle))
     return problems
+
+
+def rollback_problems(node: Node) -> list[str]:
+    """A side-effect class that is not one of SIDE_EFFECTS, a compensation that is neither a
+    callable nor an importable 'module:function'."""
+    problems = []
+    if node.side_effect not in SIDE_EFFECTS:
+        problems.append(f"side_effect must be one of {', '.join(SIDE_EFFECTS)}, not {node.side_effect!r}")
+    target = node.compensate
+    if target is None or callable(target):
+        return problems
+    if not isinstance(target, str) or ":" not in target:
+        return [*problems, f"compensate must be a callable or 'module:function', not {target!r}"]
+    try:
+        resolve_compensation(target)
+    except (ImportError, AttributeError, ValueError) as exc:
+        problems.append(f"compensate {target!r}: {exc}")
+    return problems
+
+
+def resolve_compensation(target: Callable[..., Any] | str) -> Callable[..., Any]:
+    """The callable a `compensate` names."""
+    if callable(target):
+        return target
+    module_name, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{target!r} is not callable")
+    return obj  # type: ignore[no-any-return]
 
 
 def find_cycle(workflow: Workflow) -> list[str]:
@@ -190,6 +234,8 @@ class WorkflowBuilder:
         depends_on: Iterable[str] = (),
         retry: RetryPolicy | Mapping[str, Any] | None = None,
         timeout_s: float | None = None,
+        compensate: Callable[..., Any] | str | None = None,
+        side_effect: str = "none",
         **config: Any,
     ) -> WorkflowBuilder:
         policy = retry if isinstance(retry, RetryPolicy) else RetryPolicy.from_config(retry)
@@ -202,6 +248,8 @@ class WorkflowBuilder:
                 depends_on=tuple(depends_on),
                 retry=policy,
                 timeout_s=timeout_s,
+                compensate=compensate,
+                side_effect=side_effect,
             )
         )
         return self

@@ -12,7 +12,7 @@ from flowscope.engine.dag import Node, Workflow, WorkflowValidationError, struct
 from flowscope.engine.retry import RetryPolicy
 
 _WORKFLOW_KEYS = {"id", "name", "version", "description", "timeout_s", "nodes"}
-_NODE_KEYS = {"id", "type", "label", "depends_on", "retry", "timeout_s", "config"}
+_NODE_KEYS = {"id", "type", "label", "depends_on", "retry", "timeout_s", "config", "compensate", "side_effect"}
 
 
 def load_workflow(path: str | Path) -> Workflow:
@@ -98,6 +98,13 @@ def _node(item: Any, index: int) -> tuple[Node | None, list[str]]:
     if timeout is not None and not isinstance(timeout, int | float):
         problems.append(f"node {node_id!r}: timeout_s must be a number")
         timeout = None
+    compensate, side_effect = item.get("compensate"), item.get("side_effect", "none")
+    if compensate is not None and not isinstance(compensate, str):
+        problems.append(f"node {node_id!r}: compensate must be a 'module:function' string")
+        compensate = None
+    if not isinstance(side_effect, str):
+        # structural_problems names the allowed values.
+        side_effect = repr(side_effect)
     node = Node(
         id=node_id,
         type=node_type,
@@ -106,5 +113,7 @@ def _node(item: Any, index: int) -> tuple[Node | None, list[str]]:
         depends_on=tuple(deps),
         retry=retry,
         timeout_s=float(timeout) if timeout is not None else None,
+        compensate=compensate,
+        side_effect=side_effect,
     )
     return node, problems
