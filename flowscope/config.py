@@ -52,6 +52,8 @@ class Settings:
     # docs/control.md: how long a command waits for its engine; an engine's silence before its runs are lost.
     control_timeout_s: float = 5.0
     lost_after_s: float = 10.0
+    # The checkpoint store engines continue runs from (docs/durability.md); default: checkpoints_url.
+    checkpoints: str | None = None
     flush_interval_s: float | None = None
     # The collector refuses records stamped further ahead or further back than this; 0 = no bound.
     ingest_max_future_s: float = 86_400.0
@@ -60,6 +62,12 @@ class Settings:
     @property
     def dsn(self) -> str:
         return self.clickhouse_dsn or f"chdb://{self.data_dir.expanduser().resolve()}"
+
+    @property
+    def checkpoints_url(self) -> str:
+        """FLOWSCOPE_CHECKPOINTS, else the SQLite file next to the data directory: the one
+        `flowscope worker` and the demo write by default, so the embedded stack reads theirs."""
+        return self.checkpoints or f"sqlite:///{self.data_dir.expanduser().resolve().with_name('checkpoints.db')}"
 
     @property
     def schema(self) -> SchemaOptions:

@@ -41,6 +41,7 @@ def bridge_config(settings: Settings, *, otlp_port: int | None) -> BridgeConfig:
         limits=ConnectionLimits(queue_size=settings.ws_queue_size, heartbeat_interval_s=settings.heartbeat_interval_s),
         control_timeout_s=settings.control_timeout_s,
         lost_after_s=settings.lost_after_s,
+        checkpoints_url=settings.checkpoints_url,
     )
 
 

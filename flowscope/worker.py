@@ -1,7 +1,9 @@
 """`flowscope worker`: an engine process the stack steers (docs/control.md).
 
 It serves workflows from YAML/JSON files and `module:attr` catalogs, dials the stack's
-control plane, exports its telemetry over OTLP, and runs until SIGINT/SIGTERM.
+control plane, exports its telemetry over OTLP, checkpoints each node's output (so that any
+worker sharing the store can resume a run this one could not finish: docs/durability.md), and
+runs until SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import click
 
 from flowscope.engine import Catalog, Workflow, WorkflowValidationError, load_workflow
+from flowscope.engine.checkpoints import CheckpointStore
 from flowscope.engine.control import control_url
 from flowscope.engine.nodes import NodeRegistry
 from flowscope.terminal import CliError, console, run_async
@@ -99,9 +102,24 @@ def _workflows(target: str, found: Any) -> list[Workflow | Catalog]:
     show_default=True,
     help="Collector OTLP/gRPC address for the runs' telemetry.",
 )
-def worker(targets: tuple[str, ...], stack: str, token: str | None, otlp_endpoint: str) -> None:
+@click.option(
+    "--checkpoints",
+    metavar="URL",
+    help="Checkpoint store: sqlite:///path.db, or a ClickHouse DSN shared by engines on several hosts "
+    "[default: $FLOWSCOPE_CHECKPOINTS, else checkpoints.db next to the data directory]",
+)
+@click.option("--no-checkpoints", is_flag=True, help="Store no checkpoints: a run that dies cannot be resumed.")
+def worker(
+    targets: tuple[str, ...],
+    stack: str,
+    token: str | None,
+    otlp_endpoint: str,
+    checkpoints: str | None,
+    no_checkpoints: bool,
+) -> None:
     """Serve workflows (YAML/JSON files, module:attr catalogs) to a stack that starts and steers them."""
     from flowscope.cli import send_token
+    from flowscope.config import Settings
 
     try:
         control = control_url(stack)
@@ -110,20 +128,37 @@ def worker(targets: tuple[str, ...], stack: str, token: str | None, otlp_endpoin
     catalog = load_catalog(targets)
     if not catalog.workflows:
         raise CliError("no workflows to serve")
+    store = None if no_checkpoints else open_store(checkpoints or Settings.from_env().checkpoints_url)
     send_token(token)
-    run_async(lambda: _serve(catalog, stack, control, token, otlp_endpoint))
+    run_async(lambda: _serve(catalog, stack, control, token, otlp_endpoint, store))
 
 
-async def _serve(catalog: Catalog, stack: str, control: str, token: str | None, otlp_endpoint: str) -> None:
+def open_store(url: str) -> CheckpointStore:
+    """The checkpoint store at `url`, or a CliError saying why not."""
+    from flowscope.engine.checkpoints import CheckpointError, open_checkpoint_store
+
+    try:
+        return open_checkpoint_store(url)
+    except (ValueError, OSError, CheckpointError) as exc:
+        raise CliError(f"--checkpoints: {exc}") from exc
+    except Exception as exc:  # a ClickHouse server that does not answer, refuses the schema…
+        raise CliError(f"--checkpoints: cannot open {url}: {exc}") from exc
+
+
+async def _serve(
+    catalog: Catalog, stack: str, control: str, token: str | None, otlp_endpoint: str, store: CheckpointStore | None
+) -> None:
     from flowscope.engine import Engine
     from flowscope.engine.telemetry import setup, shutdown
     from flowscope.runtime import server_runtime
 
     telemetry = setup(service_name="flowscope-worker", endpoint=otlp_endpoint)
-    engine = Engine(telemetry, catalog.registry, control=stack, control_token=token)
+    engine = Engine(telemetry, catalog.registry, control=stack, control_token=token, checkpoints=store)
     try:
         engine.serve(*catalog.workflows)
     except WorkflowValidationError as exc:
+        if store is not None:
+            store.close()
         await asyncio.to_thread(shutdown)
         raise CliError(str(exc)) from exc
     stop = asyncio.Event()
@@ -137,9 +172,18 @@ async def _serve(catalog: Catalog, stack: str, control: str, token: str | None, 
                 console.print(f"  {wf.id:<24} version {wf.version:<6} {wf.name}  ({len(wf.nodes)} nodes)")
             console.print(f"  stack       {stack}   (control channel {control})")
             console.print(f"  telemetry   {otlp_endpoint}")
+            console.print(f"  checkpoints {_where(store)}")
             console.print("Press Ctrl-C to stop (running executions are cancelled).", style="dim")
             await stop.wait()
             console.print("stopping: cancelling running executions…", style="dim")
     finally:
+        if store is not None:
+            store.close()
         await asyncio.to_thread(shutdown)
     console.print("stopped cleanly.")
+
+
+def _where(store: CheckpointStore | None) -> str:
+    if store is None:
+        return "off (--no-checkpoints): runs cannot be resumed elsewhere"
+    return str(getattr(store, "name", type(store).__name__))

@@ -31,6 +31,7 @@ from flowscope.ws_bridge.control import ControlHub
 from flowscope.ws_bridge.control_api import control_routes
 from flowscope.ws_bridge.control_engine import EngineChannel
 from flowscope.ws_bridge.control_events import EmitLost
+from flowscope.ws_bridge.control_resume import CheckpointReader
 from flowscope.ws_bridge.derive import MedianCache, Thresholds
 from flowscope.ws_bridge.events import events_from_logs, facts_from_spans
 from flowscope.ws_bridge.history import History
@@ -67,6 +68,8 @@ class BridgeConfig:
     # an engine may stay silent before its runs are lost.
     control_timeout_s: float = 5.0
     lost_after_s: float = 10.0
+    # The checkpoint store resumes read and GET …/checkpoint shows (ws_bridge/control_resume.py).
+    checkpoints_url: str | None = None
 
 
 def trusted_hosts(bind_host: str, allowed: Sequence[str]) -> list[str]:
@@ -101,6 +104,8 @@ class Bridge:
             timeout_s=config.control_timeout_s,
             lost_after_s=config.lost_after_s,
             max_frame_bytes=config.ws_max_message_bytes,
+            stored_run=history.started_run if history else None,
+            checkpoints=CheckpointReader(config.checkpoints_url),
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[Connection] = set()

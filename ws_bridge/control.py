@@ -31,6 +31,7 @@ from flowscope.ws_bridge.auth import Principal
 from flowscope.ws_bridge.control_commands import AFTER, CommandRequest, ControlOutcome, failure, outcome_of
 from flowscope.ws_bridge.control_engine import EngineSession, Pending, RunInfo
 from flowscope.ws_bridge.control_events import EmitLost, LostRun
+from flowscope.ws_bridge.control_resume import NOT_RESUMABLE, CheckpointReader, CheckpointsUnavailable, StoredRun
 from flowscope.ws_bridge.types import Message
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,13 @@ class ControlHub:
         lost_after_s: float = 10.0,
         heartbeat_interval_s: float = 2.0,
         max_frame_bytes: int = 1 << 20,
+        stored_run: StoredRun | None = None,
+        checkpoints: CheckpointReader | None = None,
     ) -> None:
         self.stored_owner = stored_owner
+        # A resume of an ended or lost run: its stored status and version, and the checkpoint store.
+        self.stored_run = stored_run
+        self.checkpoints = checkpoints or CheckpointReader(None)
         self.last_seq = last_seq or (lambda execution_id: 0)
         self.emit_lost = emit_lost
         self.timeout_s = timeout_s
@@ -99,6 +105,7 @@ class ControlHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._liveness
             self._liveness = None
+        self.checkpoints.close()
 
     async def _watch(self) -> None:
         # Often enough that a closed channel is noticed well within lost_after_s.
@@ -179,7 +186,7 @@ class ControlHub:
 
     def _applied(self, session: EngineSession, command: Message, result: Message) -> None:
         op = command["op"]
-        if op in ("start", "retry"):
+        if op in ("start", "retry") or (op == "resume" and "newExecutionId" in command):
             execution_id = str(result.get("executionId") or command.get("newExecutionId") or command["executionId"])
             workflow_id = str(command.get("workflowId") or self._workflow_of(command["executionId"]) or "")
             version = str(command.get("version") or self._version_of(command["executionId"]))
@@ -280,10 +287,13 @@ class ControlHub:
             return self._route_retry(request, execution_id, running)
         if running is not None:
             return running.engine_id, {"op": request.op, "executionId": execution_id}
+        gone = self._gone_with(execution_id)
+        if request.op == "resume" and (gone is None or not self._may_return(gone)):
+            # Not running on a live engine: continued from its checkpoints, on any engine serving it.
+            return await self._route_continue(execution_id, workflow_id)
         ran = self._ran.get(execution_id)
         if ran is not None and ran.ended is not None:
             return failure(409, f"execution {execution_id!r} already ended ({ran.ended})")
-        gone = self._gone_with(execution_id)
         if gone is not None and self._may_return(gone):
             # Held for the engine: sent if it is back within the timeout.
             return gone.engine_id, {"op": request.op, "executionId": execution_id}
@@ -328,6 +338,36 @@ class ControlHub:
         frame: Message = {"op": "retry", "executionId": execution_id, "newExecutionId": uuid.uuid4().hex}
         if request.from_node is not None:
             frame["fromNode"] = request.from_node
+        return engine.engine_id, frame
+
+    async def _route_continue(self, execution_id: str, workflow_id: str) -> ControlOutcome | tuple[str, Message]:
+        ran = self._ran.get(execution_id)
+        status, version = (ran.ended, ran.version) if ran is not None else (None, "")
+        if (status is None or not version) and self.stored_run is not None:
+            try:
+                stored = await asyncio.to_thread(self.stored_run, execution_id)
+            except Exception as exc:
+                logger.warning("no stored run %s (%s): its checkpoint decides", execution_id, exc)
+                stored = None
+            if stored is not None:
+                status, version = status or stored.get("Status"), version or stored.get("WorkflowVersion", "")
+        if status in NOT_RESUMABLE:
+            return failure(409, f"execution {execution_id!r} {NOT_RESUMABLE[status]}: there is nothing to resume")
+        if not version and self.checkpoints.configured:
+            try:
+                run = (await self.checkpoints.describe(execution_id)).run
+            except CheckpointsUnavailable as exc:
+                logger.warning("resume of %s: %s", execution_id, exc)
+                run = None
+            version = run.workflow_version if run is not None else ""
+        serving = [s for s in self.engines.values() if s.serves(workflow_id, version or None)]
+        if not serving:
+            which = f"{workflow_id!r}" + (f" version {version!r}" if version else "")
+            return failure(409, f"no connected engine serves workflow {which}: a resume needs one")
+        engine = min(serving, key=lambda s: len(s.executions) + len(self._pending.get(s.engine_id, ())))
+        frame: Message = {"op": "resume", "executionId": execution_id, "newExecutionId": uuid.uuid4().hex}
+        # The workflow and version are the stack's, for the new run it will know of; the engine reads its own.
+        frame |= {"workflowId": workflow_id, "version": version or engine.version_of(workflow_id)}
         return engine.engine_id, frame
 
     async def _send(self, engine_id: str, frame: Message) -> ControlOutcome:

@@ -15,6 +15,7 @@ from flowscope.ws_bridge.api import BadRequest, UnsupportedMediaType, _require_j
 from flowscope.ws_bridge.auth import Authenticator, AuthError, Principal
 from flowscope.ws_bridge.control import ControlHub
 from flowscope.ws_bridge.control_commands import BadCommand, ControlOutcome, parse_command
+from flowscope.ws_bridge.control_resume import checkpoint_answer
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -109,11 +110,33 @@ def control_routes(control: ControlHub, auth: Authenticator) -> list[Route]:
         return JSONResponse({"items": control.listing(principal)})
 
     pause = on_execution("pause", "Pause a running execution: no new node starts until resume", _ANSWER_PAUSED)
-    resume = on_execution("resume", "Resume a paused execution", _ANSWER_RUNNING)
+    resume = on_execution(
+        "resume",
+        "Resume a paused execution; or continue a failed, cancelled or lost one from its checkpoints as a new run",
+        _ANSWER_RESUMED,
+    )
     cancel = on_execution("stop", "Cancel a running execution: its running nodes are cancelled", _ANSWER_CANCEL)
     retry = on_execution("retry", "Retry an ended execution as a new run, from a node (default: the first failed)",
                          _ANSWER_RETRY)  # fmt: skip
+
+    async def checkpoint(request: Request, principal: Principal) -> Response:
+        """
+        summary: What a resume of the execution would reuse, from the checkpoint store
+        responses:
+          200:
+            description: >-
+              {executionId, workflowId, workflowVersion, resumedFrom, input, reusableNodes, nodes: [{nodeId,
+              stored: output|too_large|secret|unserialisable, reusable, sizeBytes, attempt, storedAt, output?}]};
+              outputs and the input only with a read grant
+          401: {description: missing or invalid credentials}
+          403: {description: neither a read nor a control grant for the execution's workflow}
+          404: {description: no checkpoint of that execution}
+          503: {description: no checkpoint store is configured (FLOWSCOPE_CHECKPOINTS) or it cannot be read}
+        """
+        return _respond(await checkpoint_answer(control, principal, request.path_params["execution_id"]))
+
     return [
+        Route("/api/v1/executions/{execution_id}/checkpoint", guarded(checkpoint)),
         Route("/api/v1/executions", guarded(start), methods=["POST"]),
         Route("/api/v1/executions/{execution_id}/pause", guarded(pause), methods=["POST"]),
         Route("/api/v1/executions/{execution_id}/resume", guarded(resume), methods=["POST"]),
@@ -124,7 +147,11 @@ def control_routes(control: ControlHub, auth: Authenticator) -> list[Route]:
 
 
 _ANSWER_PAUSED = '200: {description: "{executionId, status: paused}"}'
-_ANSWER_RUNNING = '200: {description: "{executionId, status: running}"}'
+_ANSWER_RESUMED = (
+    '200: {description: "{executionId, status: running}: the paused run goes on"}\n'
+    '          201: {description: "{executionId, resumedFrom}: the ended or lost run continues as a new run, on any'
+    ' connected engine serving its workflow version (409 if it succeeded or none serves it)"}'
+)
 _ANSWER_CANCEL = '200: {description: "{executionId, status: cancelling}"}'
 _ANSWER_RETRY = '201: {description: "{executionId, retryOf, fromNode}: the new run started"}'
 _RETRY_BODY = """requestBody:

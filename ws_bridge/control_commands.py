@@ -105,6 +105,9 @@ def outcome_of(command: Message, answer: Message, engine_id: str) -> ControlOutc
     execution_id = answer.get("executionId")
     if op == "start":
         return ControlOutcome(201, {"executionId": execution_id or command["executionId"], "engineId": engine_id})
+    if op == "resume" and "newExecutionId" in command:
+        body = {"executionId": execution_id or command["newExecutionId"], "resumedFrom": command["executionId"]}
+        return ControlOutcome(201, body)
     if op == "retry":
         body = {
             "executionId": execution_id or command["newExecutionId"],
