@@ -89,10 +89,14 @@ class Commands:
             return await self._retry(frame, execution_id)
         if op == "resume" and "newExecutionId" in frame:
             return await self._continue(frame, execution_id)
+        if op == "rollback":
+            from flowscope.engine.rollback import rollback_command  # it imports CommandError from here
+
+            return rollback_command(self._engine, frame, await self._previous(execution_id, "roll back"))
         if op in ("pause", "resume", "stop"):
             execution = self._running(execution_id)
             return self._steer(op, execution)
-        raise CommandError("bad_request", f"unknown op {op!r} (start, pause, resume, stop, retry)")
+        raise CommandError("bad_request", f"unknown op {op!r} (start, pause, resume, stop, retry, rollback)")
 
     def _start(self, frame: dict[str, Any], execution_id: str) -> dict[str, Any]:
         workflow_id, version = frame.get("workflowId"), frame.get("version")
@@ -217,7 +221,14 @@ def workflow_frame(workflow: Workflow) -> dict[str, Any]:
         "version": workflow.version,
         "name": workflow.name,
         "nodes": [
-            {"id": n.id, "type": n.type, "label": n.display_label, "dependsOn": list(n.depends_on)}
+            {
+                "id": n.id,
+                "type": n.type,
+                "label": n.display_label,
+                "dependsOn": list(n.depends_on),
+                "sideEffect": n.side_effect,
+                "compensable": n.compensable,
+            }
             for n in workflow.nodes
         ],
     }

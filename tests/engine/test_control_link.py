@@ -118,6 +118,10 @@ def event(captured: Captured, execution_id: str, kind: str) -> dict[str, Any]:
     return captured.event_data(found[0])
 
 
+# What a node without rollback declarations announces (docs/durability.md, "Rollback").
+NO_ROLLBACK = {"sideEffect": "none", "compensable": False}
+
+
 async def test_hello_announces_the_served_workflows_and_heartbeats(engine: Engine, stack: ScriptedStack) -> None:
     hello = await stack.hello()
     assert stack.authorizations == [f"Bearer {TOKEN}"]
@@ -131,9 +135,9 @@ async def test_hello_announces_the_served_workflows_and_heartbeats(engine: Engin
         "version": "3",
         "name": "Wide",
         "nodes": [
-            {"id": "g1", "type": "code", "label": "g1", "dependsOn": []},
-            {"id": "g2", "type": "code", "label": "g2", "dependsOn": []},
-            {"id": "join", "type": "code", "label": "Join", "dependsOn": ["g1", "g2"]},
+            {"id": "g1", "type": "code", "label": "g1", "dependsOn": [], **NO_ROLLBACK},
+            {"id": "g2", "type": "code", "label": "g2", "dependsOn": [], **NO_ROLLBACK},
+            {"id": "join", "type": "code", "label": "Join", "dependsOn": ["g1", "g2"], **NO_ROLLBACK},
         ],
     }
     await stack.wait_for(lambda: stack.of_type("heartbeat"), "a heartbeat")

@@ -5,6 +5,7 @@ each in its span, the run's events numbered on, what was undone forgotten by the
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ from opentelemetry.trace import StatusCode
 
 from flowscope.contract.rollback import NodeSpec, NotARollbackPoint, plan_rollback, rollback_points
 from flowscope.engine import Engine, WorkflowBuilder, WorkflowValidationError, workflow_from_dict
+from flowscope.engine.catalog import FinishedRuns
 from flowscope.engine.checkpoints import open_checkpoint_store
+from flowscope.engine.control import Commands
 from flowscope.engine.dag import Workflow
 from flowscope.engine.rollback import CompensationContext, RollbackRefused, rollback
 from flowscope.engine.scheduler import ExecutionResult
@@ -284,3 +287,45 @@ async def test_the_store_forgets_invalidated_nodes_only(
         assert dict((await store.load("e1")).outputs) == {"a": "A", "b": "B again"}
     finally:
         store.close()
+
+
+@dataclass
+class Remembered:
+    runs: FinishedRuns
+
+    def previous(self, execution_id: str) -> ExecutionResult | None:
+        return self.runs.previous(execution_id)
+
+
+async def test_the_control_op_refuses_names_and_runs_in_the_background(captured: Captured) -> None:
+    finished = FinishedRuns()
+    # Not `retry_source=finished`: an empty FinishedRuns is falsy, and Engine would take its own.
+    engine = Engine(captured.telemetry, retry_source=Remembered(finished))
+    undone: list[tuple[str, Any]] = []
+    try:
+        result = await engine.run(diamond(undone, pay_compensation=False), {"order": 7})
+        finished.add(result)
+        commands = Commands(engine)
+        frame = {"type": "command", "op": "rollback", "executionId": result.execution_id}
+
+        refused = await commands.handle({**frame, "commandId": "1", "toNode": "a"})
+        assert refused["ok"] is False and refused["code"] == "conflict" and "compensation: d" in refused["error"]
+        bad = await commands.handle({**frame, "commandId": "2", "toNode": "nope"})
+        assert bad["code"] == "bad_request" and "no node 'nope'" in bad["error"]
+        unknown = await commands.handle({**frame, "commandId": "3", "toNode": "a", "executionId": "gone"})
+        assert unknown["code"] == "conflict"
+
+        async with engine.events.subscribe() as events:
+            answer = await commands.handle({**frame, "commandId": "4", "toNode": "a", "force": True, "afterSeq": 90})
+            assert answer["ok"] is True and answer["cannotUndo"] == ["d"] and answer["forced"] is True
+            assert answer["compensate"] == ["c", "b"] and answer["rollbackId"]
+            seen = []
+            async for event in events:
+                seen.append((event.seq, event.type.value, event.node_id))
+                if event.type.value == "workflow.rolled_back":
+                    break
+        # The stack knew a later seq than the engine's (afterSeq): the rollback numbers on after it.
+        assert seen[0] == (91, "node.compensating", "c") and seen[-1][0] == 95
+        assert [n for n, _ in undone] == ["c", "b"]
+    finally:
+        await engine.aclose()
