@@ -72,3 +72,42 @@ def chain() -> Workflow:
 
 def catalog() -> list[Workflow]:
     return [hold(), wide(), chain()]
+
+
+# --- durable runs (tests/flowscope/test_resume_after_crash.py) ---------------------------------
+
+
+async def mint(ctx: NodeContext) -> dict[str, Any]:
+    """An output no rerun could repeat: reusing it is the only way a later run sees it again."""
+    import uuid
+
+    _record(ctx)
+    return {"nonce": uuid.uuid4().hex, "pid": os.getpid(), "pi": 3.141592653589793, "text": "héllo"}
+
+
+async def use(ctx: NodeContext) -> dict[str, Any]:
+    _record(ctx)
+    return {"seen": ctx.inputs["mint"], "pid": os.getpid()}
+
+
+async def held(ctx: NodeContext) -> str:
+    """Writes the inputs it was given, then holds at its gate like `gate`."""
+    import json
+
+    (_gates() / f"{ctx.execution_id}.{ctx.node.id}.inputs.json").write_text(json.dumps(ctx.inputs, sort_keys=True))
+    return await gate(ctx)
+
+
+def durable() -> Workflow:
+    return (
+        WorkflowBuilder("ctl-durable", "Control: durable", version="2")
+        .code("mint", mint)
+        .code("use", use, depends_on=["mint"])
+        .code("hold", held, depends_on=["use"])
+        .code("end", step, depends_on=["hold"])
+        .build()
+    )
+
+
+def durable_catalog() -> list[Workflow]:
+    return [*catalog(), durable()]

@@ -1,0 +1,175 @@
+"""Resume after a crash, end to end: two `flowscope worker` processes share one SQLite checkpoint
+file (the embedded default on one host); the first is killed with SIGKILL while a node runs, the
+stack declares the run lost, and a resume over REST continues it on the second.
+
+A ClickHouse server shared by workers on several hosts cannot be run here (chdb is one process per
+data directory, and there is no server binary): that store is tested in-process,
+tests/engine/test_checkpointed_runs.py::test_another_engine_resumes_a_run_from_the_store[chdb]."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowscope.engine.checkpoints import open_checkpoint_store
+from flowscope.stack import Stack
+from tests.conftest import StackFactory
+from tests.flowscope.test_cli import FLOWSCOPE, ROOT, cli_env
+from tests.flowscope.test_control_e2e import ENGINE, OPERATOR, Control, eventually
+
+pytestmark = pytest.mark.slow
+
+STEERER = "steerer-token"  # may steer ctl-durable, may not read it
+TOKENS = {
+    ENGINE: ("worker", frozenset({"engine", "ingest"})),
+    OPERATOR: ("operator", frozenset({"*", "control:*"})),
+    STEERER: ("steerer", frozenset({"control:workflow:ctl-durable"})),
+}
+
+
+@contextlib.asynccontextmanager
+async def worker(stack: Stack, gates: Path, checkpoints: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    assert stack.endpoints is not None
+    env = cli_env(
+        FLOWSCOPE_TOKEN=ENGINE,
+        FLOWSCOPE_TEST_GATES=str(gates),
+        OTEL_EXPORTER_OTLP_ENDPOINT=stack.endpoints.otlp_grpc,
+        FLOWSCOPE_CHECKPOINTS=checkpoints,
+    )
+    process = await asyncio.create_subprocess_exec(
+        *FLOWSCOPE, "worker", "tests.flowscope.control_flows:durable_catalog", "--stack", stack.endpoints.web,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def engines(control: Control, count: int) -> list[dict[str, Any]]:
+    async def probe() -> list[dict[str, Any]] | None:
+        answer = await control.http.get("/api/v1/engines")
+        items = [e for e in answer.json()["items"] if e["workflows"]] if answer.status_code == 200 else []
+        return items if len(items) == count else None
+
+    found: list[dict[str, Any]] = await eventually(probe, f"{count} connected engine(s)")
+    return found
+
+
+async def node_span_attributes(stack: Stack, execution_id: str) -> dict[str, dict[str, str]]:
+    """Each node's attempt span attributes, from the stored traces."""
+    assert stack.collector.pipeline is not None
+    await asyncio.to_thread(stack.collector.pipeline.flush, 30.0)
+    rows = await asyncio.to_thread(
+        stack.collector.client().query,
+        f"SELECT SpanAttributes FROM {stack.collector.database}.otel_traces "
+        "WHERE SpanAttributes['workflow.execution.id'] = {e:String} AND SpanAttributes['workflow.node.id'] != ''",
+        parameters={"e": execution_id},
+    )
+    return {row[0]["workflow.node.id"]: dict(row[0]) for row in rows.result_rows}
+
+
+async def run_links(stack: Stack, execution_id: str) -> list[tuple[str, str]]:
+    """(trace id, span id) of the links of the execution's run span."""
+    rows = await asyncio.to_thread(
+        stack.collector.client().query,
+        f"SELECT `Links.TraceId`, `Links.SpanId` FROM {stack.collector.database}.otel_traces "
+        "WHERE SpanAttributes['workflow.execution.id'] = {e:String} AND SpanAttributes['workflow.node.id'] = ''"
+        " AND SpanAttributes['gen_ai.operation.name'] = 'invoke_workflow'",
+        parameters={"e": execution_id},
+    )
+    return [link for row in rows.result_rows for link in zip(row[0], row[1], strict=True)]
+
+
+async def test_a_run_killed_with_its_worker_resumes_on_another_worker(
+    stack_factory: StackFactory, tmp_path: Path
+) -> None:
+    db = tmp_path / "checkpoints.db"
+    checkpoints = f"sqlite:///{db}"
+    async with stack_factory(auth_tokens=TOKENS, checkpoints=checkpoints, control_timeout_s=1.0) as stack:
+        assert stack.endpoints is not None
+        control = Control(stack.endpoints.web, tmp_path)
+        try:
+            async with worker(stack, tmp_path, checkpoints) as first:
+                await engines(control, 1)
+                answer = await control.post("/api/v1/executions", {"workflowId": "ctl-durable", "input": {"day": 30}})
+                assert answer.status_code == 201, answer.text
+                old = answer.json()["executionId"]
+                await control.entered(old, "hold")  # mint and use are done, hold runs
+                async with worker(stack, tmp_path, checkpoints):
+                    await engines(control, 2)
+                    first.send_signal(signal.SIGKILL)
+                    await first.wait()
+                    await control.status(old, "lost")
+
+                    async def resumed() -> Any:
+                        # Until the stack stops holding commands for the killed engine (control_timeout_s).
+                        answer = await control.post(f"/api/v1/executions/{old}/resume")
+                        return answer if answer.status_code != 503 else None
+
+                    answer = await eventually(resumed, "the resume to be routed")
+                    assert answer.status_code == 201, answer.text
+                    new = answer.json()["executionId"]
+                    assert answer.json() == {"executionId": new, "resumedFrom": old}
+                    await control.entered(new, "hold")
+                    control.open("hold")
+                    finished = await control.status(new, "success")
+
+                    # Completed nodes did not run again; the interrupted one did, then the rest.
+                    assert control.ran(old) == ["mint", "use", "hold"]
+                    assert control.ran(new) == ["hold", "end"]
+                    # What the interrupted node was given again is what the killed worker produced.
+                    given = [(tmp_path / f"{e}.hold.inputs.json").read_bytes() for e in (old, new)]
+                    assert given[0] == given[1]
+                    assert json.loads(given[1])["use"]["seen"]["pid"] == first.pid
+                    store = open_checkpoint_store(checkpoints)
+                    try:
+                        before, after = await store.load(old), await store.load(new)
+                    finally:
+                        store.close()
+                    for node in ("mint", "use"):
+                        assert after.encoded[node] == before.encoded[node], node
+                    assert set(before.nodes) == {"mint", "use"}
+
+                    assert finished["resumedFrom"] == old
+                    spans = await node_span_attributes(stack, new)
+                    assert set(spans) == {"hold", "end"}
+                    assert spans["hold"].get("workflow.node.rerun") == "true"
+                    assert "workflow.node.rerun" not in spans["end"]
+                    old_run = (await control.http.get(f"/api/v1/executions/{old}")).json()
+                    assert [trace for trace, _ in await run_links(stack, new)] == [old_run["traceId"]]
+
+                    # A run that succeeded has nothing to resume.
+                    again = await control.post(f"/api/v1/executions/{new}/resume")
+                    assert again.status_code == 409 and "succeeded" in again.json()["error"], again.text
+
+                    # What a resume of the lost run reuses: its outputs to readers only.
+                    snapshot = (await control.http.get(f"/api/v1/executions/{old}/checkpoint")).json()
+                    assert snapshot["reusableNodes"] == ["mint", "use"]
+                    assert [n["output"] for n in snapshot["nodes"]] == [before.outputs["mint"], before.outputs["use"]]
+                    assert snapshot["input"] == {"stored": "output", "sizeBytes": 10, "value": {"day": 30}}
+                    steerer = await control.http.get(
+                        f"/api/v1/executions/{old}/checkpoint", headers={"authorization": f"Bearer {STEERER}"}
+                    )
+                    assert steerer.status_code == 200, steerer.text
+                    assert [n["nodeId"] for n in steerer.json()["nodes"]] == ["mint", "use"]
+                    assert all("output" not in n for n in steerer.json()["nodes"])
+                    assert "value" not in steerer.json()["input"]
+                    missing = await control.http.get("/api/v1/executions/nope/checkpoint")
+                    assert missing.status_code == 404
+        finally:
+            await control.http.aclose()
