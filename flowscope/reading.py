@@ -173,6 +173,32 @@ def executions_show(execution_id: str, server: str, token: str | None) -> None:
     console.print(table)
 
 
+@executions.command("resume")
+@click.argument("execution_id")
+@server_option
+def executions_resume(execution_id: str, server: str, token: str | None) -> None:
+    """Continue a failed, cancelled or lost execution from its checkpoints, as a new run on any
+    connected engine serving its workflow (a paused one just goes on). Needs a control grant."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = f"{server.rstrip('/')}/api/v1/executions/{execution_id}/resume"
+    try:
+        response = httpx.post(url, json={}, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach {server}: is `flowscope up` running? ({exc})", EXIT_UNAVAILABLE) from exc
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": response.text}
+    if response.status_code >= 400:
+        code = EXIT_UNAVAILABLE if response.status_code == 503 else EXIT_FAILED
+        raise CliError(f"{response.status_code}: {body.get('error', response.text)}", code)
+    if "resumedFrom" in body:
+        console.print(f"resumed {body['resumedFrom']} as [bold]{body['executionId']}[/]")
+        console.print(f"  follow it: flowscope watch {body['executionId']}")
+    else:
+        console.print(f"{body['executionId']} is {body.get('status', 'running')} again")
+
+
 @click.command()
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)

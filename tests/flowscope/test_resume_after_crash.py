@@ -22,7 +22,7 @@ import pytest
 from flowscope.engine.checkpoints import open_checkpoint_store
 from flowscope.stack import Stack
 from tests.conftest import StackFactory
-from tests.flowscope.test_cli import FLOWSCOPE, ROOT, cli_env
+from tests.flowscope.test_cli import FLOWSCOPE, ROOT, cli, cli_env
 from tests.flowscope.test_control_e2e import ENGINE, OPERATOR, Control, eventually
 
 pytestmark = pytest.mark.slow
@@ -116,15 +116,18 @@ async def test_a_run_killed_with_its_worker_resumes_on_another_worker(
                     await first.wait()
                     await control.status(old, "lost")
 
+                    web = stack.endpoints.web
+
                     async def resumed() -> Any:
                         # Until the stack stops holding commands for the killed engine (control_timeout_s).
-                        answer = await control.post(f"/api/v1/executions/{old}/resume")
-                        return answer if answer.status_code != 503 else None
+                        done = await cli("executions", "resume", old, "--server", web, "--token", OPERATOR)
+                        return done if done.returncode == 0 or "503" not in done.stderr else None
 
-                    answer = await eventually(resumed, "the resume to be routed")
-                    assert answer.status_code == 201, answer.text
-                    new = answer.json()["executionId"]
-                    assert answer.json() == {"executionId": new, "resumedFrom": old}
+                    done = await eventually(resumed, "the resume to be routed")
+                    assert done.returncode == 0, done.stderr
+                    printed = done.stdout.split()
+                    assert printed[:3] == ["resumed", old, "as"]
+                    new = printed[3]
                     await control.entered(new, "hold")
                     control.open("hold")
                     finished = await control.status(new, "success")
@@ -156,6 +159,8 @@ async def test_a_run_killed_with_its_worker_resumes_on_another_worker(
                     # A run that succeeded has nothing to resume.
                     again = await control.post(f"/api/v1/executions/{new}/resume")
                     assert again.status_code == 409 and "succeeded" in again.json()["error"], again.text
+                    refused = await cli("executions", "resume", new, "--server", web, "--token", OPERATOR)
+                    assert refused.returncode != 0 and "409" in refused.stderr and "succeeded" in refused.stderr
 
                     # What a resume of the lost run reuses: its outputs to readers only.
                     snapshot = (await control.http.get(f"/api/v1/executions/{old}/checkpoint")).json()
