@@ -191,7 +191,15 @@ def demo(runs: int | None, interval: float, exit_after: bool, **flags: Any) -> N
         # The samples run as any steered engine does: served over the control plane, started
         # through the REST API and followed over the live WebSocket (docs/control.md).
         catalog = samples.catalog()
-        engine = Engine(telemetry, catalog.registry, control=endpoints.web, control_token=token)
+        # Checkpointed as a worker is (next to the data directory): a run the demo could not
+        # finish can be resumed, and the stack shows what a resume would reuse.
+        engine = Engine(
+            telemetry,
+            catalog.registry,
+            control=endpoints.web,
+            control_token=token,
+            checkpoints=settings.checkpoints_url,
+        )
         engine.serve(*catalog.workflows)
         runs_api = samples.StackRuns(endpoints.web, token)
         stack.exit_after_work = exit_after

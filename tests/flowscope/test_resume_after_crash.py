@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from flowscope.engine.checkpoints import open_checkpoint_store
@@ -24,6 +26,7 @@ from flowscope.stack import Stack
 from tests.conftest import StackFactory
 from tests.flowscope.test_cli import FLOWSCOPE, ROOT, cli, cli_env
 from tests.flowscope.test_control_e2e import ENGINE, OPERATOR, Control, eventually
+from tests.flowscope.test_demo_control import VIEWER, _lines_until
 
 pytestmark = pytest.mark.slow
 
@@ -178,3 +181,29 @@ async def test_a_run_killed_with_its_worker_resumes_on_another_worker(
                     assert missing.status_code == 404
         finally:
             await control.http.aclose()
+
+
+async def test_the_demo_checkpoints_next_to_its_data_directory(tmp_path: Path) -> None:
+    env = cli_env(FLOWSCOPE_AUTH_TOKENS=f"{VIEWER}=viewer:*")
+    process = await asyncio.create_subprocess_exec(
+        *FLOWSCOPE, "demo", "--runs", "1", "--http-port", "0", "--otlp-grpc-port", "0",
+        "--otlp-http-port", "0", "--data-dir", str(tmp_path / "data"), "--no-spool",
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        text = "".join(await _lines_until(process.stdout, "round(s) done"))
+        web = re.search(r"live view\s+(http://\S+)/", text)
+        billing = re.findall(r"✗ Billing sync\s+failure.*/executions/([0-9a-f]{32})", text)
+        assert web is not None and billing, text
+        assert (tmp_path / "checkpoints.db").is_file()
+        async with httpx.AsyncClient(base_url=web.group(1), headers={"authorization": f"Bearer {VIEWER}"}) as http:
+            snapshot = (await http.get(f"/api/v1/executions/{billing[0]}/checkpoint")).json()
+        # The failed run's completed nodes are what a resume would reuse.
+        assert snapshot["workflowId"] == "billing-sync" and snapshot["reusableNodes"], snapshot
+        assert all("output" in n for n in snapshot["nodes"] if n["reusable"])
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+        rest, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, rest.decode()
