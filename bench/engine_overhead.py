@@ -12,6 +12,11 @@ alone over no-op providers: where the telemetry cost goes.
 --sdk-fallback measures the public SDK path the engine falls back to on an SDK it has not been
 verified against (as FLOWSCOPE_SDK_FAST_PATH=0 does; engine/sdk_compat.py); `sdk_path` says
 which path was measured.
+--checkpoints adds, in each round, the same telemetry with a checkpoint store (SQLite, the default
+URL form, in a temporary directory): each node's output stored before its dependents start
+(docs/durability.md). It reports steps/s and per CPU-second with checkpoints, the p99 of a
+checkpoint write as the scheduler awaits it, and the time to resume a run of `--nodes` nodes
+whose last node failed (the checkpoints read back, every other node reused).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import copy
 import json
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +43,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import NoOpTracerProvider
 
 from flowscope.engine import Engine, NodeContext, Telemetry, Workflow, WorkflowBuilder
+from flowscope.engine.checkpoints import open_checkpoint_store
 
 
 class NullSpanExporter(SpanExporter):
@@ -151,7 +158,58 @@ def sdk_path() -> str:
     return "fast" if sdk_compat.fast_path() else f"fallback ({sdk_compat.decision().reason})"
 
 
-async def main(nodes: int, repeat: int) -> dict[str, Any]:
+class TimedStore:
+    """A checkpoint store whose puts are timed as the scheduler awaits them."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.put_s: list[float] = []
+
+    async def put(self, *args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        await self.store.put(*args, **kwargs)
+        self.put_s.append(time.perf_counter() - started)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def p99_us(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e6, 1) if ordered else 0.0
+
+
+async def resume_s(telemetry: Telemetry, url: str, nodes: int, repeat: int) -> float:
+    """Best time to resume a chain of `nodes` whose last node failed: read its checkpoints in a
+    fresh engine (as another process would) and run it to the end, every other node reused."""
+    failing = {"on": True}
+
+    async def last(ctx: NodeContext) -> int:
+        if failing["on"]:
+            raise RuntimeError("fails the first time")
+        return 1
+
+    builder = WorkflowBuilder("resumed").code("n0", step)
+    for i in range(1, nodes - 1):
+        builder.code(f"n{i}", step, depends_on=[f"n{i - 1}"])
+    workflow = builder.code("last", last, depends_on=[f"n{nodes - 2}"]).build()
+    best = float("inf")
+    for _ in range(repeat):
+        failing["on"] = True
+        async with Engine(telemetry, checkpoints=url) as first:
+            failed = await first.run(workflow)
+        failing["on"] = False
+        async with Engine(telemetry, checkpoints=url) as second:
+            second.serve(workflow)
+            started = time.perf_counter()
+            previous = await second.retry_source.previous(failed.execution_id)  # type: ignore[misc]
+            result = await second.resume(previous).result()
+            best = min(best, time.perf_counter() - started)
+        assert result.result.value == "success", result.error
+    return best
+
+
+async def main(nodes: int, repeat: int, checkpoints: bool = False) -> dict[str, Any]:
     """Each round runs telemetry off, telemetry on and a bare-SDK block back to back, and each
     figure is its best round: a shared machine's slow spells then hit all three alike, so the
     ratios compare like with like."""
@@ -160,6 +218,8 @@ async def main(nodes: int, repeat: int) -> dict[str, Any]:
     tracer = tracer_provider.get_tracer("bench")
     logger = logger_provider.get_logger("bench")
     bare = float("inf")
+    scratch = tempfile.TemporaryDirectory(prefix="flowscope-bench-")
+    url = f"sqlite:///{scratch.name}/checkpoints.db"
     for shape, build in (("wide", wide), ("deep", deep)):
         workflow = build(nodes)
         off_engine = Engine(Telemetry.disabled(), concurrency=nodes)
@@ -168,15 +228,24 @@ async def main(nodes: int, repeat: int) -> dict[str, Any]:
         ungated = copy.copy(telemetry)
         ungated.backpressure = None
         ungated_engine = Engine(ungated, concurrency=nodes)
-        engines = (off_engine, on_engine, ungated_engine)
+        engines: tuple[Engine, ...] = (off_engine, on_engine, ungated_engine)
+        store = TimedStore(open_checkpoint_store(url)) if checkpoints else None
+        checkpointed = Engine(telemetry, concurrency=nodes, checkpoints=store) if store is not None else None
+        if checkpointed is not None:
+            engines += (checkpointed,)
         for engine in engines:
             await engine.run(workflow)  # warm-up: imports, the HTTP client, first-run allocations
-        off = on = on_cpu = no_gate = float("inf")
+        off = on = on_cpu = no_gate = ckpt = ckpt_cpu = float("inf")
+        if store is not None:
+            store.put_s.clear()  # the warm-up's
         for _ in range(repeat):
             off = min(off, (await run_s(off_engine, workflow))[0])
             wall, cpu = await run_s(on_engine, workflow)
             on, on_cpu = min(on, wall), min(on_cpu, cpu)
             no_gate = min(no_gate, (await run_s(ungated_engine, workflow))[0])
+            if checkpointed is not None:
+                wall, cpu = await run_s(checkpointed, workflow)
+                ckpt, ckpt_cpu = min(ckpt, wall), min(ckpt_cpu, cpu)
             bare = min(bare, _bare_block(tracer, logger, nodes))
         for engine in engines:
             await engine.aclose()
@@ -189,6 +258,17 @@ async def main(nodes: int, repeat: int) -> dict[str, Any]:
             "steps_per_s_telemetry_on_without_backpressure": round(nodes / no_gate),
             "backpressure_checks_cost_ratio": round(on / no_gate, 3),
         }
+        if store is not None:
+            store.close()
+            results[shape] |= {
+                "steps_per_s_checkpoints_on": round(nodes / ckpt),
+                "steps_per_cpu_s_checkpoints_on": round(nodes / ckpt_cpu),
+                "checkpoint_put_p50_us": round(sorted(store.put_s)[len(store.put_s) // 2] * 1e6, 1),
+                "checkpoint_put_p99_us": p99_us(store.put_s),
+            }
+    if checkpoints:
+        results["resume_s"] = {"nodes": nodes, "seconds": round(await resume_s(telemetry, url, nodes, repeat), 3)}
+    scratch.cleanup()
     check = getattr(telemetry, "events_backlogged", None)
     if check is not None:  # the check each run and node attempt makes, alone
         started = time.perf_counter()
@@ -210,10 +290,11 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--sdk-fallback", action="store_true", help="the public SDK path (FLOWSCOPE_SDK_FAST_PATH=0)")
+    parser.add_argument("--checkpoints", action="store_true", help="also with a SQLite checkpoint store")
     args = parser.parse_args()
     if args.sdk_fallback:
         os.environ["FLOWSCOPE_SDK_FAST_PATH"] = "0"
-    results = asyncio.run(main(args.nodes, args.repeat))
+    results = asyncio.run(main(args.nodes, args.repeat, args.checkpoints))
     if args.ablation:
         results["ablation"] = asyncio.run(ablation(args.nodes, max(args.repeat, 5)))
     print(json.dumps(results, indent=2))
