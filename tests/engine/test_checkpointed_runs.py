@@ -207,3 +207,26 @@ def test_a_checkpoint_acknowledged_to_the_scheduler_survives_kill_9(tmp_path: Pa
     # Every node that started had its predecessor's checkpoint acknowledged: each must be there.
     acknowledged = {f"n{int(node_id[1:]) - 1}" for _, node_id in started if node_id != "n0"}
     assert acknowledged <= stored, sorted(acknowledged - stored)[:5]
+
+
+async def test_a_checkpoint_the_store_refuses_fails_the_run_before_dependents_start(
+    tmp_path: Path, captured: Captured
+) -> None:
+    store = open_checkpoint_store(f"sqlite:///{tmp_path / 'checkpoints.db'}")
+    ran: list[str] = []
+
+    async def first(ctx: NodeContext) -> str:
+        ran.append("first")
+        store.close()  # the store goes away while the node runs: its put is refused
+        return "out"
+
+    async def second(ctx: NodeContext) -> str:
+        ran.append("second")
+        return "never"
+
+    wf = WorkflowBuilder("refused").code("first", first).code("second", second, depends_on=["first"]).build()
+    async with Engine(captured.telemetry, NodeRegistry(), checkpoints=store) as engine:
+        result = await engine.run(wf)
+    assert result.result is Result.FAILURE
+    assert result.error is not None and "node 'first' failed: CheckpointError" in result.error
+    assert ran == ["first"]
