@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from flowscope.contract import attributes as a
+
 _DEFAULT_DATABASE = "otel"
 _DEFAULT_TTL_DAYS = 0  # 0 keeps data forever, as the contrib exporter's default does.
 
@@ -465,6 +467,89 @@ SELECT ExecutionId, tuple(toDateTime64(0, 9), toUInt64(0), WorkflowId, UserId), 
 FROM {db}.workflow_executions FINAL"""
 
 
+# Rollbacks (docs/durability.md, "Rollback"): one row per compensation span and per rollback
+# span. Compensations name their node with their own attribute, so node_executions never takes
+# one for an attempt. Literals come from contract/ (rendered in _rollback_views).
+_NODE_COMPENSATIONS = """CREATE TABLE IF NOT EXISTS {db}.node_compensations (
+    ExecutionId String,
+    RollbackId String,
+    NodeId String,
+    NodeType LowCardinality(String),
+    SideEffect LowCardinality(String),
+    Status LowCardinality(String),
+    StartTime DateTime64(9),
+    EndTime DateTime64(9),
+    DurationMs Float64,
+    ErrorType LowCardinality(String),
+    Error String,
+    TraceId String,
+    SpanId String,
+    ParentSpanId String,
+    ServiceName LowCardinality(String)
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(StartTime)
+ORDER BY (ExecutionId, RollbackId, NodeId)
+{ttl}"""
+
+_NODE_COMPENSATIONS_MV = """CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.node_compensations_mv
+TO {db}.node_compensations
+AS SELECT
+    SpanAttributes['{execution}'] AS ExecutionId,
+    SpanAttributes['{rollback}'] AS RollbackId,
+    SpanAttributes['{node}'] AS NodeId,
+    SpanAttributes['{node_type}'] AS NodeType,
+    SpanAttributes['{side_effect}'] AS SideEffect,
+    SpanAttributes['{result}'] AS Status,
+    Timestamp AS StartTime,
+    Timestamp + toIntervalNanosecond(Duration) AS EndTime,
+    Duration / 1e6 AS DurationMs,
+    SpanAttributes['{error_type}'] AS ErrorType,
+    StatusMessage AS Error,
+    TraceId,
+    SpanId,
+    ParentSpanId,
+    ServiceName
+FROM {db}.otel_traces
+WHERE SpanAttributes['{node}'] != '' AND SpanAttributes['{execution}'] != ''"""
+
+_WORKFLOW_ROLLBACKS = """CREATE TABLE IF NOT EXISTS {db}.workflow_rollbacks (
+    ExecutionId String,
+    RollbackId String,
+    WorkflowId LowCardinality(String),
+    ToNode String,
+    Forced Bool,
+    Status LowCardinality(String),
+    StartTime DateTime64(9),
+    DurationMs Float64,
+    Error String,
+    TraceId String,
+    SpanId String,
+    ServiceName LowCardinality(String)
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(StartTime)
+ORDER BY (ExecutionId, RollbackId)
+{ttl}"""
+
+_WORKFLOW_ROLLBACKS_MV = """CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.workflow_rollbacks_mv
+TO {db}.workflow_rollbacks
+AS SELECT
+    SpanAttributes['{execution}'] AS ExecutionId,
+    SpanAttributes['{rollback}'] AS RollbackId,
+    SpanAttributes['{workflow}'] AS WorkflowId,
+    SpanAttributes['{to_node}'] AS ToNode,
+    SpanAttributes['{forced}'] = 'true' AS Forced,
+    SpanAttributes['{result}'] AS Status,
+    Timestamp AS StartTime,
+    Duration / 1e6 AS DurationMs,
+    StatusMessage AS Error,
+    TraceId,
+    SpanId,
+    ServiceName
+FROM {db}.otel_traces
+WHERE SpanAttributes['{to_node}'] != '' AND SpanAttributes['{execution}'] != ''"""
+
+ROLLBACK_TABLES = ("node_compensations", "workflow_rollbacks")
+
 _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS {db}.flowscope_schema_migrations (
     Version UInt32,
     Description String,
@@ -541,6 +626,23 @@ def _liveness(o: SchemaOptions) -> list[str]:
     return [_WORKFLOW_EXECUTIONS_LIVENESS_MV.format(db=o.database)]
 
 
+def _rollback_views(o: SchemaOptions) -> list[str]:
+    db, days = o.database, o.workflow_ttl_days
+    names = {"execution": a.EXECUTION_ID, "rollback": a.ROLLBACK_ID, "node_type": a.NODE_TYPE,
+             "side_effect": a.SIDE_EFFECT, "error_type": a.ERROR_TYPE, "workflow": a.WORKFLOW_ID,
+             "to_node": a.ROLLBACK_TO_NODE, "forced": a.ROLLBACK_FORCED}  # fmt: skip
+    return [
+        _NODE_COMPENSATIONS.format(db=db, ttl=_ttl("toDateTime(StartTime)", days)),
+        _NODE_COMPENSATIONS_MV.format(db=db, node=a.COMPENSATION_NODE_ID, result=a.COMPENSATION_RESULT, **names),
+        _WORKFLOW_ROLLBACKS.format(db=db, ttl=_ttl("toDateTime(StartTime)", days)),
+        _WORKFLOW_ROLLBACKS_MV.format(db=db, result=a.ROLLBACK_RESULT, **names),
+        *(
+            f"ALTER TABLE {db}.{table} MODIFY SETTING non_replicated_deduplication_window = 1000"
+            for table in ROLLBACK_TABLES
+        ),
+    ]
+
+
 def _trace_intake(o: SchemaOptions) -> list[str]:
     from flowscope.collector.intake import intake_statements
 
@@ -562,6 +664,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "OTLP log intake converted inside ClickHouse (Null table and view into otel_logs)", _log_intake),
     Migration(6, "execution owners fixed by the first record stored", _execution_owners),
     Migration(7, "lost and recovered runs: workflow.lost / workflow.recovered rows in workflow_executions", _liveness),
+    Migration(8, "rollbacks: node_compensations and workflow_rollbacks from their spans", _rollback_views),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

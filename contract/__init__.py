@@ -10,6 +10,7 @@ from __future__ import annotations
 from flowscope.contract import attributes
 from flowscope.contract.events import (
     COMPENSATION_EVENTS,
+    COMPENSATION_STATES,
     LIFECYCLE_EVENTS,
     LIVE_EVENT_TYPES,
     NODE_EVENTS,
@@ -36,6 +37,7 @@ from flowscope.contract.states import (
 __all__ = [
     "ACTIVE_NODE_STATES",
     "COMPENSATION_EVENTS",
+    "COMPENSATION_STATES",
     "DONE_NODE_STATES",
     "LIFECYCLE_EVENTS",
     "LIVE_EVENT_TYPES",

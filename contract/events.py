@@ -71,10 +71,14 @@ RUN_EVENTS: Final = (
     frozenset({EventName.WORKFLOW_STARTED, EventName.WORKFLOW_LOST, EventName.WORKFLOW_RECOVERED}) | TERMINAL_EVENTS
 )
 NODE_EVENTS: Final = frozenset(e for e in EventName if e.startswith("node."))
-# A rollback's node events: they say what was undone after the run, not a node's state in it.
-COMPENSATION_EVENTS: Final = frozenset(
-    {EventName.NODE_COMPENSATING, EventName.NODE_COMPENSATED, EventName.NODE_COMPENSATION_FAILED}
-)
+# A rollback's node events: they say what was undone after the run, not a node's state in it;
+# the history shows a node's `compensation.state` after each.
+COMPENSATION_STATES: Final[Mapping[str, str]] = {
+    EventName.NODE_COMPENSATING: "compensating",
+    EventName.NODE_COMPENSATED: "compensated",
+    EventName.NODE_COMPENSATION_FAILED: NodeState.FAILED.value,
+}
+COMPENSATION_EVENTS: Final = frozenset(COMPENSATION_STATES)
 
 # A node's state after each node event; `node_state` adds what the event's data says.
 NODE_STATES: Final[Mapping[str, NodeState]] = {

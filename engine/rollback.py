@@ -100,6 +100,7 @@ class RollbackOutcome:
             "toNode": self.plan.to_node,
             "result": self.result.value,
             "compensated": list(self.compensated),
+            "undone": list(self.undone),
             "skipped": self.plan.skipped,
             "cannotUndo": self.plan.cannot_undo,
             "forced": self.forced,
@@ -203,6 +204,9 @@ async def _carry_out(
         seq = max(previous.events_emitted, after_seq, state.last_seq.get(previous.execution_id, 0))
         outcome = await _Rollback(engine, previous, plan, rollback_id or uuid.uuid4().hex, force, seq).run()
         state.last_seq[previous.execution_id] = outcome.last_seq
+        for node_id in outcome.undone:
+            # Undone: no longer a completed node of the run, for the next rollback, retry or resume.
+            previous.node_states[node_id] = NodeState.PENDING
         if outcome.undone and invalidate is not None:
             done = invalidate(previous.execution_id, list(outcome.undone))
             if inspect.isawaitable(done):
@@ -266,7 +270,9 @@ def _finished(task: asyncio.Task[RollbackOutcome]) -> None:
 def resume_after(engine: Engine, previous: ExecutionResult, to_node: str, execution_id: str) -> ExecutionHandle:
     """A new run of `previous`'s workflow continuing from `to_node`: the nodes downstream of it run
     again, every other node that succeeded reuses its output."""
-    undone = _descendants(previous.workflow, to_node)
+    undone = _descendants(previous.workflow, to_node) | {
+        n for n, state in previous.node_states.items() if state is not NodeState.SUCCESS
+    }
     reused = {
         node_id: output
         for node_id, output in previous.outputs.items()

@@ -32,6 +32,7 @@ from flowscope.ws_bridge.control_api import control_routes
 from flowscope.ws_bridge.control_engine import EngineChannel
 from flowscope.ws_bridge.control_events import EmitLost
 from flowscope.ws_bridge.control_resume import CheckpointReader
+from flowscope.ws_bridge.control_rollback import rollback_routes
 from flowscope.ws_bridge.derive import MedianCache, Thresholds
 from flowscope.ws_bridge.events import events_from_logs, facts_from_spans
 from flowscope.ws_bridge.history import History
@@ -158,6 +159,7 @@ class Bridge:
 
     def routes(self) -> list[BaseRoute]:
         api = [*api_routes(self.history, self.auth, self.config.links), *control_routes(self.control, self.auth)]
+        api += rollback_routes(self.control, self.history, self.auth)
         routes: list[BaseRoute] = [
             WebSocketRoute("/ws", self._ws),
             WebSocketRoute("/ws/executions/{execution_id}", self._ws_execution),

@@ -32,6 +32,7 @@ from flowscope.ws_bridge.control_commands import AFTER, CommandRequest, ControlO
 from flowscope.ws_bridge.control_engine import EngineSession, Pending, RunInfo
 from flowscope.ws_bridge.control_events import EmitLost, LostRun
 from flowscope.ws_bridge.control_resume import NOT_RESUMABLE, CheckpointReader, CheckpointsUnavailable, StoredRun
+from flowscope.ws_bridge.control_rollback import route_rollback
 from flowscope.ws_bridge.types import Message
 
 logger = logging.getLogger(__name__)
@@ -283,6 +284,8 @@ class ControlHub:
         if not principal.may_control(workflow_id):
             return failure(403, f"{principal.subject!r} may not steer runs of workflow {workflow_id!r}")
         running = self._running_on(execution_id)
+        if request.op == "rollback":
+            return route_rollback(self, request, workflow_id, running)
         if request.op == "retry":
             return self._route_retry(request, execution_id, running)
         if running is not None:

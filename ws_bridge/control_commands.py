@@ -12,7 +12,7 @@ from typing import Any
 from flowscope.contract import RunStatus
 from flowscope.ws_bridge.types import Message
 
-OPS = ("start", "pause", "resume", "stop", "retry")
+OPS = ("start", "pause", "resume", "stop", "retry", "rollback")
 _STATUS_OF_CODE = {"bad_request": 400, "forbidden": 403, "not_found": 404, "conflict": 409, "unavailable": 503}
 _CODE_OF_STATUS = {v: k for k, v in _STATUS_OF_CODE.items()}
 AFTER = {"pause": RunStatus.PAUSED.value, "resume": RunStatus.RUNNING.value, "stop": "cancelling"}
@@ -31,6 +31,11 @@ class CommandRequest:
     user_id: str | None = None
     from_node: str | None = None
     idempotency_key: str | None = None
+    # rollback (ws_bridge/control_rollback.py); after_seq: the run's last stored seq, the stack's own
+    to_node: str | None = None
+    force: bool = False
+    resume: bool = False
+    after_seq: int = 0
 
 
 class BadCommand(ValueError):
@@ -65,6 +70,12 @@ def parse_command(op: str, body: Any, idempotency_key: str | None = None) -> Com
             user_id=text("userId"),
             idempotency_key=idempotency_key,
         )
+    if op == "rollback":
+        flags = {name: body.get(name, False) for name in ("force", "resume")}
+        if not all(isinstance(flag, bool) for flag in flags.values()):
+            raise BadCommand("'force' and 'resume' must be true or false")
+        execution_id, to_node = text("executionId", required=True), text("toNode", required=True)
+        return CommandRequest(op, execution_id=execution_id, to_node=to_node, idempotency_key=idempotency_key, **flags)
     from_node = text("fromNode") if op == "retry" else None
     return CommandRequest(
         op, execution_id=text("executionId", required=True), from_node=from_node, idempotency_key=idempotency_key
@@ -108,6 +119,9 @@ def outcome_of(command: Message, answer: Message, engine_id: str) -> ControlOutc
     if op == "resume" and "newExecutionId" in command:
         body = {"executionId": execution_id or command["newExecutionId"], "resumedFrom": command["executionId"]}
         return ControlOutcome(201, body)
+    if op == "rollback":
+        # Checked and started: the run's events say how the compensations go (docs/durability.md).
+        return ControlOutcome(202, {k: v for k, v in answer.items() if k not in ("type", "commandId", "ok")})
     if op == "retry":
         body = {
             "executionId": execution_id or command["newExecutionId"],

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from flowscope.contract import RunStatus
+from flowscope.contract.rollback import SIDE_EFFECTS
 from flowscope.ws_bridge.auth import Principal
 from flowscope.ws_bridge.types import Message
 
@@ -291,11 +292,15 @@ def _node(value: Any) -> dict[str, Any]:
         raise FrameError("bad_request", "each node must be an object with an 'id'")
     depends = _list(value.get("dependsOn", []), "dependsOn", MAX_NODES)
     node_type, label = value.get("type"), value.get("label")
+    side_effect = value.get("sideEffect")
     return {
         "id": _text(value.get("id"), "node id"),
         "type": node_type[:200] if isinstance(node_type, str) else "",
         "label": label[:200] if isinstance(label, str) else "",
         "dependsOn": [_text(d, "dependsOn") for d in depends],
+        # What a rollback may undo (docs/durability.md, "Rollback"); an older engine says nothing.
+        "sideEffect": side_effect if side_effect in SIDE_EFFECTS else "none",
+        "compensable": value.get("compensable") is True,
     }
 
 

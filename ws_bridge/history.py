@@ -235,6 +235,14 @@ class History:
         execution["lastSeq"] = events[-1]["seq"] if events else 0
         return execution
 
+    def last_seq(self, execution_id: str) -> int:
+        """The highest seq stored of an execution (0: none): where events added to it after its
+        end — a rollback's — number on."""
+        rows = self._rows(
+            "SELECT max(Seq) AS seq FROM {db}.workflow_events WHERE ExecutionId = {id:String}", id=execution_id
+        )
+        return int(rows[0]["seq"]) if rows else 0
+
     def started_run(self, execution_id: str) -> dict[str, Any] | None:
         """An execution's stored row as its engine wrote it (not its owner's view of it), with
         its start in nanoseconds: what a workflow.lost record repeats (ws_bridge/control_events.py)."""

@@ -9,7 +9,7 @@ import json
 import math
 from typing import Any
 
-from flowscope.contract import EventName, NodeState, RunStatus
+from flowscope.contract import COMPENSATION_EVENTS, COMPENSATION_STATES, EventName, NodeState, RunStatus
 from flowscope.contract import node_state as _node_state
 from flowscope.ws_bridge.types import LiveEvent
 
@@ -171,6 +171,32 @@ def event_row(r: dict[str, Any]) -> LiveEvent:
     }
 
 
+def _fold_rollback(nodes: dict[str, dict[str, Any]], event: LiveEvent) -> None:
+    """A rollback leaves a node's state as the run left it and says what became of it since:
+    `compensation` (its state, rollback, duration, error) and `undone` — a rollback passed it,
+    compensated or with nothing to undo, so it no longer counts as completed."""
+    data = event["data"]
+    if event["type"] == EventName.WORKFLOW_ROLLED_BACK:
+        for node_id in _ids(data.get("undone")):
+            if node_id in nodes:
+                nodes[node_id]["undone"] = True
+                nodes[node_id]["rolledBackTo"] = _text(data.get("toNode"))
+        return
+    node = nodes.get(event["nodeId"] or "")
+    if node is None:
+        return
+    compensation: dict[str, Any] = {
+        "state": COMPENSATION_STATES[event["type"]],
+        "rollbackId": _text(data.get("rollbackId")),
+        "seq": event["seq"],
+    }
+    if "durationMs" in data:
+        compensation["durationMs"] = number(data["durationMs"])
+    if data.get("error"):
+        compensation["error"] = _text(data.get("error"))
+    node["compensation"] = compensation
+
+
 def fold_nodes(events: list[LiveEvent], attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Node states from the event log (which sees running nodes), enriched by finished attempts."""
     nodes: dict[str, dict[str, Any]] = {}
@@ -187,6 +213,9 @@ def fold_nodes(events: list[LiveEvent], attempts: list[dict[str, Any]]) -> list[
                     "durationMs": None,
                     "error": None,
                 }
+            continue
+        if event["type"] == EventName.WORKFLOW_ROLLED_BACK or event["type"] in COMPENSATION_EVENTS:
+            _fold_rollback(nodes, event)
             continue
         node_id = event["nodeId"]
         data = event["data"]

@@ -184,10 +184,13 @@ async def test_compensations_run_in_reverse_dependency_order_with_spans_and_even
         checkpoint = await store.load(result.execution_id)
         assert sorted(checkpoint.nodes) == ["a"]
 
-        # A second rollback numbers on after the first.
-        again = await rollback(engine, result, "b", invalidate=store.invalidate)
-        assert rollback_events(captured, result.execution_id, last + 7)[0][0] == last + 8
-        assert again.last_seq > outcome.last_seq
+        # What was undone is no longer a completed node: not a rollback point, not undone twice.
+        with pytest.raises(NotARollbackPoint, match="'b' did not complete"):
+            await rollback(engine, result, "b")
+        again = await rollback(engine, result, "a", invalidate=store.invalidate)
+        assert again.undone == () and len(undone) == 3
+        # … and a second rollback numbers on after the first.
+        assert rollback_events(captured, result.execution_id, last + 7) == [(last + 8, "workflow.rolled_back", "")]
     finally:
         store.close()
 

@@ -156,7 +156,8 @@ async def test_engines_listing_is_filtered_by_grants() -> None:
         assert item["engineId"] == "eng" and item["name"] == "scripted eng"
         assert item["connectedAt"].endswith("Z") and item["lastHeartbeat"].endswith("Z")
         assert [w["workflowId"] for w in item["workflows"]] == ["wf-a", "wf-b"]
-        store = {"id": "store", "type": "code", "label": "Store", "dependsOn": ["fetch"]}
+        store = {"id": "store", "type": "code", "label": "Store", "dependsOn": ["fetch"], "sideEffect": "none",
+                 "compensable": False}  # fmt: skip
         assert item["workflows"][0]["nodes"][1] == store
         assert item["executions"] == [
             {"executionId": "a1", "workflowId": "wf-a", "version": "1", "status": "running", "seq": 4},
