@@ -111,3 +111,41 @@ def durable() -> Workflow:
 
 def durable_catalog() -> list[Workflow]:
     return [*catalog(), durable()]
+
+
+# --- rollback with compensation (tests/flowscope/test_rollback_e2e.py) -------------------------
+
+
+async def undo(ctx: Any) -> None:
+    """A compensation (a rollback.CompensationContext): writes what it undid, in order."""
+    import json
+
+    with (_gates() / "undone.log").open("a") as log:
+        log.write(f"{ctx.execution_id} {ctx.node.id} {json.dumps(ctx.output, sort_keys=True)}\n")
+
+
+async def ship(ctx: NodeContext) -> str:
+    """Fails while `ship.broken` exists."""
+    _record(ctx)
+    if (_gates() / "ship.broken").exists():
+        raise RuntimeError("the carrier is down")
+    return "shipped"
+
+
+def saga() -> Workflow:
+    """An order: stock reserved (reversible), a card charged (external, refunded by its
+    compensation), a confirmation e-mailed (external, nothing can unsend it), then shipped."""
+    return (
+        WorkflowBuilder("ctl-saga", "Control: saga", version="4")
+        .code("order", step)
+        .code("reserve", step, depends_on=["order"], side_effect="reversible", compensate=undo)
+        .code("charge", step, depends_on=["reserve"], side_effect="external",
+              compensate="tests.flowscope.control_flows:undo")
+        .code("email", step, depends_on=["charge"], side_effect="external")
+        .code("ship", ship, depends_on=["email"])
+        .build()
+    )  # fmt: skip
+
+
+def rollback_catalog() -> list[Workflow]:
+    return [*catalog(), saga()]
