@@ -13,8 +13,9 @@ import yaml
 
 from flowscope import samples
 from flowscope.collector.schema import OTEL_TABLES, WORKFLOW_TABLES, SchemaOptions, ddl
-from flowscope.engine import Engine, Result
+from flowscope.engine import Engine, NodeContext, Result, WorkflowBuilder
 from flowscope.stack import Stack
+from flowscope.ws_bridge.control_events import LostRun
 from tests.collector.otlp import otlp_providers
 
 ROOT = Path(__file__).parents[2]
@@ -128,12 +129,41 @@ async def fill_with_sample_runs(stack: Stack) -> list[str]:
     assert failed.result is Result.FAILURE
     samples.ledger.down = False
     ids += [failed.execution_id, (await engine.resume(failed).result()).execution_id]
-    await asyncio.to_thread(providers.flush)
+    ids.append(await lose_a_run(stack, engine, providers))
     await asyncio.to_thread(providers.shutdown)
     await engine.aclose()
     assert stack.collector.pipeline is not None
     assert await asyncio.to_thread(stack.collector.pipeline.flush, 30.0)
     return ids
+
+
+async def lose_a_run(stack: Stack, engine: Engine, providers: Any) -> str:
+    """A run whose engine "dies" mid-run: its start is stored, the stack declares it lost, and
+    its end never leaves (the providers are shut down before the engine cancels it)."""
+    held = asyncio.Event()
+
+    async def wait(ctx: NodeContext) -> None:
+        await held.wait()
+
+    handle = engine.start(WorkflowBuilder("stuck-import", "Stuck import").code("wait", wait).build())
+    await handle.wait_started()
+    await asyncio.to_thread(providers.flush)
+    assert stack.collector.pipeline is not None and stack.lost is not None
+    assert await asyncio.to_thread(stack.collector.pipeline.flush, 30.0)
+    lost = LostRun(handle.execution_id, "stuck-import", 1_000, "engine-1", "host:1", "engine channel closed")
+    stack.lost(lost)
+    client = stack.collector.client()
+    try:
+        table = f"{stack.collector.database}.workflow_executions"
+        status = f"SELECT Status FROM {table} FINAL WHERE ExecutionId = {{e:String}}"
+        for _ in range(600):
+            await asyncio.to_thread(stack.collector.pipeline.flush, 30.0)
+            if client.query(status, parameters={"e": handle.execution_id}).result_rows == [("lost",)]:
+                return handle.execution_id
+            await asyncio.sleep(0.05)
+    finally:
+        client.close()
+    raise AssertionError("the run never became lost")
 
 
 async def test_every_dashboard_query_and_doc_example_returns_rows(stack: Stack) -> None:
@@ -149,7 +179,7 @@ async def test_every_dashboard_query_and_doc_example_returns_rows(stack: Stack) 
         "node_type": [r[0] for r in rows(f"SELECT DISTINCT NodeType FROM {database}.node_executions")],
         "execution": [ids[2]],
     }
-    assert set(values["workflow"]) == {"research-agent", "etl-orders", "billing-sync"}
+    assert set(values["workflow"]) == {"research-agent", "etl-orders", "billing-sync", "stuck-import"}
     queries = dashboard_queries()
     assert len(queries) >= 15
     for dashboard, title, sql in queries:
