@@ -1,4 +1,4 @@
--- flowscope schema version 6, database otel
+-- flowscope schema version 8, database otel
 
 CREATE DATABASE IF NOT EXISTS otel;
 
@@ -537,9 +537,8 @@ SELECT
     kv.value.value = 'string_value', kv.value.string_value,
     kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
     kv.value.value = 'int_value', toString(kv.value.int_value),
-    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
-        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
-            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value), if(abs(kv.value.double_value) >= 1e21, replaceOne(toString(kv.value.double_value), 'e', 'e+'), toString(kv.value.double_value)),
+        concat('json: unsupported value: ', if(isNaN(kv.value.double_value), 'NaN', if(kv.value.double_value > 0, '+Inf', '-Inf')))),
     kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
     kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
         'flowscope intake: nested attribute value')),
@@ -550,9 +549,8 @@ SELECT
     kv.value.value = 'string_value', kv.value.string_value,
     kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
     kv.value.value = 'int_value', toString(kv.value.int_value),
-    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
-        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
-            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value), if(abs(kv.value.double_value) >= 1e21, replaceOne(toString(kv.value.double_value), 'e', 'e+'), toString(kv.value.double_value)),
+        concat('json: unsupported value: ', if(isNaN(kv.value.double_value), 'NaN', if(kv.value.double_value > 0, '+Inf', '-Inf')))),
     kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
     kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
         'flowscope intake: nested attribute value')),
@@ -566,9 +564,8 @@ SELECT
     kv.value.value = 'string_value', kv.value.string_value,
     kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
     kv.value.value = 'int_value', toString(kv.value.int_value),
-    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
-        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
-            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value), if(abs(kv.value.double_value) >= 1e21, replaceOne(toString(kv.value.double_value), 'e', 'e+'), toString(kv.value.double_value)),
+        concat('json: unsupported value: ', if(isNaN(kv.value.double_value), 'NaN', if(kv.value.double_value > 0, '+Inf', '-Inf')))),
     kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
     kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
         'flowscope intake: nested attribute value')),
@@ -580,9 +577,8 @@ SELECT
     kv.value.value = 'string_value', kv.value.string_value,
     kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
     kv.value.value = 'int_value', toString(kv.value.int_value),
-    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
-        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
-            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value), if(abs(kv.value.double_value) >= 1e21, replaceOne(toString(kv.value.double_value), 'e', 'e+'), toString(kv.value.double_value)),
+        concat('json: unsupported value: ', if(isNaN(kv.value.double_value), 'NaN', if(kv.value.double_value > 0, '+Inf', '-Inf')))),
     kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
     kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
         'flowscope intake: nested attribute value')),
@@ -623,9 +619,8 @@ SELECT
     l.body.value = 'string_value', l.body.string_value,
     l.body.value = 'bool_value', if(l.body.bool_value, 'true', 'false'),
     l.body.value = 'int_value', toString(l.body.int_value),
-    l.body.value = 'double_value', if(isFinite(l.body.double_value) AND l.body.double_value = floor(l.body.double_value)
-        AND abs(l.body.double_value) < 1e21, if(abs(l.body.double_value) < 9e18, toString(toInt64(l.body.double_value)),
-            toString(toInt128(toInt64(l.body.double_value / 1024)) * 1024)), toString(l.body.double_value)),
+    l.body.value = 'double_value', if(isFinite(l.body.double_value), if(abs(l.body.double_value) >= 1e21, replaceOne(toString(l.body.double_value), 'e', 'e+'), toString(l.body.double_value)),
+        concat('json: unsupported value: ', if(isNaN(l.body.double_value), 'NaN', if(l.body.double_value > 0, '+Inf', '-Inf')))),
     l.body.value = 'bytes_value', base64Encode(l.body.bytes_value),
     l.body.value IN ('array_value', 'kvlist_value'), toString(throwIf(l.body.value IN ('array_value', 'kvlist_value'),
         'flowscope intake: nested attribute value')),
@@ -635,9 +630,8 @@ SELECT
     kv.value.value = 'string_value', kv.value.string_value,
     kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
     kv.value.value = 'int_value', toString(kv.value.int_value),
-    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
-        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
-            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value), if(abs(kv.value.double_value) >= 1e21, replaceOne(toString(kv.value.double_value), 'e', 'e+'), toString(kv.value.double_value)),
+        concat('json: unsupported value: ', if(isNaN(kv.value.double_value), 'NaN', if(kv.value.double_value > 0, '+Inf', '-Inf')))),
     kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
     kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
         'flowscope intake: nested attribute value')),
@@ -649,9 +643,8 @@ SELECT
     kv.value.value = 'string_value', kv.value.string_value,
     kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
     kv.value.value = 'int_value', toString(kv.value.int_value),
-    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
-        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
-            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value), if(abs(kv.value.double_value) >= 1e21, replaceOne(toString(kv.value.double_value), 'e', 'e+'), toString(kv.value.double_value)),
+        concat('json: unsupported value: ', if(isNaN(kv.value.double_value), 'NaN', if(kv.value.double_value > 0, '+Inf', '-Inf')))),
     kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
     kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
         'flowscope intake: nested attribute value')),
@@ -660,9 +653,8 @@ SELECT
     kv.value.value = 'string_value', kv.value.string_value,
     kv.value.value = 'bool_value', if(kv.value.bool_value, 'true', 'false'),
     kv.value.value = 'int_value', toString(kv.value.int_value),
-    kv.value.value = 'double_value', if(isFinite(kv.value.double_value) AND kv.value.double_value = floor(kv.value.double_value)
-        AND abs(kv.value.double_value) < 1e21, if(abs(kv.value.double_value) < 9e18, toString(toInt64(kv.value.double_value)),
-            toString(toInt128(toInt64(kv.value.double_value / 1024)) * 1024)), toString(kv.value.double_value)),
+    kv.value.value = 'double_value', if(isFinite(kv.value.double_value), if(abs(kv.value.double_value) >= 1e21, replaceOne(toString(kv.value.double_value), 'e', 'e+'), toString(kv.value.double_value)),
+        concat('json: unsupported value: ', if(isNaN(kv.value.double_value), 'NaN', if(kv.value.double_value > 0, '+Inf', '-Inf')))),
     kv.value.value = 'bytes_value', base64Encode(kv.value.bytes_value),
     kv.value.value IN ('array_value', 'kvlist_value'), toString(throwIf(kv.value.value IN ('array_value', 'kvlist_value'),
         'flowscope intake: nested attribute value')),
@@ -709,3 +701,124 @@ SELECT ExecutionId, tuple(toDateTime64(0, 9), toUInt64(0), WorkflowId, UserId), 
 FROM otel.workflow_executions FINAL;
 
 INSERT INTO otel.flowscope_schema_migrations (Version, Description) VALUES (6, 'execution owners fixed by the first record stored');
+
+-- migration 7: lost and recovered runs: workflow.lost / workflow.recovered rows in workflow_executions
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS otel.workflow_executions_liveness_mv
+TO otel.workflow_executions
+AS SELECT
+    LogAttributes['workflow.execution.id'] AS ExecutionId,
+    LogAttributes['workflow.id'] AS WorkflowId,
+    LogAttributes['workflow.name'] AS WorkflowName,
+    JSONExtractString(Body, 'workflowVersion') AS WorkflowVersion,
+    if(EventName = 'workflow.lost', 'lost', 'running') AS Status,
+    JSONExtractString(Body, 'trigger') AS TriggerType,
+    JSONExtractString(Body, 'userId') AS UserId,
+    fromUnixTimestamp64Nano(toInt64(JSONExtractUInt(Body, 'startTimeUnixNano'))) AS StartTime,
+    CAST(NULL, 'Nullable(DateTime64(9))') AS EndTime,
+    CAST(NULL, 'Nullable(Float64)') AS DurationMs,
+    toUInt32(JSONExtractUInt(Body, 'totalNodes')) AS TotalNodes,
+    toUInt32(0) AS CompletedNodes,
+    toUInt32(0) AS FailedNodes,
+    toUInt32(0) AS SkippedNodes,
+    if(EventName = 'workflow.lost',
+       concat('lost: ', JSONExtractString(Body, 'reason'), ' (seq ', LogAttributes['workflow.event.seq'], ')'),
+       '') AS Error,
+    TraceId,
+    SpanId,
+    if(JSONExtractString(Body, 'serviceName') != '', JSONExtractString(Body, 'serviceName'), ServiceName) AS ServiceName,
+    JSONExtractString(Body, 'resumedFrom') AS ResumedFrom,
+    JSONExtractString(Body, 'parentExecutionId') AS ParentExecutionId,
+    toUInt8(1) AS Version
+FROM otel.otel_logs
+WHERE EventName IN ('workflow.lost', 'workflow.recovered')
+  AND LogAttributes['workflow.execution.id'] != ''
+  AND JSONExtractUInt(Body, 'startTimeUnixNano') > 0;
+
+INSERT INTO otel.flowscope_schema_migrations (Version, Description) VALUES (7, 'lost and recovered runs: workflow.lost / workflow.recovered rows in workflow_executions');
+
+-- migration 8: rollbacks: node_compensations and workflow_rollbacks from their spans
+
+CREATE TABLE IF NOT EXISTS otel.node_compensations (
+    ExecutionId String,
+    RollbackId String,
+    NodeId String,
+    NodeType LowCardinality(String),
+    SideEffect LowCardinality(String),
+    Status LowCardinality(String),
+    StartTime DateTime64(9),
+    EndTime DateTime64(9),
+    DurationMs Float64,
+    ErrorType LowCardinality(String),
+    Error String,
+    TraceId String,
+    SpanId String,
+    ParentSpanId String,
+    ServiceName LowCardinality(String)
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(StartTime)
+ORDER BY (ExecutionId, RollbackId, NodeId)
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS otel.node_compensations_mv
+TO otel.node_compensations
+AS SELECT
+    SpanAttributes['workflow.execution.id'] AS ExecutionId,
+    SpanAttributes['workflow.rollback.id'] AS RollbackId,
+    SpanAttributes['workflow.compensation.node.id'] AS NodeId,
+    SpanAttributes['workflow.node.type'] AS NodeType,
+    SpanAttributes['workflow.node.side_effect'] AS SideEffect,
+    SpanAttributes['workflow.compensation.result'] AS Status,
+    Timestamp AS StartTime,
+    Timestamp + toIntervalNanosecond(Duration) AS EndTime,
+    Duration / 1e6 AS DurationMs,
+    SpanAttributes['error.type'] AS ErrorType,
+    StatusMessage AS Error,
+    TraceId,
+    SpanId,
+    ParentSpanId,
+    ServiceName
+FROM otel.otel_traces
+WHERE SpanAttributes['workflow.compensation.node.id'] != '' AND SpanAttributes['workflow.execution.id'] != '';
+
+CREATE TABLE IF NOT EXISTS otel.workflow_rollbacks (
+    ExecutionId String,
+    RollbackId String,
+    WorkflowId LowCardinality(String),
+    ToNode String,
+    Forced Bool,
+    Status LowCardinality(String),
+    StartTime DateTime64(9),
+    DurationMs Float64,
+    Error String,
+    TraceId String,
+    SpanId String,
+    ServiceName LowCardinality(String)
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(StartTime)
+ORDER BY (ExecutionId, RollbackId)
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS otel.workflow_rollbacks_mv
+TO otel.workflow_rollbacks
+AS SELECT
+    SpanAttributes['workflow.execution.id'] AS ExecutionId,
+    SpanAttributes['workflow.rollback.id'] AS RollbackId,
+    SpanAttributes['workflow.id'] AS WorkflowId,
+    SpanAttributes['workflow.rollback.to_node'] AS ToNode,
+    SpanAttributes['workflow.rollback.forced'] = 'true' AS Forced,
+    SpanAttributes['workflow.rollback.result'] AS Status,
+    Timestamp AS StartTime,
+    Duration / 1e6 AS DurationMs,
+    StatusMessage AS Error,
+    TraceId,
+    SpanId,
+    ServiceName
+FROM otel.otel_traces
+WHERE SpanAttributes['workflow.rollback.to_node'] != '' AND SpanAttributes['workflow.execution.id'] != '';
+
+ALTER TABLE otel.node_compensations MODIFY SETTING non_replicated_deduplication_window = 1000;
+
+ALTER TABLE otel.workflow_rollbacks MODIFY SETTING non_replicated_deduplication_window = 1000;
+
+INSERT INTO otel.flowscope_schema_migrations (Version, Description) VALUES (8, 'rollbacks: node_compensations and workflow_rollbacks from their spans');
