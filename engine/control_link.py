@@ -44,6 +44,9 @@ _BACKOFF_CAP_S = 5.0
 # A refused token does not fix itself within seconds: retry slowly, without flooding the log.
 _AUTH_RETRY_S = 30.0
 _FLUSH_ON_CLOSE_S = 1.0
+# Well above the stack's limit on a command frame (1 MiB encoded), so a command it sends is never
+# a frame this end closes the link over.
+_MAX_FRAME_BYTES = 4 << 20
 # The stack's frame is named for the status it gave the run.
 _LOST = RunStatus.LOST.value
 _AUTH_REFUSALS = {
@@ -142,7 +145,7 @@ class ControlLink:
     async def _session(self) -> None:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         try:
-            async with connect(self.url, additional_headers=headers, open_timeout=10) as ws:
+            async with connect(self.url, additional_headers=headers, open_timeout=10, max_size=_MAX_FRAME_BYTES) as ws:
                 await self._serve(ws)
         except InvalidStatus as exc:
             status = exc.response.status_code
@@ -254,7 +257,7 @@ class ControlLink:
 
     @staticmethod
     async def _send(ws: ClientConnection, frame: dict[str, Any]) -> None:
-        await ws.send(json.dumps(frame, separators=(",", ":"), default=str))
+        await ws.send(json.dumps(frame, separators=(",", ":"), ensure_ascii=False, default=str))
 
 
 def _parse(message: str | bytes) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from flowscope.contract import LIVE_EVENT_TYPES, ControlType
 from flowscope.ws_bridge.auth import Principal
 from flowscope.ws_bridge.control import ControlHub
-from flowscope.ws_bridge.control_commands import OPS, BadCommand, parse_command
+from flowscope.ws_bridge.control_commands import OPS, BadCommand, loads, parse_command
 from flowscope.ws_bridge.events import user_of_events, wire_json
 from flowscope.ws_bridge.rooms import Hub, Subscription
 from flowscope.ws_bridge.types import LiveEvent, Message
@@ -169,7 +169,7 @@ class Connection:
                 self._error("frame_too_large", f"frames are limited to {self.limits.max_frame_bytes} bytes")
                 continue
             try:
-                request = json.loads(text)
+                request = loads(text)
             except json.JSONDecodeError as exc:
                 self._error("bad_json", f"malformed JSON: {exc.msg} at position {exc.pos}")
                 continue

@@ -29,7 +29,7 @@ from typing import Any
 from flowscope.contract import RunStatus
 from flowscope.ws_bridge.auth import Principal
 from flowscope.ws_bridge.control_commands import AFTER, CommandRequest, ControlOutcome, failure, outcome_of
-from flowscope.ws_bridge.control_engine import EngineSession, Pending, RunInfo
+from flowscope.ws_bridge.control_engine import EngineSession, Pending, RunInfo, encode
 from flowscope.ws_bridge.control_events import EmitLost, LostRun
 from flowscope.ws_bridge.control_resume import NOT_RESUMABLE, CheckpointReader, CheckpointsUnavailable, StoredRun
 from flowscope.ws_bridge.control_rollback import route_rollback
@@ -46,6 +46,8 @@ MAX_REMEMBERED = 10_000
 # a start's input may be large, so they are bounded by bytes as well.
 MAX_KEYED_BYTES = 64 << 20
 MAX_GONE_ENGINES = 1_000
+# The largest command frame sent to an engine, encoded (engines take up to 4 MiB: docs/control.md).
+MAX_COMMAND_BYTES = 1 << 20
 
 # (workflow id, user id or "") of an execution, as its first stored record named them.
 StoredOwner = Callable[[str], tuple[str, str] | None]
@@ -262,6 +264,9 @@ class ControlHub:
             return routed
         engine_id, frame = routed
         frame = {"type": "command", "commandId": command_id, **frame}
+        size = len(encode(frame).encode())
+        if size > MAX_COMMAND_BYTES:
+            return failure(413, f"the command would be a {size}-byte frame; engines take at most {MAX_COMMAND_BYTES}")
         if request.idempotency_key is not None:
             self._keep(command_id, engine_id, frame)
         return await self._send(engine_id, frame)

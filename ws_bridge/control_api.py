@@ -3,7 +3,6 @@ retry runs, and list the connected engines. The commands themselves are ws_bridg
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,7 +13,7 @@ from starlette.routing import Route
 from flowscope.ws_bridge.api import BadRequest, UnsupportedMediaType, _require_json
 from flowscope.ws_bridge.auth import Authenticator, AuthError, Principal
 from flowscope.ws_bridge.control import ControlHub
-from flowscope.ws_bridge.control_commands import BadCommand, ControlOutcome, parse_command
+from flowscope.ws_bridge.control_commands import BadCommand, ControlOutcome, loads, parse_command
 from flowscope.ws_bridge.control_resume import checkpoint_answer
 
 MAX_BODY_BYTES = 1 << 20
@@ -170,7 +169,7 @@ async def _json_body(request: Request) -> Any:
     if not body.strip():
         return {}
     try:
-        return json.loads(body)
+        return loads(body)
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"the body must be a JSON object: {str(exc)[:200] or 'nested too deeply'}") from exc
 

@@ -6,6 +6,8 @@ back, an HTTP status and a JSON body, which the WebSocket turns into a `control.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +15,16 @@ from flowscope.contract import RunStatus
 from flowscope.ws_bridge.types import Message
 
 OPS = ("start", "pause", "resume", "stop", "retry", "rollback")
-_STATUS_OF_CODE = {"bad_request": 400, "forbidden": 403, "not_found": 404, "conflict": 409, "unavailable": 503}
+_STATUS_OF_CODE = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "too_large": 413,
+    "engine_error": 502,
+    "unavailable": 503,
+}
 _CODE_OF_STATUS = {v: k for k, v in _STATUS_OF_CODE.items()}
 AFTER = {"pause": RunStatus.PAUSED.value, "resume": RunStatus.RUNNING.value, "stop": "cancelling"}
 
@@ -40,6 +51,23 @@ class CommandRequest:
 
 class BadCommand(ValueError):
     """A command the stack cannot read: answered 400 / `bad_request`."""
+
+
+def _non_finite(text: str) -> float:
+    raise ValueError(f"{text} is not a JSON number: non-finite numbers (NaN, Infinity, 1e999) are refused")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        _non_finite(text[:40])
+    return value
+
+
+def loads(text: str | bytes | bytearray) -> Any:
+    """JSON as the standard allows it: Python's NaN, Infinity and overflowing numbers are refused,
+    as no engine or reader could take them back."""
+    return json.loads(text, parse_constant=_non_finite, parse_float=_finite)
 
 
 def parse_command(op: str, body: Any, idempotency_key: str | None = None) -> CommandRequest:

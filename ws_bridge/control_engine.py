@@ -241,7 +241,7 @@ class EngineChannel:
                     await close_quietly(self.ws, CLOSE_CONFLICT, "engine id in use by another token subject")
                 return
             try:
-                await self.ws.send_text(json.dumps(frame, separators=(",", ":"), default=str))
+                await self.ws.send_text(encode(frame))
             except Exception:
                 # The engine is gone; the receive loop sees it and detaches the session.
                 return
@@ -250,6 +250,11 @@ class EngineChannel:
 
     def _error(self, code: str, message: str) -> None:
         self.outbox.put_nowait(({"type": "error", "code": code, "message": message}, None))
+
+
+def encode(frame: Message) -> str:
+    """A frame as sent to an engine: non-ASCII as is (escaped, one emoji is 12 bytes)."""
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def _text(value: Any, name: str, limit: int = 200) -> str:
