@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
 
 from flowscope.stack import Stack
 from tests.conftest import StackFactory
 from tests.flowscope.test_cli import FLOWSCOPE, ROOT, cli_env
-from tests.flowscope.test_control_e2e import ENGINE, OPERATOR, VIEWER, Control, eventually
+from tests.flowscope.test_control_e2e import ENGINE, OPERATOR, VIEWER, Control, _control_result, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +116,13 @@ async def test_a_refused_rollback_names_its_external_nodes_and_force_runs_it(
                 assert refused.status_code == 409, refused.text
                 assert "email" in refused.json()["error"] and "charge" not in refused.json()["error"]
                 assert undone(tmp_path, run) == []
+                # The live WebSocket's op says the same.
+                ws_url = stack.endpoints.web.replace("http://", "ws://") + "/ws"
+                async with connect(ws_url, additional_headers={"authorization": f"Bearer {OPERATOR}"}) as ws:
+                    op = {"op": "rollback", "id": "r1", "executionId": run, "toNode": "order"}
+                    await ws.send(json.dumps(op))
+                    result = await _control_result(ws, "r1")
+                assert result["ok"] is False and result["code"] == "conflict" and "email" in result["error"]
 
                 # Bad input, unknown nodes and missing grants are the caller's errors, never a 500.
                 for body, status in (({}, 400), ({"toNode": 3}, 400), ({"toNode": "order", "force": "yes"}, 400),
