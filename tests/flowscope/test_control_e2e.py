@@ -110,7 +110,8 @@ class Control:
 
 @contextlib.asynccontextmanager
 async def worker(web: str, otlp: str, gates: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    env = cli_env(FLOWSCOPE_TOKEN=ENGINE, FLOWSCOPE_TEST_GATES=str(gates), OTEL_EXPORTER_OTLP_ENDPOINT=otlp)
+    env = cli_env(FLOWSCOPE_TOKEN=ENGINE, FLOWSCOPE_TEST_GATES=str(gates), OTEL_EXPORTER_OTLP_ENDPOINT=otlp,
+                  FLOWSCOPE_CHECKPOINTS=f"sqlite:///{gates / 'checkpoints.db'}")  # fmt: skip
     process = await asyncio.create_subprocess_exec(
         *FLOWSCOPE, "worker", "tests.flowscope.control_flows:catalog", "--stack", web,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,

@@ -207,3 +207,16 @@ async def test_the_demo_checkpoints_next_to_its_data_directory(tmp_path: Path) -
             process.send_signal(signal.SIGINT)
         rest, _ = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, rest.decode()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://somewhere/x", "--checkpoints: unsupported checkpoint store URL scheme 'ftp'"),
+        ("sqlite://", "--checkpoints: sqlite checkpoint URL needs a file path"),
+    ],
+)
+async def test_a_checkpoint_url_the_worker_cannot_use_is_a_clear_error(url: str, message: str) -> None:
+    done = await cli("worker", "tests.flowscope.control_flows:catalog", "--checkpoints", url)
+    assert done.returncode == 2, done
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
