@@ -107,7 +107,9 @@ class RollbackOutcome:
             "lastSeq": self.last_seq,
         }
         if self.failed_node is not None:
-            body |= {"failedNode": self.failed_node, "error": self.error}
+            body["failedNode"] = self.failed_node
+        if self.error is not None:
+            body["error"] = self.error
         if self.resumed_as is not None:
             body["resumedAs"] = self.resumed_as
         return body
@@ -202,15 +204,12 @@ async def _carry_out(
     state, to_node = _state(engine), plan.to_node
     try:
         seq = max(previous.events_emitted, after_seq, state.last_seq.get(previous.execution_id, 0))
-        outcome = await _Rollback(engine, previous, plan, rollback_id or uuid.uuid4().hex, force, seq).run()
+        run = _Rollback(engine, previous, plan, rollback_id or uuid.uuid4().hex, force, seq, invalidate)
+        outcome = await run.run()
         state.last_seq[previous.execution_id] = outcome.last_seq
         for node_id in outcome.undone:
             # Undone: no longer a completed node of the run, for the next rollback, retry or resume.
             previous.node_states[node_id] = NodeState.PENDING
-        if outcome.undone and invalidate is not None:
-            done = invalidate(previous.execution_id, list(outcome.undone))
-            if inspect.isawaitable(done):
-                await done
     finally:
         state.active.discard(previous.execution_id)
     if resume_as is not None and outcome.result is Result.SUCCESS:
@@ -242,8 +241,8 @@ def rollback_command(engine: Engine, frame: dict[str, Any], previous: ExecutionR
         raise CommandError("bad_request", str(exc)) from exc
     except RollbackRefused as exc:
         raise CommandError("conflict", str(exc)) from exc
-    store = getattr(engine, "checkpoints", None)
-    invalidate: Invalidate | None = getattr(store, "invalidate", None)
+    store = engine.checkpoints
+    invalidate = store.invalidate if store is not None else None
     rollback_id = uuid.uuid4().hex
     state = _state(engine)
     state.active.add(previous.execution_id)
@@ -303,9 +302,17 @@ class _Rollback:
     """One rollback's spans and events, numbered on after `seq`."""
 
     def __init__(
-        self, engine: Engine, previous: ExecutionResult, plan: RollbackPlan, rollback_id: str, force: bool, seq: int
+        self,
+        engine: Engine,
+        previous: ExecutionResult,
+        plan: RollbackPlan,
+        rollback_id: str,
+        force: bool,
+        seq: int,
+        invalidate: Invalidate | None = None,
     ) -> None:
         self._engine = engine
+        self._invalidate = invalidate
         self._tel = engine.telemetry
         self._previous = previous
         self._workflow = previous.workflow
@@ -335,7 +342,17 @@ class _Rollback:
                     break
                 compensated.append(step.node_id)
             undone.append(step.node_id)
-        result = Result.SUCCESS if failed is None else Result.FAILURE
+        trouble = None if failed is None else f"compensation of {failed[0]!r} failed: {failed[1]}"
+        if undone and self._invalidate is not None:
+            # Before the rollback says it is done: a resume it announces must find them gone.
+            try:
+                done = self._invalidate(self._previous.execution_id, list(undone))
+                if inspect.isawaitable(done):
+                    await done
+            except Exception as exc:
+                logger.exception("the checkpoints of %s could not be invalidated", undone)
+                trouble = trouble or f"the checkpoints of {', '.join(undone)} could not be invalidated: {exc}"
+        result = Result.SUCCESS if trouble is None else Result.FAILURE
         outcome = RollbackOutcome(
             rollback_id=self._id,
             execution_id=self._previous.execution_id,
@@ -344,7 +361,7 @@ class _Rollback:
             compensated=tuple(compensated),
             undone=tuple(undone),
             failed_node=failed[0] if failed else None,
-            error=failed[1] if failed else None,
+            error=failed[1] if failed else trouble,
             last_seq=self.seq + 1,
             forced=self._force and bool(self._plan.cannot_undo),
         )
@@ -352,8 +369,8 @@ class _Rollback:
         data["durationMs"] = round((time.perf_counter() - started) * 1000, 3)
         self._emit(EventType.WORKFLOW_ROLLED_BACK, None, self._context, data)
         self._span.set_attribute(t.ROLLBACK_RESULT, result.value)
-        if failed is not None:
-            self._span.set_status(Status(StatusCode.ERROR, f"compensation of {failed[0]!r} failed: {failed[1]}"[:512]))
+        if trouble is not None:
+            self._span.set_status(Status(StatusCode.ERROR, trouble[:512]))
         self._span.end()
         return outcome
 

@@ -232,6 +232,21 @@ async def test_a_failed_compensation_stops_the_rollback(engine: Engine, captured
         store.close()
 
 
+async def test_a_store_that_cannot_forget_fails_the_rollback_and_its_resume_waits(
+    engine: Engine, captured: Captured, tmp_path: Path
+) -> None:
+    undone: list[tuple[str, Any]] = []
+    result, store = await checkpointed(engine, diamond(undone), tmp_path)
+    store.close()  # a closed store refuses every call: the checkpoints of what was undone stay
+
+    outcome = await rollback(engine, result, "c", invalidate=store.invalidate, resume_as="never")
+    assert [n for n, _ in undone] == ["d"] and outcome.resumed_as is None
+    assert outcome.result.value == "failure" and "could not be invalidated" in (outcome.error or "")
+    end = captured.event_data(captured.events(result.execution_id)[-1])
+    assert end["result"] == "failure" and "could not be invalidated" in end["error"]
+    assert engine.get("never") is None
+
+
 async def test_a_resume_after_rollback_reruns_what_was_undone(
     engine: Engine, captured: Captured, tmp_path: Path
 ) -> None:
