@@ -284,6 +284,8 @@ class ControlHub:
         assert request.execution_id is not None
         execution_id = request.execution_id
         workflow_id = await self._owner_of(execution_id)
+        if workflow_id is None and request.op == "resume":
+            workflow_id = await self._checkpointed_workflow(execution_id)
         if workflow_id is None:
             return failure(404, f"no execution {execution_id!r}")
         if not principal.may_control(workflow_id):
@@ -347,6 +349,18 @@ class ControlHub:
         if request.from_node is not None:
             frame["fromNode"] = request.from_node
         return engine.engine_id, frame
+
+    async def _checkpointed_workflow(self, execution_id: str) -> str | None:
+        """The workflow a run's checkpoints name: a run the stack neither stored nor saw can
+        still be resumed from them (engines wrote them, as they report their runs)."""
+        if not self.checkpoints.configured:
+            return None
+        try:
+            run = (await self.checkpoints.describe(execution_id)).run
+        except CheckpointsUnavailable as exc:
+            logger.warning("resume of %s: %s", execution_id, exc)
+            return None
+        return run.workflow_id if run is not None else None
 
     async def _route_continue(self, execution_id: str, workflow_id: str) -> ControlOutcome | tuple[str, Message]:
         ran = self._ran.get(execution_id)

@@ -27,6 +27,7 @@ from tests.conftest import StackFactory
 from tests.flowscope.test_cli import FLOWSCOPE, ROOT, cli, cli_env
 from tests.flowscope.test_control_e2e import ENGINE, OPERATOR, Control, eventually
 from tests.flowscope.test_demo_control import VIEWER, _lines_until
+from tests.ws_bridge.control_peer import WF_A, control_bridge, http, run, scripted_engine, until
 
 pytestmark = pytest.mark.slow
 
@@ -220,3 +221,50 @@ async def test_a_checkpoint_url_the_worker_cannot_use_is_a_clear_error(url: str,
     done = await cli("worker", "tests.flowscope.control_flows:catalog", "--checkpoints", url)
     assert done.returncode == 2, done
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+async def test_the_stack_routes_a_resume_to_any_engine_serving_the_version(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'checkpoints.db'}"
+    store = open_checkpoint_store(url)
+    try:
+        # A run the stack never saw, known only from its checkpoints: version 7 nobody serves.
+        await store.put_run("x9", "wf-a", "7", {"n": 1})
+        await store.put("x9", "fetch", {"rows": 3}, workflow_id="wf-a", workflow_version="7", attempt=1)
+    finally:
+        store.close()
+    async with control_bridge(checkpoints_url=url, control_timeout_s=0.2) as (bridge, port, _), http(port) as op:
+        op.headers["authorization"] = "Bearer operator"
+        async with scripted_engine(port, "engine-token-2") as other:
+            await other.hello("eng-2", [WF_A])
+            async with scripted_engine(port) as ran_it:
+                await ran_it.hello("eng-1", [WF_A], [run("x1")])
+            # eng-1 is gone; past the command timeout its run is resumed by eng-2.
+            await until(lambda: "eng-1" not in bridge.control.engines)
+            await until(lambda: not bridge.control._may_return(bridge.control._gone["eng-1"]))
+            resuming = asyncio.create_task(op.post("/api/v1/executions/x1/resume", json={}))
+            command = await other.expect("command")
+            assert command["op"] == "resume" and command["executionId"] == "x1"
+            assert (command["workflowId"], command["version"]) == ("wf-a", "1")
+            await other.answer(command, executionId=command["newExecutionId"], resumedFrom="x1")
+            answer = await resuming
+            assert answer.status_code == 201, answer.text
+            assert answer.json() == {"executionId": command["newExecutionId"], "resumedFrom": "x1"}
+
+            refused = await op.post("/api/v1/executions/x9/resume", json={})
+            assert refused.status_code == 409, refused.text
+            assert "no connected engine serves workflow 'wf-a' version '7'" in refused.json()["error"]
+            unknown = await op.post("/api/v1/executions/nothing/resume", json={})
+            assert unknown.status_code == 404, unknown.text
+
+            snapshot = await op.get("/api/v1/executions/x9/checkpoint")  # control, no read grant
+            assert snapshot.status_code == 200, snapshot.text
+            assert snapshot.json()["reusableNodes"] == ["fetch"] and "output" not in snapshot.json()["nodes"][0]
+            async with http(port, "reader") as reader:
+                read = (await reader.get("/api/v1/executions/x9/checkpoint")).json()
+                assert read["nodes"][0]["output"] == {"rows": 3} and read["input"]["value"] == {"n": 1}
+            async with http(port, "engine-token") as neither:
+                refused = await neither.get("/api/v1/executions/x9/checkpoint")
+                assert refused.status_code == 403 and "may neither read nor steer" in refused.json()["error"]
+    async with control_bridge() as (_, port, _), http(port, "reader") as reader:
+        answer = await reader.get("/api/v1/executions/x9/checkpoint")
+        assert answer.status_code == 503 and "no checkpoint store is configured" in answer.json()["error"]
