@@ -29,7 +29,15 @@ from typing import Any
 from flowscope.contract import RunStatus
 from flowscope.ws_bridge.auth import Principal
 from flowscope.ws_bridge.control_commands import AFTER, CommandRequest, ControlOutcome, failure, outcome_of
-from flowscope.ws_bridge.control_engine import EngineSession, Pending, RunInfo, encode
+from flowscope.ws_bridge.control_engine import (
+    CLOSE_CONFLICT,
+    CLOSE_TOO_MANY,
+    EngineSession,
+    Pending,
+    Refusal,
+    RunInfo,
+    encode,
+)
 from flowscope.ws_bridge.control_events import EmitLost, LostRun
 from flowscope.ws_bridge.control_resume import NOT_RESUMABLE, CheckpointReader, CheckpointsUnavailable, StoredRun
 from flowscope.ws_bridge.control_rollback import route_rollback
@@ -48,6 +56,10 @@ MAX_KEYED_BYTES = 64 << 20
 MAX_GONE_ENGINES = 1_000
 # The largest command frame sent to an engine, encoded (engines take up to 4 MiB: docs/control.md).
 MAX_COMMAND_BYTES = 1 << 20
+# Live engine connections one token subject may hold; each keeps its hello in memory.
+MAX_ENGINES_PER_SUBJECT = 32
+# A connection that has not said hello by then is closed.
+HELLO_TIMEOUT_S = 10.0
 
 # (workflow id, user id or "") of an execution, as its first stored record named them.
 StoredOwner = Callable[[str], tuple[str, str] | None]
@@ -85,6 +97,8 @@ class ControlHub:
         self.lost_after_s = lost_after_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_frame_bytes = max_frame_bytes
+        self.max_engines_per_subject = MAX_ENGINES_PER_SUBJECT
+        self.hello_timeout_s = HELLO_TIMEOUT_S
         self.engines: dict[str, EngineSession] = {}
         self._gone: OrderedDict[str, EngineSession] = OrderedDict()
         self._pending: dict[str, dict[str, Pending]] = {}
@@ -122,14 +136,19 @@ class ControlHub:
 
     # -- engines (called by the channel) ---------------------------------------------------------
 
-    def attach(self, session: EngineSession) -> str | None:
-        """Registers an engine after its hello; the refusal's reason when another subject's
-        engine holds that engineId. A reconnect of the same engine replaces its old session."""
+    def attach(self, session: EngineSession) -> Refusal | None:
+        """Registers an engine after its hello; the refusal when another subject's engine holds
+        that engineId, or the subject has its fill of engines. A reconnect of the same engine
+        replaces its old session."""
         engine_id = session.engine_id
         old = self.engines.get(engine_id)
+        if old is not None and old.subject != session.subject:
+            return "conflict", f"engine id {engine_id!r} is connected for another token subject", CLOSE_CONFLICT
+        others = sum(1 for s in self.engines.values() if s.subject == session.subject and s is not old)
+        if others >= self.max_engines_per_subject:
+            message = f"{session.subject!r} has {others} engines connected, the most one token subject may"
+            return "too_many_engines", message, CLOSE_TOO_MANY
         if old is not None:
-            if old.subject != session.subject:
-                return f"engine id {engine_id!r} is connected for another token subject"
             old.replace("replaced by a new connection of this engine")
         gone = self._gone.pop(engine_id, None)
         if gone is not None and gone.subject != session.subject:
@@ -156,6 +175,8 @@ class ControlHub:
             return
         del self.engines[session.engine_id]
         session.closed_at = time.monotonic()
+        # Only its runs matter once it is gone (lost, held commands, retries): not its graphs.
+        session.workflows = []
         self._gone[session.engine_id] = session
         self._gone.move_to_end(session.engine_id)
         while len(self._gone) > MAX_GONE_ENGINES:

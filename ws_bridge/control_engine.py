@@ -31,12 +31,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RUN_STATUSES = frozenset({RunStatus.RUNNING.value, RunStatus.PAUSED.value})
-MAX_WORKFLOWS = 10_000
+# What one engine may announce and list: its hello is kept in memory while it is connected.
+MAX_WORKFLOWS = 100
 MAX_NODES = 10_000
-MAX_EXECUTIONS = 100_000
+MAX_HELLO_NODES = 10_000
+MAX_EXECUTIONS = 10_000
 # Close codes of the channel besides the handshake's 4401/4403.
 CLOSE_REPLACED = 4000
+CLOSE_NO_HELLO = 4408
 CLOSE_CONFLICT = 4409
+CLOSE_TOO_MANY = 4429
+
+
+# Why the hub refused an engine's hello: the error frame's code, its message and the close code.
+Refusal = tuple[str, str, int]
 
 
 class FrameError(ValueError):
@@ -143,9 +151,12 @@ class EngineChannel:
         self.principal = principal
         self.outbox: Outbox = asyncio.Queue()
         self.session: EngineSession | None = None
+        # How the sender closes the socket when it meets the end of the outbox.
+        self._close: tuple[int, str] = (CLOSE_CONFLICT, "engine id in use by another token subject")
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._sender())
+        deadline = asyncio.get_running_loop().call_later(self.hub.hello_timeout_s, self._no_hello)
         try:
             while not sender.done():
                 frame = await self._receive()
@@ -156,6 +167,7 @@ class EngineChannel:
                 except FrameError as exc:
                     self._error(exc.code, str(exc))
         finally:
+            deadline.cancel()
             if self.session is not None:
                 self.hub.detach(self.session)
             sender.cancel()
@@ -212,12 +224,19 @@ class EngineChannel:
         else:
             raise FrameError("unknown_type", f"unknown frame {str(kind)[:64]!r}: use heartbeat, result or finished")
 
+    def _no_hello(self) -> None:
+        if self.session is None:
+            self.close(CLOSE_NO_HELLO, f"no hello within {self.hub.hello_timeout_s:g} s")
+
+    def close(self, code: int, reason: str) -> None:
+        self._close = (code, reason[:120])
+        self.outbox.put_nowait((None, None))
+
     def _hello(self, frame: dict[str, Any]) -> None:
         engine_id = _text(frame.get("engineId"), "engineId")
-        name = frame.get("name", engine_id)
         session = EngineSession(
             engine_id=engine_id,
-            name=name[:200] if isinstance(name, str) else engine_id,
+            name=_text(frame.get("name", engine_id), "name"),
             subject=self.principal.subject,
             workflows=_workflows(frame.get("workflows")),
             executions=_executions(frame.get("executions", [])),
@@ -225,8 +244,9 @@ class EngineChannel:
         )
         refusal = self.hub.attach(session)
         if refusal is not None:
-            self._error("conflict", refusal)
-            self.outbox.put_nowait((None, None))
+            code, message, close_code = refusal
+            self._error(code, message)
+            self.close(close_code, message)
             return
         self.session = session
 
@@ -238,7 +258,7 @@ class EngineChannel:
                 if session is not None and session.replaced:
                     await close_quietly(self.ws, CLOSE_REPLACED, session.replaced[:120])
                 else:
-                    await close_quietly(self.ws, CLOSE_CONFLICT, "engine id in use by another token subject")
+                    await close_quietly(self.ws, *self._close)
                 return
             try:
                 await self.ws.send_text(encode(frame))
@@ -277,7 +297,11 @@ def _list(value: Any, name: str, limit: int) -> list[Any]:
 
 def _workflows(value: Any) -> list[dict[str, Any]]:
     workflows = []
-    for item in _list(value if value is not None else [], "workflows", MAX_WORKFLOWS):
+    items = _list(value if value is not None else [], "workflows", MAX_WORKFLOWS)
+    nodes = sum(len(item["nodes"]) for item in items if isinstance(item, dict) and isinstance(item.get("nodes"), list))
+    if nodes > MAX_HELLO_NODES:
+        raise FrameError("bad_request", f"a hello announces at most {MAX_HELLO_NODES} nodes in all, not {nodes}")
+    for item in items:
         if not isinstance(item, dict):
             raise FrameError("bad_request", "each of 'workflows' must be an object")
         name = item.get("name")

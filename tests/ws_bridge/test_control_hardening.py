@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
-from tests.ws_bridge.control_peer import WF_A, answering, control_bridge, http, scripted_engine
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from tests.ws_bridge.control_peer import WF_A, answering, control_bridge, http, scripted_engine, until
 
 JSON = {"content-type": "application/json"}
 
@@ -51,3 +55,58 @@ async def test_non_finite_numbers_in_a_body_are_a_400() -> None:
             assert response.status_code == 400, (number, response.text)
             assert "non-finite" in response.json()["error"]
         assert [f for f in await engine.sync() if f["type"] == "command"] == []
+
+
+def _workflow(workflow_id: str, nodes: int) -> dict[str, Any]:
+    return {"workflowId": workflow_id, "version": "1", "nodes": [{"id": f"n{i}"} for i in range(nodes)]}
+
+
+async def test_a_hello_is_bounded_and_a_gone_engine_keeps_no_graph() -> None:
+    async with control_bridge() as (bridge, port, _lost), scripted_engine(port) as engine:
+        hellos: list[tuple[dict[str, Any], str]] = [
+            ({"workflows": [_workflow("w1", 6_000), _workflow("w2", 6_000)]}, "at most 10000 nodes in all"),
+            ({"workflows": [_workflow(f"w{i}", 1) for i in range(101)]}, "'workflows' must be a list of at most 100"),
+            ({"name": "bad\x00name"}, "'name' must be a non-empty printable string"),
+            ({"name": "n" * 201}, "'name' must be a non-empty printable string"),
+        ]
+        for hello, why in hellos:
+            await engine.send({"type": "hello", "engineId": "eng", **hello})
+            error = await engine.expect("error")
+            assert error["code"] == "bad_request" and why in error["message"], error
+        assert bridge.control.engines == {}
+        await engine.hello("eng", [_workflow("w1", 5_000), _workflow("w2", 5_000)])
+    await until(lambda: "eng" in bridge.control._gone)
+    assert bridge.control._gone["eng"].workflows == []
+
+
+async def test_one_token_subject_holds_a_bounded_number_of_engines() -> None:
+    async with control_bridge() as (bridge, port, _lost):
+        bridge.control.max_engines_per_subject = 2
+        async with scripted_engine(port) as first, scripted_engine(port) as second, scripted_engine(port) as third:
+            await first.hello("e1")
+            await second.hello("e2")
+            await third.send({"type": "hello", "engineId": "e3", "workflows": [WF_A]})
+            error = await third.expect("error")
+            assert error["code"] == "too_many_engines"
+            with pytest.raises(ConnectionClosed) as closed:
+                await third.next()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4429
+            # The same engine reconnecting replaces itself: it is not one more.
+            async with scripted_engine(port) as again:
+                await again.hello("e2")
+        async with scripted_engine(port, "admin") as other:
+            await other.hello("e4")
+        assert set(bridge.control.engines) <= {"e1", "e2"}
+
+
+async def test_a_connection_that_says_no_hello_is_closed() -> None:
+    async with control_bridge() as (bridge, port, _lost), scripted_engine(port) as engine:
+        bridge.control.hello_timeout_s = 0.2
+        async with scripted_engine(port) as silent:
+            with pytest.raises(ConnectionClosed) as closed:
+                await silent.next()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4408
+            assert "no hello within 0.2 s" in closed.value.rcvd.reason
+        # One that says hello in time stays.
+        await engine.hello("eng")
+        await engine.sync()
