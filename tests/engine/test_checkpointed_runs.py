@@ -22,9 +22,10 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 
 from flowscope.engine import Engine, NodeContext, NodeRegistry, Result, WorkflowBuilder
-from flowscope.engine.catalog import CheckpointedRuns
+from flowscope.engine.catalog import CheckpointedRuns, NotResumable
 from flowscope.engine.checkpoint_commit import GroupCommitStore
 from flowscope.engine.checkpoints import open_checkpoint_store
+from flowscope.engine.redact import Secret
 from tests.engine.conftest import Captured
 
 RERUN = "workflow.node.rerun"
@@ -230,3 +231,22 @@ async def test_a_checkpoint_the_store_refuses_fails_the_run_before_dependents_st
     assert result.result is Result.FAILURE
     assert result.error is not None and "node 'first' failed: CheckpointError" in result.error
     assert ran == ["first"]
+
+
+async def test_a_run_another_engine_cannot_continue_says_why(tmp_path: Path, captured: Captured) -> None:
+    async def boom(ctx: NodeContext) -> None:
+        raise RuntimeError("down")
+
+    url = f"sqlite:///{tmp_path / 'checkpoints.db'}"
+    v1 = WorkflowBuilder("wf", version="1").code("a", boom).build()
+    async with Engine(captured.telemetry, NodeRegistry(), checkpoints=url) as one:
+        plain = await one.run(v1, {"n": 1})
+        secret = await one.run(v1, {"password": Secret("hunter2")})
+    async with Engine(captured.telemetry, NodeRegistry(), checkpoints=url) as two:
+        assert isinstance(two.retry_source, CheckpointedRuns)
+        with pytest.raises(NotResumable, match="version '1', which this engine does not serve"):
+            await two.retry_source.previous(plain.execution_id)
+        two.serve(v1)
+        with pytest.raises(NotResumable, match=r"input of execution .* was not stored \(secret\)"):
+            await two.retry_source.previous(secret.execution_id)
+        assert await two.retry_source.previous("never-ran") is None
