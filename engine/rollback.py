@@ -149,6 +149,14 @@ def _state(engine: Engine) -> _EngineRollbacks:
     return found
 
 
+async def settle_rollbacks(engine: Engine) -> None:
+    """Wait for the rollbacks this engine runs in the background: their compensations and
+    checkpoint invalidations finish before the engine closes its store."""
+    tasks = list(_state(engine).tasks)
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 # What becomes of the checkpoints of undone nodes: the store's `invalidate` (None: no store).
 Invalidate = Callable[[str, list[str]], Any]
 

@@ -502,7 +502,8 @@ class Engine:
         )
         if retry_source is None and self.checkpoints is not None:
             retry_source = CheckpointedRuns(self.checkpoints, self.served_workflow, self.finished)
-        self.retry_source: RetrySource = retry_source or self.finished
+        # Not `or`: an empty FinishedRuns (or any empty source) is falsy and must still be used.
+        self.retry_source: RetrySource = retry_source if retry_source is not None else self.finished
         self._served: dict[str, dict[str, Workflow]] = {}
         self._finish_listeners: list[FinishListener] = []
         self.control = control
@@ -675,6 +676,9 @@ class Engine:
             execution.cancel("engine shutting down")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        from flowscope.engine.rollback import settle_rollbacks  # rollback imports this module
+
+        await settle_rollbacks(self)
         if self.control_link is not None:
             await self.control_link.aclose()
         if self._owns_checkpoints and self.checkpoints is not None:

@@ -196,7 +196,7 @@ def executions_resume(execution_id: str, server: str, token: str | None) -> None
         console.print(f"resumed {body['resumedFrom']} as [bold]{body['executionId']}[/]")
         console.print(f"  follow it: flowscope watch {body['executionId']}")
     else:
-        console.print(f"{body['executionId']} is {body.get('status', 'running')} again")
+        console.print(f"{body['executionId']} is {body.get('status', RunStatus.RUNNING)} again")
 
 
 @click.command()

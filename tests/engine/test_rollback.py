@@ -5,7 +5,6 @@ each in its span, the run's events numbered on, what was undone forgotten by the
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -307,18 +306,10 @@ async def test_the_store_forgets_invalidated_nodes_only(
         store.close()
 
 
-@dataclass
-class Remembered:
-    runs: FinishedRuns
-
-    def previous(self, execution_id: str) -> ExecutionResult | None:
-        return self.runs.previous(execution_id)
-
-
 async def test_the_control_op_refuses_names_and_runs_in_the_background(captured: Captured) -> None:
     finished = FinishedRuns()
-    # Not `retry_source=finished`: an empty FinishedRuns is falsy, and Engine would take its own.
-    engine = Engine(captured.telemetry, retry_source=Remembered(finished))
+    engine = Engine(captured.telemetry, retry_source=finished)
+    assert engine.retry_source is finished, "an empty FinishedRuns is falsy, and still the one given"
     undone: list[tuple[str, Any]] = []
     try:
         result = await engine.run(diamond(undone, pay_compensation=False), {"order": 7})
@@ -347,3 +338,16 @@ async def test_the_control_op_refuses_names_and_runs_in_the_background(captured:
         assert [n for n, _ in undone] == ["c", "b"]
     finally:
         await engine.aclose()
+
+
+async def test_closing_the_engine_waits_for_a_rollback_in_the_background(captured: Captured) -> None:
+    finished = FinishedRuns()
+    engine = Engine(captured.telemetry, retry_source=finished)
+    undone: list[tuple[str, Any]] = []
+    result = await engine.run(diamond(undone, pay_compensation=False), {"order": 7})
+    finished.add(result)
+    frame = {"type": "command", "op": "rollback", "executionId": result.execution_id, "commandId": "1"}
+    answer = await Commands(engine).handle({**frame, "toNode": "a", "force": True})
+    assert answer["ok"] is True and undone == []
+    await engine.aclose()
+    assert [n for n, _ in undone] == ["c", "b"]
