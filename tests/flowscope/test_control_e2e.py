@@ -109,12 +109,16 @@ class Control:
 
 
 @contextlib.asynccontextmanager
-async def worker(web: str, otlp: str, gates: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+async def worker(
+    web: str, otlp: str, gates: Path, *, catalog: str = "catalog", checkpoints: str | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A real `flowscope worker` serving `tests.flowscope.control_flows:<catalog>`, stopped with
+    SIGTERM (then killed) when the block exits; its checkpoints in `gates` unless given."""
     env = cli_env(FLOWSCOPE_TOKEN=ENGINE, FLOWSCOPE_TEST_GATES=str(gates), OTEL_EXPORTER_OTLP_ENDPOINT=otlp,
-                  FLOWSCOPE_CHECKPOINTS=f"sqlite:///{gates / 'checkpoints.db'}")  # fmt: skip
+                  FLOWSCOPE_CHECKPOINTS=checkpoints or f"sqlite:///{gates / 'checkpoints.db'}")  # fmt: skip
     process = await asyncio.create_subprocess_exec(
-        *FLOWSCOPE, "worker", "tests.flowscope.control_flows:catalog", "--stack", web,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        *FLOWSCOPE, "worker", f"tests.flowscope.control_flows:{catalog}", "--stack", web,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT,
     )  # fmt: skip
     try:
         yield process

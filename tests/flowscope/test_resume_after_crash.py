@@ -9,12 +9,11 @@ tests/engine/test_checkpointed_runs.py::test_another_engine_resumes_a_run_from_t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from flowscope.stack import Stack
 from tests.conftest import StackFactory
 from tests.flowscope.test_cli import FLOWSCOPE, ROOT, cli, cli_env
 from tests.flowscope.test_control_e2e import ENGINE, OPERATOR, Control, eventually
+from tests.flowscope.test_control_e2e import worker as e2e_worker
 from tests.flowscope.test_demo_control import VIEWER, _lines_until
 from tests.ws_bridge.control_peer import WF_A, control_bridge, http, run, scripted_engine, until
 
@@ -39,29 +39,10 @@ TOKENS = {
 }
 
 
-@contextlib.asynccontextmanager
-async def worker(stack: Stack, gates: Path, checkpoints: str) -> AsyncIterator[asyncio.subprocess.Process]:
+def worker(stack: Stack, gates: Path, checkpoints: str) -> AbstractAsyncContextManager[asyncio.subprocess.Process]:
     assert stack.endpoints is not None
-    env = cli_env(
-        FLOWSCOPE_TOKEN=ENGINE,
-        FLOWSCOPE_TEST_GATES=str(gates),
-        OTEL_EXPORTER_OTLP_ENDPOINT=stack.endpoints.otlp_grpc,
-        FLOWSCOPE_CHECKPOINTS=checkpoints,
-    )
-    process = await asyncio.create_subprocess_exec(
-        *FLOWSCOPE, "worker", "tests.flowscope.control_flows:durable_catalog", "--stack", stack.endpoints.web,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT,
-    )  # fmt: skip
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+    web, otlp = stack.endpoints.web, stack.endpoints.otlp_grpc
+    return e2e_worker(web, otlp, gates, catalog="durable_catalog", checkpoints=checkpoints)
 
 
 async def engines(control: Control, count: int) -> list[dict[str, Any]]:

@@ -7,11 +7,8 @@ on the same worker and on another one that only has the checkpoint store."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import signal
-import subprocess
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +17,8 @@ from websockets.asyncio.client import connect
 
 from flowscope.stack import Stack
 from tests.conftest import StackFactory
-from tests.flowscope.test_cli import FLOWSCOPE, ROOT, cli_env
 from tests.flowscope.test_control_e2e import ENGINE, OPERATOR, VIEWER, Control, _control_result, eventually
+from tests.flowscope.test_control_e2e import worker as e2e_worker
 
 pytestmark = pytest.mark.slow
 
@@ -34,29 +31,10 @@ TOKENS = {
 }
 
 
-@contextlib.asynccontextmanager
-async def worker(stack: Stack, gates: Path, checkpoints: str) -> AsyncIterator[asyncio.subprocess.Process]:
+def worker(stack: Stack, gates: Path, checkpoints: str) -> AbstractAsyncContextManager[asyncio.subprocess.Process]:
     assert stack.endpoints is not None
-    env = cli_env(
-        FLOWSCOPE_TOKEN=ENGINE,
-        FLOWSCOPE_TEST_GATES=str(gates),
-        OTEL_EXPORTER_OTLP_ENDPOINT=stack.endpoints.otlp_grpc,
-        FLOWSCOPE_CHECKPOINTS=checkpoints,
-    )
-    process = await asyncio.create_subprocess_exec(
-        *FLOWSCOPE, "worker", "tests.flowscope.control_flows:rollback_catalog", "--stack", stack.endpoints.web,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT,
-    )  # fmt: skip
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+    web, otlp = stack.endpoints.web, stack.endpoints.otlp_grpc
+    return e2e_worker(web, otlp, gates, catalog="rollback_catalog", checkpoints=checkpoints)
 
 
 async def serving(control: Control) -> None:
