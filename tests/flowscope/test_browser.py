@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page
 
 from flowscope.contract import STORED_RUN_STATUSES, RunStatus
 from flowscope.engine import Engine, NodeContext, WorkflowBuilder
@@ -16,33 +14,10 @@ from flowscope.stack import Stack
 from tests.collector.otlp import otlp_providers
 from tests.collector.test_outage import OutageWriter, outage_factory
 from tests.conftest import StackFactory
+from tests.flowscope.conftest import shot
 from tests.helpers import Gate
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-SHOTS = Path(__file__).parents[2] / "test-output" / "screenshots"
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield launched
-        await launched.close()
-
-
-async def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
 async def quick(ctx: NodeContext) -> int:
