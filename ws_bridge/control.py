@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flowscope.contract import RunStatus
@@ -60,6 +60,10 @@ MAX_COMMAND_BYTES = 1 << 20
 MAX_ENGINES_PER_SUBJECT = 32
 # A connection that has not said hello by then is closed.
 HELLO_TIMEOUT_S = 10.0
+# How far a heartbeat's seq may run ahead of the last seq the stack saw of a run (its events may
+# lag behind the heartbeat); the lost event takes seq + 1, which stays below the protocol's 2**62.
+SEQ_MARGIN = 100_000
+MAX_SEQ = 2**62 - 2
 
 # (workflow id, user id or "") of an execution, as its first stored record named them.
 StoredOwner = Callable[[str], tuple[str, str] | None]
@@ -71,6 +75,9 @@ class _Ran:
     workflow_id: str
     version: str
     ended: str | None = None  # the result of a `finished` run
+    # Started by the stack on this engine (of this token subject): no other engine may claim it.
+    started: bool = False
+    subject: str = ""
 
 
 class ControlHub:
@@ -105,7 +112,8 @@ class ControlHub:
         self._keyed: OrderedDict[str, tuple[str, Message, int]] = OrderedDict()
         self._keyed_bytes = 0
         self._ran: OrderedDict[str, _Ran] = OrderedDict()
-        self._lost: OrderedDict[str, int] = OrderedDict()
+        # Runs declared lost: the engine (subject, engineId) that ran them, and the seq.
+        self._lost: OrderedDict[str, tuple[tuple[str, str], int]] = OrderedDict()
         self._stored_owners: OrderedDict[str, str] = OrderedDict()
         self._liveness: asyncio.Task[None] | None = None
         self.lost_declared = 0
@@ -184,38 +192,84 @@ class ControlHub:
         logger.info("engine %s (%s) disconnected", session.engine_id, session.name)
 
     def heartbeat(self, session: EngineSession, executions: dict[str, RunInfo]) -> None:
-        session.executions = executions
+        session.executions = self._claimed(session, executions)
         session.seen()
-        for execution_id, run in executions.items():
-            self._remember(execution_id, _Ran(session.engine_id, run.workflow_id, run.version))
-            lost_seq = self._lost.pop(execution_id, None)
-            if lost_seq is not None:
+        key = (session.subject, session.engine_id)
+        for execution_id, run in session.executions.items():
+            ran = self._ran.get(execution_id)
+            started = ran is not None and ran.started
+            self._remember(
+                execution_id, _Ran(session.engine_id, run.workflow_id, run.version, None, started, session.subject)
+            )
+            lost = self._lost.get(execution_id)
+            if lost is not None and lost[0] == key:
                 # It was declared lost but lives: the engine emits workflow.recovered after this seq.
-                session.send({"type": LOST_FRAME, "executionId": execution_id, "seq": lost_seq})
+                del self._lost[execution_id]
+                session.send({"type": LOST_FRAME, "executionId": execution_id, "seq": lost[1]})
             session.declared.discard(execution_id)
 
+    def _claimed(self, session: EngineSession, executions: dict[str, RunInfo]) -> dict[str, RunInfo]:
+        """What an engine lists, less the runs that are another's: a run belongs to the engine
+        the stack started it on, else to the first engine that listed it (an engine's id is
+        its process's: a run never moves to another under the same execution id). Seqs are
+        held near what the stack saw of the run."""
+        kept = {}
+        for execution_id, run in executions.items():
+            holder = self._running_on(execution_id)
+            if (holder is not None and holder is not session) or not self._owns(session, execution_id):
+                logger.warning(
+                    "engine %s claims execution %s, another engine's: ignored", session.engine_id, execution_id
+                )
+                continue
+            known = self.last_seq(execution_id)
+            seq = min(run.seq, known + SEQ_MARGIN) if known else run.seq
+            kept[execution_id] = run if seq == run.seq else replace(run, seq=seq)
+        return kept
+
+    def _owns(self, session: EngineSession, execution_id: str) -> bool:
+        ran = self._ran.get(execution_id)
+        return ran is None or (ran.subject, ran.engine_id) == (session.subject, session.engine_id)
+
     def finished(self, session: EngineSession, execution_id: str, workflow_id: str, result: str) -> None:
+        if execution_id not in session.executions and not self._owns(session, execution_id):
+            logger.warning(
+                "engine %s reports the end of %s, another engine's: ignored", session.engine_id, execution_id
+            )
+            return
         run = session.executions.pop(execution_id, None)
         version = run.version if run is not None else self._version_of(execution_id)
-        self._remember(execution_id, _Ran(session.engine_id, workflow_id, version, result or "ended"))
+        self._remember(
+            execution_id, _Ran(session.engine_id, workflow_id, version, result or "ended", False, session.subject)
+        )
         self._lost.pop(execution_id, None)
 
     def result(self, session: EngineSession, frame: Message) -> None:
         command_id = frame["commandId"]
         pending = self._pending.get(session.engine_id, {}).pop(command_id, None)
         if pending is not None and frame.get("ok") is True:
-            self._applied(session, pending.frame, frame)
+            chosen = _new_execution(pending.frame)
+            if chosen is not None and frame.get("executionId") not in (None, chosen):
+                # The id is the stack's choice: an engine answering another run's id started nothing we know.
+                logger.warning("engine %s answered %s for %s", session.engine_id, frame.get("executionId"), chosen)
+                frame = {
+                    **frame,
+                    "ok": False,
+                    "code": "engine_error",
+                    "error": "the engine answered another execution id",
+                }
+            else:
+                self._applied(session, pending.frame, frame)
         if pending is not None:
             pending.answer(frame)
 
     def _applied(self, session: EngineSession, command: Message, result: Message) -> None:
         op = command["op"]
-        if op in ("start", "retry") or (op == "resume" and "newExecutionId" in command):
-            execution_id = str(result.get("executionId") or command.get("newExecutionId") or command["executionId"])
+        execution_id = _new_execution(command)
+        if execution_id is not None:
             workflow_id = str(command.get("workflowId") or self._workflow_of(command["executionId"]) or "")
             version = str(command.get("version") or self._version_of(command["executionId"]))
             session.executions[execution_id] = RunInfo(workflow_id, version, RunStatus.RUNNING.value, 0)
-            self._remember(execution_id, _Ran(session.engine_id, workflow_id, version))
+            self._remember(execution_id, _Ran(session.engine_id, workflow_id, version, None, True, session.subject))
         elif op in ("pause", "resume"):
             run = session.executions.get(command["executionId"])
             if run is not None:
@@ -240,8 +294,10 @@ class ControlHub:
             if execution_id in session.declared:
                 continue
             session.declared.add(execution_id)
-            seq = max(self.last_seq(execution_id), run.seq, self._lost.get(execution_id, 0)) + 1
-            self._lost[execution_id] = seq
+            before = self._lost.get(execution_id)
+            last = self.last_seq(execution_id)
+            seq = min(max(last, run.seq, before[1] if before is not None else 0) + 1, MAX_SEQ + 1)
+            self._lost[execution_id] = ((session.subject, session.engine_id), seq)
             self._lost.move_to_end(execution_id)
             while len(self._lost) > MAX_REMEMBERED:
                 self._lost.popitem(last=False)
@@ -249,14 +305,20 @@ class ControlHub:
             logger.warning("execution %s is lost: %s (engine %s)", execution_id, reason, session.engine_id)
             if self.emit_lost is None:
                 continue
+            ran = self._ran.get(execution_id)
+            started = ran is not None and ran.started
             lost = LostRun(
                 execution_id=execution_id,
-                workflow_id=run.workflow_id,
+                # The stored owner's workflow when the stack knows it, never only the engine's word.
+                workflow_id=self._stored_owners.get(execution_id)
+                or (ran.workflow_id if started and ran is not None else run.workflow_id),
                 seq=seq,
                 engine_id=session.engine_id,
                 engine_name=session.name,
                 reason=reason,
                 last_heartbeat_unix_nano=session.last_heartbeat_ns,
+                # Started here, or its events seen: else only its stored start makes it a run at all.
+                known=started or last > 0,
             )
             try:
                 self.emit_lost(lost)
@@ -519,6 +581,15 @@ class ControlHub:
             if item["workflows"] or item["executions"] or principal.unrestricted or principal.controls == ["*"]:
                 items.append(item)
         return items
+
+
+def _new_execution(command: Message) -> str | None:
+    """The id of the run a command starts (start, retry, resume of an ended run), else None."""
+    if command["op"] == "start":
+        return str(command["executionId"])
+    if command["op"] in ("retry", "resume") and "newExecutionId" in command:
+        return str(command["newExecutionId"])
+    return None
 
 
 def _command_id(principal: Principal, key: str | None) -> str:

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import grpc
@@ -38,6 +38,8 @@ from flowscope.contract.attributes import EVENT_SEQ, EXECUTION_ID, WORKFLOW_ID, 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "flowscope-control"
+# Runs handed over and not yet sent: past this, more are dropped (logged) rather than queued.
+MAX_QUEUED = 10_000
 SCOPE = "flowscope.control"
 _LIVE_STATUSES = frozenset({RunStatus.RUNNING, RunStatus.LOST})
 
@@ -53,6 +55,9 @@ class LostRun:
     trace_id: str = ""
     span_id: str = ""
     last_heartbeat_unix_nano: int = 0
+    # The stack started the run or saw its events; an engine's word alone is not enough for a
+    # lost event: then the run's stored start must exist (looked up once, not waited for).
+    known: bool = True
 
 
 EmitLost = Callable[[LostRun], None]
@@ -62,9 +67,11 @@ LiveStarted = Callable[[str], Mapping[str, Any] | None]
 
 
 class StoredRuns(Protocol):
-    """What the emitter reads of a run: History.started_run."""
+    """What the emitter reads of a run: History.started_run and History.owner."""
 
     def started_run(self, execution_id: str) -> dict[str, Any] | None: ...
+
+    def owner(self, execution_id: str) -> tuple[str, str] | None: ...
 
 
 def first_started(events: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -188,23 +195,52 @@ class LostEmitter:
         self._on_close = on_close
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowscope-lost")
         self._closed = threading.Event()
+        self._queued = 0
+        self._lock = threading.Lock()
+        self.dropped = 0
 
     def __call__(self, run: LostRun) -> None:
         if self._closed.is_set():
             logger.warning("run %s lost after the emitter closed: not recorded", run.execution_id)
             return
+        with self._lock:
+            if self._queued >= MAX_QUEUED:
+                self.dropped += 1
+                logger.error("run %s lost with %d runs still to record: not recorded", run.execution_id, MAX_QUEUED)
+                return
+            self._queued += 1
         seen = self._live_started(run.execution_id) if self._live_started is not None else None
         self._worker.submit(self._emit, run, row_of_started(seen) if seen is not None else None)
 
     def _emit(self, run: LostRun, seen: dict[str, Any] | None) -> None:
         try:
-            stored = self._stored(run.execution_id, seen is not None) or seen
+            stored = self._stored(run.execution_id, seen is not None or not run.known) or seen
+            if stored is None and not run.known:
+                logger.warning(
+                    "run %s, listed by engine %s, is unknown: not declared lost", run.execution_id, run.engine_id
+                )
+                return
             if stored is not None and stored["Status"] not in _LIVE_STATUSES:
                 logger.info("run %s already ended (%s): not declared lost", run.execution_id, stored["Status"])
                 return
-            self._sink(lost_request(run, stored))
+            self._sink(lost_request(self._owned(run, seen), stored))
         except Exception:  # the emitter must outlive any failure: the next run still gets its event
             logger.exception("could not record run %s as lost", run.execution_id)
+        finally:
+            with self._lock:
+                self._queued -= 1
+
+    def _owned(self, run: LostRun, seen: Mapping[str, Any] | None) -> LostRun:
+        """The run with the workflow its first stored record names (else its live start's),
+        whatever its engine said."""
+        owner = None
+        if self._runs is not None:
+            try:
+                owner = self._runs.owner(run.execution_id)
+            except Exception as exc:
+                logger.warning("looking up the owner of lost run %s failed: %s", run.execution_id, exc)
+        workflow_id = owner[0] if owner is not None else (seen or {}).get("workflowId") or run.workflow_id
+        return run if workflow_id == run.workflow_id else replace(run, workflow_id=str(workflow_id))
 
     def _stored(self, execution_id: str, once: bool) -> dict[str, Any] | None:
         if self._runs is None:

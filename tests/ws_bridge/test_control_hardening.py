@@ -5,12 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
 
 import pytest
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from websockets.exceptions import ConnectionClosed
 
-from tests.ws_bridge.control_peer import WF_A, answering, control_bridge, http, scripted_engine, until
+from flowscope.contract import EventName
+from flowscope.ws_bridge import control_events
+from flowscope.ws_bridge.control_events import LostEmitter, LostRun
+from tests.ws_bridge.control_peer import (
+    WF_A,
+    ScriptedEngine,
+    answering,
+    control_bridge,
+    http,
+    run,
+    scripted_engine,
+    until,
+)
+from tests.ws_bridge.live_events import live_event
 
 JSON = {"content-type": "application/json"}
 
@@ -110,3 +125,90 @@ async def test_a_connection_that_says_no_hello_is_closed() -> None:
         # One that says hello in time stays.
         await engine.hello("eng")
         await engine.sync()
+
+
+async def test_runs_an_engine_merely_lists_are_lost_only_if_stored_and_real_ones_are_not_held_up() -> None:
+    async with control_bridge() as (bridge, port, lost), http(port, "operator") as client:
+        bridge.hub.publish([live_event(EventName.WORKFLOW_STARTED, 1, execution="seen", workflow="wf-a")])
+        async with scripted_engine(port, "engine-token-2") as engine:
+            invented = [run(f"invented-{i}") for i in range(20)]
+            await engine.hello("eng", [WF_A], [*invented, run("seen")])
+            starting = asyncio.create_task(client.post("/api/v1/executions", json={"workflowId": "wf-a"}))
+            [command] = await answering(engine, 1)
+            assert (await starting).status_code == 201
+        await until(lambda: len(lost) == 22)
+        known = {r.execution_id for r in lost if r.known}
+        assert known == {"seen", command["executionId"]}
+
+    # The emitter: an unknown run is looked up once and dropped; a known one goes out without waiting on them.
+    sent: list[ExportLogsServiceRequest] = []
+    started = live_event(EventName.WORKFLOW_STARTED, 1, execution="real", workflow="wf-a")
+    emitter = LostEmitter(None, sent.append, live_started=lambda e: started if e == "real" else None,
+                          lookup_timeout_s=60.0)  # fmt: skip
+    for i in range(20):
+        emitter(LostRun(f"invented-{i}", "wf-a", 2, "eng", "scripted eng", "closed", known=False))
+    emitter(LostRun("real", "wf-a", 2, "eng", "scripted eng", "closed"))
+    await until(lambda: len(sent) == 1)
+    await asyncio.to_thread(emitter.close)
+    record = sent[0].resource_logs[0].scope_logs[0].log_records[0]
+    assert [a.value.string_value for a in record.attributes if a.key == "workflow.execution.id"] == ["real"]
+
+
+async def test_the_lost_emitters_queue_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control_events, "MAX_QUEUED", 2)
+    release, sent = threading.Event(), []
+
+    def sink(request: ExportLogsServiceRequest) -> None:
+        release.wait(20)
+        sent.append(request)
+
+    emitter = LostEmitter(None, sink)
+    for i in range(5):
+        emitter(LostRun(f"r{i}", "wf-a", 2, "eng", "scripted eng", "closed"))
+    assert emitter.dropped == 3
+    release.set()
+    await asyncio.to_thread(emitter.close)
+    assert len(sent) == 2
+
+
+async def test_an_engine_of_another_subject_cannot_claim_or_hijack_runs() -> None:
+    async with control_bridge() as (bridge, port, lost), http(port, "operator") as client:
+        async with scripted_engine(port) as victim, scripted_engine(port, "engine-token-2") as thief:
+            await _claims_are_refused(bridge, client, victim, thief)
+        # The victim's runs are lost with its workflow and a seq near what was seen; the lost frame
+        # is the victim's alone.
+        await until(lambda: any(r.execution_id == "x1b" for r in lost))
+        [x1b] = [r for r in lost if r.execution_id == "x1b"]
+        assert (x1b.workflow_id, x1b.engine_id, x1b.seq) == ("wf-a", "victim", 2)
+        async with scripted_engine(port, "engine-token-2") as thief:
+            await thief.hello("thief", [WF_A], [run("x1b")])
+            assert [f for f in await thief.sync() if f["type"] == "lost"] == []
+        async with scripted_engine(port) as victim:
+            await victim.hello("victim", [WF_A], [run("x1b")])
+            assert (await victim.expect("lost"))["executionId"] == "x1b"
+
+
+async def _claims_are_refused(bridge: Any, client: Any, victim: ScriptedEngine, thief: ScriptedEngine) -> None:
+    await victim.hello("victim", [WF_A], [run("x1", seq=3), run("x1b")])
+    await thief.hello("thief", [WF_A], [run("x1", seq=2**62)])
+    await thief.heartbeat([run("x1", seq=2**62), run("x1b")])
+    await thief.sync()
+    assert bridge.control.engines["thief"].executions == {}
+    # Commands go to the run's engine.
+    pausing = asyncio.create_task(client.post("/api/v1/executions/x1/pause", json={}))
+    [command] = await answering(victim, 1, executionId="x1", status="paused")
+    assert command["op"] == "pause" and (await pausing).status_code == 200
+    # A start the idle thief takes and answers with another run's id starts nothing the stack knows.
+    starting = asyncio.create_task(client.post("/api/v1/executions", json={"workflowId": "wf-a"}))
+    [start] = await answering(thief, 1, executionId="x1")
+    response = await starting
+    assert response.status_code == 502 and response.json()["code"] == "engine_error", response.text
+    assert start["executionId"] != "x1" and "x1" not in bridge.control.engines["thief"].executions
+    # The thief's end of x1 changes nothing: the retry goes to the victim once x1 ended there.
+    await thief.send({"type": "finished", "executionId": "x1", "workflowId": "wf-b", "result": "failure"})
+    await thief.sync()
+    await victim.send({"type": "finished", "executionId": "x1", "workflowId": "wf-a", "result": "failure"})
+    await victim.sync()
+    retrying = asyncio.create_task(client.post("/api/v1/executions/x1/retry", json={}))
+    [retry] = await answering(victim, 1)
+    assert retry["op"] == "retry" and (await retrying).status_code == 201

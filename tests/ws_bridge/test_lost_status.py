@@ -40,8 +40,8 @@ from tests.conftest import CollectorFactory
 from tests.flowscope.test_bridge_assembly import ROOT, _bridge_port
 from tests.helpers import Gate
 from tests.ws_bridge.conftest import StackFactory, recv_json, recv_until, stack, stack_factory, ws_client, ws_url
+from tests.ws_bridge.control_peer import answering, http, scripted_engine
 from tests.ws_bridge.control_peer import run as peer_run
-from tests.ws_bridge.control_peer import scripted_engine
 from tests.ws_bridge.live_events import live_event
 
 __all__ = ["stack", "stack_factory"]
@@ -341,7 +341,7 @@ async def test_flowscope_bridge_sends_lost_runs_to_the_collector_tier(
             "PYTHONPATH": str(ROOT),
             "NO_COLOR": "1",
             "COLUMNS": "200",
-            "FLOWSCOPE_AUTH_TOKENS": "engine-token=engine-1:engine",
+            "FLOWSCOPE_AUTH_TOKENS": "engine-token=engine-1:engine,operator=op:control:*",
             "FLOWSCOPE_TOKEN": "ingest-token",
             "FLOWSCOPE_CONTROL_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.grpc_port}",
         }
@@ -355,14 +355,20 @@ async def test_flowscope_bridge_sends_lost_runs_to_the_collector_tier(
         )
         try:
             port = await _bridge_port(process)
-            async with scripted_engine(port) as engine:
-                await engine.hello(executions=[peer_run("remote-1", seq=3)])
+            async with scripted_engine(port) as engine, http(port, "operator") as operator:
+                # Started by the stack: a run the stack knows, so lost is declared for it.
+                await engine.hello()
+                starting = asyncio.create_task(operator.post("/api/v1/executions", json={"workflowId": "wf-a"}))
+                await answering(engine, 1)
+                execution_id = (await starting).json()["executionId"]
+                await engine.heartbeat([peer_run(execution_id, seq=3)])
+                await engine.sync()
             # The channel closed: the run is lost, seq one past the engine's last.
             client = collector.client()
 
             async def stored() -> list[Any]:
                 sql = f"SELECT Seq, EventName, ServiceName FROM {collector.database}.workflow_events FINAL"
-                result = await asyncio.to_thread(client.query, sql + " WHERE ExecutionId = 'remote-1'")
+                result = await asyncio.to_thread(client.query, sql + f" WHERE ExecutionId = '{execution_id}'")
                 return list(result.result_rows)
 
             assert await eventually(stored, "the lost event in the collector's store") == [
