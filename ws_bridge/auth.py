@@ -16,6 +16,7 @@ implies every grant; with auth off, everyone is "admin".
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,12 @@ class AuthError(Exception):
 class Principal:
     subject: str
     grants: frozenset[str]
+    # When the credentials stop being valid (a JWT's `exp`, unix seconds); None: never.
+    expires_at: float | None = None
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and time.time() >= self.expires_at
 
     @property
     def unrestricted(self) -> bool:
@@ -174,7 +181,7 @@ class Authenticator:
         rooms = claims.get("rooms", [])
         if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
             raise AuthError("invalid token: 'rooms' claim must be a list of strings")
-        return Principal(str(claims["sub"]), frozenset(rooms))
+        return Principal(str(claims["sub"]), frozenset(rooms), float(claims["exp"]))
 
 
 def require_auth_on_public_bind(host: str, config: AuthConfig) -> None:

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,6 +141,7 @@ class Connection:
     async def run(self, initial: Message | None = None) -> None:
         sender = asyncio.create_task(self._sender())
         heartbeat = asyncio.create_task(self._heartbeat())
+        expiry = asyncio.create_task(self._expire())
         try:
             if initial is not None:
                 await self._handle_or_report(initial)
@@ -148,7 +150,7 @@ class Connection:
             self.closed = True
             for sub in list(self.subscriptions.values()):
                 self._drop_subscription(sub)
-            tasks = (sender, heartbeat, *self._replays.values(), *self._commands)
+            tasks = (sender, heartbeat, expiry, *self._replays.values(), *self._commands)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -216,6 +218,15 @@ class Connection:
             )
         self._lag.clear()
         self._wake.set()
+
+    async def _expire(self) -> None:
+        """The principal was fixed at the handshake: the connection ends with its credentials."""
+        expires_at = self.principal.expires_at
+        if expires_at is None:
+            return
+        await asyncio.sleep(max(0.0, expires_at - time.time()))
+        with contextlib.suppress(Exception):
+            await self.ws.close(4401, "the token has expired")
 
     async def _heartbeat(self) -> None:
         while True:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -109,7 +110,8 @@ class ControlHub:
         self.engines: dict[str, EngineSession] = {}
         self._gone: OrderedDict[str, EngineSession] = OrderedDict()
         self._pending: dict[str, dict[str, Pending]] = {}
-        self._keyed: OrderedDict[str, tuple[str, Message, int]] = OrderedDict()
+        # Keyed commands: their engine, their frame, the frame's input size, the request's digest.
+        self._keyed: OrderedDict[str, tuple[str, Message, int, str]] = OrderedDict()
         self._keyed_bytes = 0
         self._ran: OrderedDict[str, _Ran] = OrderedDict()
         # Runs declared lost: the engine (subject, engineId) that ran them, and the seq.
@@ -329,13 +331,16 @@ class ControlHub:
 
     async def command(self, principal: Principal, request: CommandRequest) -> ControlOutcome:
         """Authorises, routes and sends one command, and waits for the engine's answer."""
+        if principal.expired:
+            return failure(401, "the token has expired: commands need a valid one")
         if not principal.may_control_any:
             return failure(403, f"{principal.subject!r} may not steer runs: the token needs a control grant")
         command_id = _command_id(principal, request.idempotency_key)
+        digest = _digest(request) if request.idempotency_key is not None else ""
         repeated = self._keyed.get(command_id)
         if repeated is not None:
-            engine_id, frame, _ = repeated
-            if frame["op"] != request.op or (request.op != "start" and frame["executionId"] != request.execution_id):
+            engine_id, frame, _, first = repeated
+            if first != digest:
                 return failure(409, "this Idempotency-Key was used for a different command")
             workflow_id = frame.get("workflowId") or await self._owner_of(frame["executionId"]) or ""
             if not principal.may_control(workflow_id):
@@ -351,12 +356,12 @@ class ControlHub:
         if size > MAX_COMMAND_BYTES:
             return failure(413, f"the command would be a {size}-byte frame; engines take at most {MAX_COMMAND_BYTES}")
         if request.idempotency_key is not None:
-            self._keep(command_id, engine_id, frame)
+            self._keep(command_id, engine_id, frame, digest)
         return await self._send(engine_id, frame)
 
-    def _keep(self, command_id: str, engine_id: str, frame: Message) -> None:
+    def _keep(self, command_id: str, engine_id: str, frame: Message, digest: str) -> None:
         size = len(json.dumps(frame.get("input"), default=str)) if frame["op"] == "start" else 0
-        self._keyed[command_id] = (engine_id, frame, size)
+        self._keyed[command_id] = (engine_id, frame, size, digest)
         self._keyed_bytes += size
         while len(self._keyed) > MAX_REMEMBERED or self._keyed_bytes > MAX_KEYED_BYTES:
             self._keyed_bytes -= self._keyed.popitem(last=False)[1][2]
@@ -403,6 +408,9 @@ class ControlHub:
         assert workflow_id is not None
         if not principal.may_control(workflow_id):
             return failure(403, f"{principal.subject!r} may not start workflow {workflow_id!r}")
+        if request.user_id not in (None, principal.subject) and principal.controls != ["*"]:
+            # The user decides who may read the run (user:<id>): only a control:* token may name another.
+            return failure(403, f"{principal.subject!r} may start runs for itself only, not for {request.user_id!r}")
         serving = [s for s in self.engines.values() if s.serves(workflow_id, request.version)]
         if not serving:
             which = f"{workflow_id!r}" + (f" version {request.version!r}" if request.version else "")
@@ -590,6 +598,15 @@ def _new_execution(command: Message) -> str | None:
     if command["op"] in ("retry", "resume") and "newExecutionId" in command:
         return str(command["newExecutionId"])
     return None
+
+
+def _digest(request: CommandRequest) -> str:
+    """What a keyed command asked for, to tell a repeat from another command under the same key."""
+    fields = dataclasses.asdict(request)
+    for own in ("idempotency_key", "after_seq"):  # the key itself; rollback's seq is the stack's
+        fields.pop(own)
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _command_id(principal: Principal, key: str | None) -> str:

@@ -156,7 +156,14 @@ class EngineChannel:
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._sender())
-        deadline = asyncio.get_running_loop().call_later(self.hub.hello_timeout_s, self._no_hello)
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_later(self.hub.hello_timeout_s, self._no_hello)
+        expires_at = self.principal.expires_at
+        expiry = (
+            loop.call_later(max(0.0, expires_at - time.time()), self.close, 4401, "the token has expired")
+            if expires_at is not None
+            else None
+        )
         try:
             while not sender.done():
                 frame = await self._receive()
@@ -168,6 +175,8 @@ class EngineChannel:
                     self._error(exc.code, str(exc))
         finally:
             deadline.cancel()
+            if expiry is not None:
+                expiry.cancel()
             if self.session is not None:
                 self.hub.detach(self.session)
             sender.cancel()

@@ -4,18 +4,27 @@ engines and runs, claims on another engine's runs, expired tokens, reused keys."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import jwt
 import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from websockets.exceptions import ConnectionClosed
 
 from flowscope.contract import EventName
 from flowscope.ws_bridge import control_events
+from flowscope.ws_bridge.app import Bridge, BridgeConfig
+from flowscope.ws_bridge.auth import AuthConfig, Principal
+from flowscope.ws_bridge.control_commands import parse_command
 from flowscope.ws_bridge.control_events import LostEmitter, LostRun
+from tests.ws_bridge.conftest import recv_until, ws_client
 from tests.ws_bridge.control_peer import (
+    TOKENS,
     WF_A,
     ScriptedEngine,
     answering,
@@ -212,3 +221,85 @@ async def _claims_are_refused(bridge: Any, client: Any, victim: ScriptedEngine, 
     retrying = asyncio.create_task(client.post("/api/v1/executions/x1/retry", json={}))
     [retry] = await answering(victim, 1)
     assert retry["op"] == "retry" and (await retrying).status_code == 201
+
+
+_SECRET = "hardening-secret-of-at-least-32-bytes"
+
+
+@contextlib.asynccontextmanager
+async def _jwt_bridge() -> AsyncIterator[tuple[Bridge, int]]:
+    bridge = Bridge(BridgeConfig(port=0, auth=AuthConfig(tokens=TOKENS, jwt_secret=_SECRET)), None)
+    async with bridge.running(), bridge.serve() as port:
+        yield bridge, port
+
+
+def _jwt(subject: str, grants: list[str], exp: float) -> str:
+    return jwt.encode({"sub": subject, "rooms": grants, "exp": int(exp)}, _SECRET, algorithm="HS256")
+
+
+async def test_an_expired_token_steers_no_more_and_its_sockets_close() -> None:
+    exp = time.time() + 2
+    operator, worker = _jwt("op", ["control:*"], exp), _jwt("worker", ["engine"], exp)
+    async with (
+        _jwt_bridge() as (bridge, port),
+        scripted_engine(port, worker) as engine,
+        ws_client(f"ws://127.0.0.1:{port}/ws?token={operator}") as ws,
+    ):
+        await engine.hello("eng", [WF_A], [run("x1")])
+        await ws.send(json.dumps({"op": "pause", "id": 1, "executionId": "x1"}))
+        await answering(engine, 1, executionId="x1", status="paused")
+        [*_, result] = await recv_until(ws, lambda m: m.get("type") == "control.result")
+        assert result["ok"] is True
+        # Past `exp` both channels close with 4401.
+        with pytest.raises(ConnectionClosed) as closed:
+            await recv_until(ws, lambda m: False)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        with pytest.raises(ConnectionClosed) as closed:
+            await engine.expect("never")
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        # A command of an expired principal is refused whatever carries it.
+        expired = Principal("op", frozenset({"control:*"}), time.time() - 1)
+        outcome = await bridge.control.command(expired, parse_command("pause", {"executionId": "x1"}))
+        assert (outcome.status, outcome.code) == (401, "unauthorized")
+
+
+async def test_an_idempotency_key_reused_for_another_body_is_a_409() -> None:
+    async with (
+        control_bridge(control_timeout_s=2.0) as (_, port, _lost),
+        http(port, "operator") as client,
+        scripted_engine(port) as engine,
+    ):
+        await engine.hello("eng", [WF_A])
+        key = {"Idempotency-Key": "k1"}
+        starting = asyncio.create_task(
+            client.post("/api/v1/executions", json={"workflowId": "wf-a", "input": 1}, headers=key)
+        )
+        await answering(engine, 1)
+        first = await starting
+        assert first.status_code == 201
+        again = await client.post("/api/v1/executions", json={"workflowId": "wf-a", "input": 2}, headers=key)
+        assert again.status_code == 409 and again.json()["code"] == "conflict", again.text
+        repeating = asyncio.create_task(
+            client.post("/api/v1/executions", json={"workflowId": "wf-a", "input": 1}, headers=key)
+        )
+        await answering(engine, 1)
+        assert (await repeating).json() == first.json()
+
+
+async def test_only_a_control_star_token_may_start_a_run_for_another_user() -> None:
+    async with control_bridge() as (_, port, _lost), scripted_engine(port) as engine:
+        await engine.hello("eng", [WF_A])
+        async with http(port, "steer-a") as client:
+            response = await client.post("/api/v1/executions", json={"workflowId": "wf-a", "userId": "mallory"})
+            assert response.status_code == 403 and "for itself only" in response.text
+            starting = asyncio.create_task(
+                client.post("/api/v1/executions", json={"workflowId": "wf-a", "userId": "ana"})
+            )
+            [command] = await answering(engine, 1)
+            assert command["userId"] == "ana" and (await starting).status_code == 201
+        async with http(port, "operator") as client:
+            starting = asyncio.create_task(
+                client.post("/api/v1/executions", json={"workflowId": "wf-a", "userId": "bo"})
+            )
+            [command] = await answering(engine, 1)
+            assert command["userId"] == "bo" and (await starting).status_code == 201
