@@ -377,6 +377,9 @@ class ControlHub:
         if workflow_id is None:
             return failure(404, f"no execution {execution_id!r}")
         if not principal.may_control(workflow_id):
+            if not principal.may_see({"workflowId": workflow_id, "executionId": execution_id}, None):
+                # Neither readable nor steerable: the caller learns nothing of it, not even its workflow.
+                return failure(404, f"no execution {execution_id!r}")
             return failure(403, f"{principal.subject!r} may not steer runs of workflow {workflow_id!r}")
         running = self._running_on(execution_id)
         if request.op == "rollback":

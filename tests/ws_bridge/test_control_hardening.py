@@ -26,6 +26,7 @@ from tests.ws_bridge.conftest import recv_until, ws_client
 from tests.ws_bridge.control_peer import (
     TOKENS,
     WF_A,
+    WF_B,
     ScriptedEngine,
     answering,
     control_bridge,
@@ -303,3 +304,15 @@ async def test_only_a_control_star_token_may_start_a_run_for_another_user() -> N
             )
             [command] = await answering(engine, 1)
             assert command["userId"] == "bo" and (await starting).status_code == 201
+
+
+async def test_a_run_the_caller_may_neither_read_nor_steer_is_a_404() -> None:
+    async with control_bridge() as (_, port, _lost), scripted_engine(port) as engine:
+        await engine.hello("eng", [WF_A, WF_B], [run("b1", "wf-b")])
+        async with http(port, "steer-a") as client:
+            response = await client.post("/api/v1/executions/b1/cancel", json={})
+        assert response.status_code == 404 and "wf-b" not in response.text
+        # A caller that may read it learns that it may not steer it.
+        async with http(port, "steer-other") as client:
+            response = await client.post("/api/v1/executions/b1/cancel", json={})
+        assert response.status_code == 403 and "wf-b" in response.text

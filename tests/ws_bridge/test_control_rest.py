@@ -132,13 +132,16 @@ async def test_control_needs_a_control_grant_for_the_workflow() -> None:
             ("watch-a", "/api/v1/executions/a1/cancel", {}),
             ("steer-other", "/api/v1/executions", {"workflowId": "wf-a"}),
             ("steer-other", "/api/v1/executions/a1/retry", {}),
-            ("steer-a", "/api/v1/executions/b1/pause", {}),
             ("steer-a", "/api/v1/executions", {"workflowId": "wf-b"}),
         ]:
             async with http(port, token) as client:
                 response = await client.post(path, json=body)
             assert response.status_code == 403, (token, path, response.text)
             assert response.json()["code"] == "forbidden"
+        # Neither readable nor steerable by it: no such execution, and no workflow named.
+        async with http(port, "steer-a") as client:
+            response = await client.post("/api/v1/executions/b1/pause", json={})
+        assert response.status_code == 404 and "wf-b" not in response.text
         assert engine.taken("command") == []
 
         # control:workflow:wf-a steers wf-a's runs.
