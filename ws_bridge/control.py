@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict
@@ -116,6 +117,8 @@ class ControlHub:
         self._ran: OrderedDict[str, _Ran] = OrderedDict()
         # Runs declared lost: the engine (subject, engineId) that ran them, and the seq.
         self._lost: OrderedDict[str, tuple[tuple[str, str], int]] = OrderedDict()
+        # Per run: the last seq the stack saw of it, and when it noticed that seq.
+        self._progress: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._stored_owners: OrderedDict[str, str] = OrderedDict()
         self._liveness: asyncio.Task[None] | None = None
         self.lost_declared = 0
@@ -185,6 +188,8 @@ class ControlHub:
             return
         del self.engines[session.engine_id]
         session.closed_at = time.monotonic()
+        for execution_id in session.executions:
+            self._moved(execution_id, session.closed_at)
         # Only its runs matter once it is gone (lost, held commands, retries): not its graphs.
         session.workflows = []
         self._gone[session.engine_id] = session
@@ -197,7 +202,9 @@ class ControlHub:
         session.executions = self._claimed(session, executions)
         session.seen()
         key = (session.subject, session.engine_id)
+        now = time.monotonic()
         for execution_id, run in session.executions.items():
+            self._moved(execution_id, now)
             ran = self._ran.get(execution_id)
             started = ran is not None and ran.started
             self._remember(
@@ -285,15 +292,34 @@ class ControlHub:
         now = time.monotonic()
         for session in list(self._gone.values()):
             if session.closed_at is not None and session.executions.keys() - session.declared:
-                self._declare_lost(session, "the engine's control channel closed")
+                # Still since the channel closed, or for lost_after_s if its events went on after.
+                self._declare_lost(session, "the engine's control channel closed", now, session.closed_at)
         for session in list(self.engines.values()):
             silent = now - session.last_seen
             if silent > self.lost_after_s and session.executions.keys() - session.declared:
-                self._declare_lost(session, f"the engine sent no heartbeat for {silent:.0f} s")
+                self._declare_lost(session, f"the engine sent no heartbeat for {silent:.0f} s", now)
 
-    def _declare_lost(self, session: EngineSession, reason: str) -> None:
+    def _moved(self, execution_id: str, now: float) -> float:
+        """When the run's events last moved on (as far as the checks and heartbeats noticed);
+        -inf for a run without events. An engine whose control channel alone was cut goes on
+        exporting: its runs are not lost, and a lost event would take a seq its own next takes."""
+        seq = self.last_seq(execution_id)
+        if seq == 0:
+            return -math.inf
+        seen = self._progress.get(execution_id)
+        if seen is None or seen[0] != seq:
+            self._progress[execution_id] = seen = (seq, now)
+            self._progress.move_to_end(execution_id)
+            while len(self._progress) > MAX_REMEMBERED:
+                self._progress.popitem(last=False)
+        return seen[1]
+
+    def _declare_lost(self, session: EngineSession, reason: str, now: float, still_since: float = -math.inf) -> None:
         for execution_id, run in list(session.executions.items()):
             if execution_id in session.declared:
+                continue
+            moved = self._moved(execution_id, now)
+            if moved > still_since and moved > now - self.lost_after_s:
                 continue
             session.declared.add(execution_id)
             before = self._lost.get(execution_id)

@@ -316,3 +316,20 @@ async def test_a_run_the_caller_may_neither_read_nor_steer_is_a_404() -> None:
         async with http(port, "steer-other") as client:
             response = await client.post("/api/v1/executions/b1/cancel", json={})
         assert response.status_code == 403 and "wf-b" in response.text
+
+
+async def test_a_run_whose_events_go_on_is_not_lost_when_only_the_control_channel_is_cut() -> None:
+    async with control_bridge(lost_after_s=0.5) as (bridge, port, lost):
+        bridge.hub.publish([live_event(EventName.WORKFLOW_STARTED, 1, execution="x1", workflow="wf-a")])
+        async with scripted_engine(port) as engine:
+            await engine.hello("eng", [WF_A], [run("x1", seq=1)])
+        await until(lambda: "eng" in bridge.control._gone)
+        # The engine goes on exporting: its events keep arriving for longer than lost_after_s.
+        for seq in range(2, 22):
+            bridge.hub.publish([live_event(EventName.NODE_STARTED, seq, execution="x1", workflow="wf-a")])
+            await asyncio.sleep(0.1)
+            bridge.control.check_liveness()
+            assert lost == [], seq
+        # They stop: lost_after_s later the run is lost, after the last seq seen.
+        await until(lambda: len(lost) == 1)
+        assert lost[0].seq == 22
