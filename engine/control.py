@@ -141,6 +141,7 @@ class Commands:
         previous = await self._previous(execution_id, "resume")
         if previous.result is Result.SUCCESS:
             raise CommandError("conflict", f"execution {execution_id} succeeded; there is nothing to resume")
+        _same_workflow(frame, previous)
         self._unused(new_id)
         user_id = frame.get("userId")
         self._engine.resume(previous, execution_id=new_id, user_id=str(user_id) if user_id else None)
@@ -148,8 +149,13 @@ class Commands:
 
     async def _previous(self, execution_id: str, op: str) -> ExecutionResult:
         """The ended run a retry or resume continues, from the engine's memory or its checkpoints."""
+        from flowscope.engine.rollback import rolling_back  # it imports CommandError from here
+
         if self._engine.get(execution_id) is not None:
             raise CommandError("conflict", f"execution {execution_id} is still running; stop it first")
+        if rolling_back(self._engine, execution_id):
+            # Its compensations still run: what a retry or resume would reuse may be undone under it.
+            raise CommandError("conflict", f"execution {execution_id} is being rolled back; {op} it once that ended")
         try:
             found = self._engine.retry_source.previous(execution_id)
             previous = await found if inspect.isawaitable(found) else found
@@ -192,6 +198,19 @@ class Commands:
     def _unused(self, execution_id: str) -> None:
         if self._engine.get(execution_id) is not None or self._engine.finished.previous(execution_id) is not None:
             raise CommandError("conflict", f"execution {execution_id} already exists on this engine")
+
+
+def _same_workflow(frame: dict[str, Any], previous: ExecutionResult) -> None:
+    """The stack names the workflow (and version) it will file the new run under: one that is not
+    the run's would run one workflow's checkpoints under another's name."""
+    workflow_id, version = frame.get("workflowId"), frame.get("version")
+    workflow = previous.workflow
+    if workflow_id not in (None, workflow.id) or version not in (None, "", workflow.version):
+        raise CommandError(
+            "conflict",
+            f"execution {previous.execution_id} is a run of workflow {workflow.id} version {workflow.version}, "
+            f"not of {workflow_id} version {version}",
+        )
 
 
 def _result(

@@ -7,7 +7,10 @@ It is no new execution: its events are the run's own, numbered on after the run'
 `workflow.rolled_back` at the end — so the run's history, live stream and seq stay one gapless
 sequence. Its spans are a trace of their own: a `rollback_workflow` span linked to the run's span,
 with one `compensate <node>` child per compensation. What was undone loses its checkpoint, so a
-resume runs it again; `resume=True` starts that resume at once.
+resume runs it again; `resume=True` starts that resume at once. A node's checkpoint goes BEFORE
+its compensation runs: an engine killed mid-rollback leaves no node that may have been undone
+reusable (a compensation that fails puts it back: what it did stands). While a run is being
+rolled back, nothing else continues it: retry, resume and a second rollback are refused.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ __all__ = [
 ]
 
 TRIGGER_ROLLBACK = "rollback"
+
+# The protocol's largest seq (ws_bridge MAX_SEQ); a rollback numbering on after a larger afterSeq
+# could overflow the store's UInt64 Seq or leave gaps nobody can replay: refused.
+MAX_AFTER_SEQ = 2**62 - 2**20
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +166,13 @@ async def settle_rollbacks(engine: Engine) -> None:
 
 # What becomes of the checkpoints of undone nodes: the store's `invalidate` (None: no store).
 Invalidate = Callable[[str, list[str]], Any]
+# Puts a node's checkpoint back (execution id, node id, output) when its compensation failed.
+Restore = Callable[[str, str, Any], Any]
+
+
+def rolling_back(engine: Engine, execution_id: str) -> bool:
+    """Whether `engine` is rolling `execution_id` back now: nothing else may continue it."""
+    return execution_id in _state(engine).active
 
 
 def check(engine: Engine, previous: ExecutionResult, to_node: str, force: bool) -> RollbackPlan:
@@ -188,6 +202,7 @@ async def rollback(
     rollback_id: str | None = None,
     invalidate: Invalidate | None = None,
     resume_as: str | None = None,
+    restore: Restore | None = None,
 ) -> RollbackOutcome:
     """Roll `previous` (an ended run) back to `to_node`: see the module docstring and `check`
     for what refuses it. `after_seq`: the last seq of the run known elsewhere (the stack's);
@@ -195,7 +210,7 @@ async def rollback(
     `resume_as`: the id of the run that continues from `to_node` once every compensation ran."""
     plan = check(engine, previous, to_node, force)
     _state(engine).active.add(previous.execution_id)
-    return await _carry_out(engine, previous, plan, force, after_seq, rollback_id, invalidate, resume_as)
+    return await _carry_out(engine, previous, plan, force, after_seq, rollback_id, (invalidate, restore), resume_as)
 
 
 async def _carry_out(
@@ -205,14 +220,14 @@ async def _carry_out(
     force: bool,
     after_seq: int,
     rollback_id: str | None,
-    invalidate: Invalidate | None,
+    store: tuple[Invalidate | None, Restore | None],
     resume_as: str | None,
 ) -> RollbackOutcome:
     """The rollback of a run `check`ed and marked active by the caller."""
     state, to_node = _state(engine), plan.to_node
     try:
         seq = max(previous.events_emitted, after_seq, state.last_seq.get(previous.execution_id, 0))
-        run = _Rollback(engine, previous, plan, rollback_id or uuid.uuid4().hex, force, seq, invalidate)
+        run = _Rollback(engine, previous, plan, rollback_id or uuid.uuid4().hex, force, seq, *store)
         outcome = await run.run()
         state.last_seq[previous.execution_id] = outcome.last_seq
         for node_id in outcome.undone:
@@ -241,8 +256,8 @@ def rollback_command(engine: Engine, frame: dict[str, Any], previous: ExecutionR
         raise CommandError("bad_request", "force and resume must be true or false")
     if resume and (not isinstance(new_id, str) or not new_id):
         raise CommandError("bad_request", "a rollback with resume needs a newExecutionId")
-    if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < 0:
-        raise CommandError("bad_request", "afterSeq must be a non-negative integer")
+    if not isinstance(after_seq, int) or isinstance(after_seq, bool) or not 0 <= after_seq <= MAX_AFTER_SEQ:
+        raise CommandError("bad_request", f"afterSeq must be an integer from 0 to {MAX_AFTER_SEQ}")
     try:
         plan = check(engine, previous, to_node, force)
     except NotARollbackPoint as exc:
@@ -251,12 +266,13 @@ def rollback_command(engine: Engine, frame: dict[str, Any], previous: ExecutionR
         raise CommandError("conflict", str(exc)) from exc
     store = engine.checkpoints
     invalidate = store.invalidate if store is not None else None
+    restore = _restorer(engine, previous)
     rollback_id = uuid.uuid4().hex
     state = _state(engine)
     state.active.add(previous.execution_id)
     resume_as = new_id if resume and isinstance(new_id, str) else None
     task = asyncio.ensure_future(
-        _carry_out(engine, previous, plan, force, after_seq, rollback_id, invalidate, resume_as)
+        _carry_out(engine, previous, plan, force, after_seq, rollback_id, (invalidate, restore), resume_as)
     )
     state.tasks.add(task)
     task.add_done_callback(_finished)
@@ -265,6 +281,19 @@ def rollback_command(engine: Engine, frame: dict[str, Any], previous: ExecutionR
     if resume_as is not None:
         answer["resumeExecutionId"] = resume_as
     return answer
+
+
+def _restorer(engine: Engine, previous: ExecutionResult) -> Restore | None:
+    store, workflow = engine.checkpoints, previous.workflow
+    if store is None:
+        return None
+
+    async def put_back(execution_id: str, node_id: str, output: Any) -> None:
+        attempt = previous.attempts.get(node_id, 1)
+        await store.put(execution_id, node_id, output, workflow_id=workflow.id,
+                        workflow_version=workflow.version, attempt=attempt)  # fmt: skip
+
+    return put_back
 
 
 def _finished(task: asyncio.Task[RollbackOutcome]) -> None:
@@ -318,9 +347,11 @@ class _Rollback:
         force: bool,
         seq: int,
         invalidate: Invalidate | None = None,
+        restore: Restore | None = None,
     ) -> None:
         self._engine = engine
         self._invalidate = invalidate
+        self._restore = restore
         self._tel = engine.telemetry
         self._previous = previous
         self._workflow = previous.workflow
@@ -342,24 +373,23 @@ class _Rollback:
         compensated: list[str] = []
         undone: list[str] = []
         failed: tuple[str, str] | None = None
+        trouble: str | None = None
         for step in self._plan.steps:
+            # Forgotten first: a crash during the compensation must not leave it reusable.
+            trouble = await self._forget(step.node_id)
+            if trouble is not None:
+                break
+            undone.append(step.node_id)
             if step.action is Action.COMPENSATE:
                 error = await self._compensate(self._workflow.node(step.node_id))
                 if error is not None:
+                    undone.pop()
                     failed = (step.node_id, error)
+                    await self._put_back(step.node_id)
                     break
                 compensated.append(step.node_id)
-            undone.append(step.node_id)
-        trouble = None if failed is None else f"compensation of {failed[0]!r} failed: {failed[1]}"
-        if undone and self._invalidate is not None:
-            # Before the rollback says it is done: a resume it announces must find them gone.
-            try:
-                done = self._invalidate(self._previous.execution_id, list(undone))
-                if inspect.isawaitable(done):
-                    await done
-            except Exception as exc:
-                logger.exception("the checkpoints of %s could not be invalidated", undone)
-                trouble = trouble or f"the checkpoints of {', '.join(undone)} could not be invalidated: {exc}"
+        if failed is not None:
+            trouble = f"compensation of {failed[0]!r} failed: {failed[1]}"
         result = Result.SUCCESS if trouble is None else Result.FAILURE
         outcome = RollbackOutcome(
             rollback_id=self._id,
@@ -381,6 +411,30 @@ class _Rollback:
             self._span.set_status(Status(StatusCode.ERROR, trouble[:512]))
         self._span.end()
         return outcome
+
+    async def _forget(self, node_id: str) -> str | None:
+        """Drops the node's checkpoint; why it could not be dropped, else None."""
+        if self._invalidate is None:
+            return None
+        try:
+            done = self._invalidate(self._previous.execution_id, [node_id])
+            if inspect.isawaitable(done):
+                await done
+        except Exception as exc:
+            logger.exception("the checkpoint of %s could not be invalidated", node_id)
+            return f"the checkpoints of {node_id} could not be invalidated: {exc}"
+        return None
+
+    async def _put_back(self, node_id: str) -> None:
+        """Its compensation failed, so what the node did stands: its checkpoint is reusable again."""
+        if self._restore is None or node_id not in self._previous.outputs:
+            return
+        try:
+            done = self._restore(self._previous.execution_id, node_id, self._previous.outputs[node_id])
+            if inspect.isawaitable(done):
+                await done
+        except Exception:
+            logger.exception("the checkpoint of %s could not be put back: a resume runs it again", node_id)
 
     def _start_span(self) -> None:
         wf, previous = self._workflow, self._previous

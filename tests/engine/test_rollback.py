@@ -226,7 +226,8 @@ async def test_a_failed_compensation_stops_the_rollback(engine: Engine, captured
         kinds = [(k, n) for _, k, n in rollback_events(captured, result.execution_id, last)]
         assert kinds[-2:] == [("node.compensation_failed", "c"), ("workflow.rolled_back", "")]
         assert captured.span("compensate c").status.status_code is StatusCode.ERROR
-        assert sorted((await store.load(result.execution_id)).nodes) == ["a", "b", "c"]
+        # c was forgotten before its compensation; nothing puts it back here (no restore given).
+        assert sorted((await store.load(result.execution_id)).nodes) == ["a", "b"]
     finally:
         store.close()
 
@@ -239,7 +240,8 @@ async def test_a_store_that_cannot_forget_fails_the_rollback_and_its_resume_wait
     store.close()  # a closed store refuses every call: the checkpoints of what was undone stay
 
     outcome = await rollback(engine, result, "c", invalidate=store.invalidate, resume_as="never")
-    assert [n for n, _ in undone] == ["d"] and outcome.resumed_as is None
+    # What cannot be made non-reusable first is not compensated: a resume would reuse it undone.
+    assert undone == [] and outcome.resumed_as is None
     assert outcome.result.value == "failure" and "could not be invalidated" in (outcome.error or "")
     end = captured.event_data(captured.events(result.execution_id)[-1])
     assert end["result"] == "failure" and "could not be invalidated" in end["error"]
@@ -351,3 +353,135 @@ async def test_closing_the_engine_waits_for_a_rollback_in_the_background(capture
     assert answer["ok"] is True and undone == []
     await engine.aclose()
     assert [n for n, _ in undone] == ["c", "b"]
+
+
+def gated(release: asyncio.Event, entered: asyncio.Event, done: list[str]) -> Workflow:
+    """a → b → c, b and c compensable; c's compensation waits for `release`."""
+
+    async def undo_c(ctx: CompensationContext) -> None:
+        entered.set()
+        await release.wait()
+        done.append("c")
+
+    def undo_b(ctx: CompensationContext) -> None:
+        done.append("b")
+
+    def broken(ctx: Any) -> str:
+        raise RuntimeError("ship failed")
+
+    return (
+        WorkflowBuilder("gated", version="3")
+        .code("a", fn=lambda ctx: "A")
+        .code("b", fn=lambda ctx: "B", depends_on=["a"], side_effect="external", compensate=undo_b)
+        .code("c", fn=lambda ctx: "C", depends_on=["b"], side_effect="external", compensate=undo_c)
+        .code("d", fn=broken, depends_on=["c"])
+        .build()
+    )
+
+
+async def test_nothing_continues_a_run_while_it_is_rolled_back(captured: Captured) -> None:
+    finished = FinishedRuns()
+    engine = Engine(captured.telemetry, retry_source=finished)
+    release, entered, done = asyncio.Event(), asyncio.Event(), []
+    try:
+        result = await engine.run(gated(release, entered, done), None)
+        assert result.result.value == "failure"
+        finished.add(result)
+        commands, run = Commands(engine), result.execution_id
+        started = await commands.handle({"commandId": "1", "op": "rollback", "executionId": run, "toNode": "a"})
+        assert started["ok"] is True
+        await asyncio.wait_for(entered.wait(), 30)
+        for command_id, frame in (
+            ("2", {"op": "resume", "newExecutionId": "r1"}),
+            ("3", {"op": "retry", "newExecutionId": "r2"}),
+            ("4", {"op": "rollback", "toNode": "a"}),
+        ):
+            answer = await commands.handle({**frame, "commandId": command_id, "executionId": run})
+            assert answer["ok"] is False and answer["code"] == "conflict", answer
+            assert "being rolled back" in answer["error"]
+        assert engine.get("r1") is None and engine.get("r2") is None
+        release.set()
+        await settle(engine)
+        assert done == ["c", "b"]
+        again = await commands.handle({"commandId": "5", "op": "retry", "executionId": run, "newExecutionId": "r3"})
+        assert again["ok"] is True
+    finally:
+        release.set()
+        await engine.aclose()
+
+
+async def settle(engine: Engine) -> None:
+    from flowscope.engine.rollback import settle_rollbacks
+
+    await settle_rollbacks(engine)
+
+
+async def test_a_node_loses_its_checkpoint_before_its_compensation_runs(captured: Captured, tmp_path: Path) -> None:
+    engine = Engine(captured.telemetry)
+    release, entered, done = asyncio.Event(), asyncio.Event(), []
+    workflow = gated(release, entered, done)
+    result, store = await checkpointed(engine, workflow, tmp_path)
+    try:
+        running = asyncio.ensure_future(rollback(engine, result, "a", invalidate=store.invalidate))
+        await asyncio.wait_for(entered.wait(), 30)
+        # An engine killed now leaves c — being compensated — non-reusable: a resume runs it again.
+        assert sorted((await store.load(result.execution_id)).outputs) == ["a", "b"]
+        release.set()
+        outcome = await running
+        assert outcome.undone == ("c", "b") and sorted((await store.load(result.execution_id)).outputs) == ["a"]
+    finally:
+        release.set()
+        store.close()
+        await engine.aclose()
+
+
+async def test_a_failed_compensation_puts_its_checkpoint_back(captured: Captured, tmp_path: Path) -> None:
+    engine = Engine(captured.telemetry)
+    undone: list[tuple[str, Any]] = []
+    result, store = await checkpointed(engine, diamond(undone, fail="c"), tmp_path)
+
+    async def restore(execution_id: str, node_id: str, output: Any) -> None:
+        await store.put(execution_id, node_id, output, workflow_id="diamond", workflow_version="2", attempt=1)
+
+    try:
+        outcome = await rollback(engine, result, "a", invalidate=store.invalidate, restore=restore)
+        assert outcome.failed_node == "c" and outcome.undone == ("e", "d")
+        assert dict((await store.load(result.execution_id)).outputs)["c"] == {"c": 1}
+    finally:
+        store.close()
+        await engine.aclose()
+
+
+async def test_an_after_seq_past_the_protocols_range_is_refused(captured: Captured) -> None:
+    finished = FinishedRuns()
+    engine = Engine(captured.telemetry, retry_source=finished)
+    undone: list[tuple[str, Any]] = []
+    try:
+        result = await engine.run(diamond(undone), None)
+        finished.add(result)
+        frame = {"op": "rollback", "executionId": result.execution_id, "toNode": "a"}
+        for command_id, after in (("1", 2**63 - 1), ("2", 2**62)):
+            answer = await Commands(engine).handle({**frame, "commandId": command_id, "afterSeq": after})
+            assert answer["ok"] is False and answer["code"] == "bad_request" and "afterSeq" in answer["error"]
+        assert undone == []
+    finally:
+        await engine.aclose()
+
+
+async def test_a_resume_naming_another_workflow_is_refused(captured: Captured) -> None:
+    finished = FinishedRuns()
+    engine = Engine(captured.telemetry, retry_source=finished)
+    release, entered, done = asyncio.Event(), asyncio.Event(), []
+    try:
+        result = await engine.run(gated(release, entered, done), None)
+        finished.add(result)
+        frame = {"op": "resume", "executionId": result.execution_id, "newExecutionId": "n1"}
+        for command_id, named in (("1", {"workflowId": "other"}), ("2", {"workflowId": "gated", "version": "9"})):
+            answer = await Commands(engine).handle({**frame, **named, "commandId": command_id})
+            assert answer["ok"] is False and answer["code"] == "conflict" and "not of" in answer["error"]
+        assert engine.get("n1") is None
+        fine = await Commands(engine).handle({**frame, "workflowId": "gated", "version": "3", "commandId": "3"})
+        assert fine["ok"] is True
+    finally:
+        release.set()
+        await engine.aclose()
