@@ -382,7 +382,7 @@ def gated(release: asyncio.Event, entered: asyncio.Event, done: list[str]) -> Wo
 async def test_nothing_continues_a_run_while_it_is_rolled_back(captured: Captured) -> None:
     finished = FinishedRuns()
     engine = Engine(captured.telemetry, retry_source=finished)
-    release, entered, done = asyncio.Event(), asyncio.Event(), []
+    release, entered, done = asyncio.Event(), asyncio.Event(), list[str]()
     try:
         result = await engine.run(gated(release, entered, done), None)
         assert result.result.value == "failure"
@@ -418,7 +418,7 @@ async def settle(engine: Engine) -> None:
 
 async def test_a_node_loses_its_checkpoint_before_its_compensation_runs(captured: Captured, tmp_path: Path) -> None:
     engine = Engine(captured.telemetry)
-    release, entered, done = asyncio.Event(), asyncio.Event(), []
+    release, entered, done = asyncio.Event(), asyncio.Event(), list[str]()
     workflow = gated(release, entered, done)
     result, store = await checkpointed(engine, workflow, tmp_path)
     try:
@@ -471,7 +471,7 @@ async def test_an_after_seq_past_the_protocols_range_is_refused(captured: Captur
 async def test_a_resume_naming_another_workflow_is_refused(captured: Captured) -> None:
     finished = FinishedRuns()
     engine = Engine(captured.telemetry, retry_source=finished)
-    release, entered, done = asyncio.Event(), asyncio.Event(), []
+    release, entered, done = asyncio.Event(), asyncio.Event(), list[str]()
     try:
         result = await engine.run(gated(release, entered, done), None)
         finished.add(result)
