@@ -110,6 +110,8 @@ class ControlHub:
         self.hello_timeout_s = HELLO_TIMEOUT_S
         self.engines: dict[str, EngineSession] = {}
         self._gone: OrderedDict[str, EngineSession] = OrderedDict()
+        # The token subject whose engine first went by an engine id.
+        self._first_subject: OrderedDict[str, str] = OrderedDict()
         self._pending: dict[str, dict[str, Pending]] = {}
         # Keyed commands: their engine, their frame, the frame's input size, the request's digest.
         self._keyed: OrderedDict[str, tuple[str, Message, int, str]] = OrderedDict()
@@ -153,7 +155,7 @@ class ControlHub:
         """Registers an engine after its hello; the refusal when another subject's engine holds
         that engineId, or the subject has its fill of engines. A reconnect of the same engine
         replaces its old session."""
-        engine_id = session.engine_id
+        session.engine_id = engine_id = self._key_for(session.subject, session.announced_id)
         old = self.engines.get(engine_id)
         if old is not None and old.subject != session.subject:
             return "conflict", f"engine id {engine_id!r} is connected for another token subject", CLOSE_CONFLICT
@@ -172,7 +174,7 @@ class ControlHub:
         session.send(
             {
                 "type": "welcome",
-                "engineId": engine_id,
+                "engineId": session.announced_id,
                 "heartbeatIntervalS": self.heartbeat_interval_s,
                 "lostAfterS": self.lost_after_s,
             }
@@ -182,6 +184,20 @@ class ControlHub:
             session.send(pending.frame, pending)
         logger.info("engine %s (%s) connected for %s", engine_id, session.name, session.subject)
         return None
+
+    def _key_for(self, subject: str, engine_id: str) -> str:
+        """The stack's name for an engine: its own id, unless another token subject's engine
+        went by that id first — then the id scoped by the subject, so no subject can take
+        another's engine id (and its held commands and runs) by saying hello with it first."""
+        holder = self.engines.get(engine_id) or self._gone.get(engine_id)
+        first = holder.subject if holder is not None else self._first_subject.get(engine_id)
+        if first is not None and first != subject:
+            return f"{engine_id}@{subject}"
+        self._first_subject[engine_id] = subject
+        self._first_subject.move_to_end(engine_id)
+        while len(self._first_subject) > MAX_REMEMBERED:
+            self._first_subject.popitem(last=False)
+        return engine_id
 
     def detach(self, session: EngineSession) -> None:
         if self.engines.get(session.engine_id) is not session:

@@ -104,6 +104,11 @@ class EngineSession:
     # Executions declared lost since the engine last listed them.
     declared: set[str] = field(default_factory=set)
     replaced: str = ""
+    # The id the engine said hello with; engine_id is the stack's name for it (ControlHub.attach).
+    announced_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.announced_id = self.announced_id or self.engine_id
 
     def send(self, frame: Message, pending: Pending | None = None) -> None:
         self.outbox.put_nowait((frame, pending))

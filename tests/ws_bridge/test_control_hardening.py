@@ -333,3 +333,21 @@ async def test_a_run_whose_events_go_on_is_not_lost_when_only_the_control_channe
         # They stop: lost_after_s later the run is lost, after the last seq seen.
         await until(lambda: len(lost) == 1)
         assert lost[0].seq == 22
+
+
+async def test_another_subject_saying_hello_with_an_absent_engines_id_does_not_lock_it_out() -> None:
+    async with control_bridge(control_timeout_s=10.0) as (bridge, port, _lost), http(port, "operator") as client:
+        async with scripted_engine(port) as engine:
+            await engine.hello("eng", [WF_A], [run("x1")])
+        await until(lambda: "eng" in bridge.control._gone)
+        pausing = asyncio.create_task(client.post("/api/v1/executions/x1/pause", json={}))
+        await until(lambda: bool(bridge.control._pending.get("eng")))
+        async with scripted_engine(port, "engine-token-2") as squatter:
+            await squatter.hello("eng", [WF_A], [])
+            # The real engine comes back under its id and gets the command held for it.
+            async with scripted_engine(port) as back:
+                welcome = await back.hello("eng", [WF_A], [run("x1")])
+                assert welcome["engineId"] == "eng"
+                await answering(back, 1, executionId="x1", status="paused")
+                assert (await pausing).status_code == 200
+            assert [f for f in await squatter.sync() if f["type"] == "command"] == []
