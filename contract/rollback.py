@@ -20,6 +20,11 @@ from typing import Any, Final
 
 SIDE_EFFECTS: Final = ("none", "reversible", "external")
 
+# The largest seq a rollback numbers on after (`afterSeq`): the protocol's seqs stop at 2**62, and
+# a rollback adds a few events per node, so a larger one — only a forged event can reach it — is
+# not where a run's events end.
+MAX_AFTER_SEQ: Final = 2**62 - 2**20
+
 
 class Action(StrEnum):
     COMPENSATE = "compensate"

@@ -30,7 +30,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from flowscope.contract import attributes as t
-from flowscope.contract.rollback import Action, NodeSpec, NotARollbackPoint, RollbackPlan, plan_rollback
+from flowscope.contract.rollback import MAX_AFTER_SEQ, Action, NodeSpec, NotARollbackPoint, RollbackPlan, plan_rollback
 from flowscope.contract.states import Result
 from flowscope.engine.attempts import describe
 from flowscope.engine.dag import Node, Workflow, resolve_compensation
@@ -51,10 +51,6 @@ __all__ = [
 ]
 
 TRIGGER_ROLLBACK = "rollback"
-
-# The protocol's largest seq (ws_bridge MAX_SEQ); a rollback numbering on after a larger afterSeq
-# could overflow the store's UInt64 Seq or leave gaps nobody can replay: refused.
-MAX_AFTER_SEQ = 2**62 - 2**20
 
 logger = logging.getLogger(__name__)
 

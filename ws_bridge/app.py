@@ -130,6 +130,7 @@ class Bridge:
         if signal is Signal.LOGS:
             events = events_from_logs(request)
             if events:
+                self.control.rollbacks.observe(events)
                 self.hub.publish(events)
         else:
             facts = facts_from_spans(request)

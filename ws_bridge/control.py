@@ -42,7 +42,7 @@ from flowscope.ws_bridge.control_engine import (
 )
 from flowscope.ws_bridge.control_events import EmitLost, LostRun
 from flowscope.ws_bridge.control_resume import NOT_RESUMABLE, CheckpointReader, CheckpointsUnavailable, StoredRun
-from flowscope.ws_bridge.control_rollback import route_rollback
+from flowscope.ws_bridge.control_rollback import RollbacksInFlight, route_rollback
 from flowscope.ws_bridge.types import Message
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class ControlHub:
         self._stored_owners: OrderedDict[str, str] = OrderedDict()
         self._liveness: asyncio.Task[None] | None = None
         self.lost_declared = 0
+        self.rollbacks = RollbacksInFlight()  # one rollback per run, across engines
 
     # -- life --------------------------------------------------------------------------------
 
@@ -285,6 +286,7 @@ class ControlHub:
             else:
                 self._applied(session, pending.frame, frame)
         if pending is not None:
+            self.rollbacks.answered(pending.frame, frame)
             pending.answer(frame)
 
     def _applied(self, session: EngineSession, command: Message, result: Message) -> None:
@@ -424,6 +426,9 @@ class ControlHub:
                 return failure(404, f"no execution {execution_id!r}")
             return failure(403, f"{principal.subject!r} may not steer runs of workflow {workflow_id!r}")
         running = self._running_on(execution_id)
+        busy = self.rollbacks.refusal(self, execution_id, request.op) if request.op in ("retry", "resume") else None
+        if busy is not None and running is None:
+            return busy
         if request.op == "rollback":
             return route_rollback(self, request, workflow_id, running)
         if request.op == "retry":

@@ -13,6 +13,12 @@ at once — 409 naming the external nodes without compensation unless `force` �
 compensations out after: 202, then the run's own events (`node.compensating`, …,
 `workflow.rolled_back`) say how it went. Its events number on after the run's last seq, which
 the stack passes along (`afterSeq`): the engine that rolls back may not be the one that ran it.
+A seq past the protocol's range (MAX_AFTER_SEQ) is no run's own — only a forged event reaches
+it — and is ignored.
+
+One rollback per run at a time, across engines (`RollbacksInFlight`): from the moment one is
+routed until its `workflow.rolled_back` is seen (or its engine is gone, or MAX_ROLLBACK_S), a
+resume, retry or another rollback of the run is a 409 — what they would reuse is being undone.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from clickhouse_connect.driver.exceptions import OperationalError
@@ -30,14 +39,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from flowscope.collector.store import StoreError
-from flowscope.contract import NodeState
-from flowscope.contract.rollback import NodeSpec, rollback_points
+from flowscope.contract import COMPENSATION_STATES, EventName, NodeState
+from flowscope.contract.rollback import MAX_AFTER_SEQ, NodeSpec, rollback_points
 from flowscope.ws_bridge.api import BadRequest, UnsupportedMediaType, _require_json
 from flowscope.ws_bridge.auth import Authenticator, AuthError, Principal
 from flowscope.ws_bridge.control_commands import BadCommand, CommandRequest, ControlOutcome, failure, parse_command
 from flowscope.ws_bridge.control_engine import EngineSession
 from flowscope.ws_bridge.history import History, HistoryUnavailable
-from flowscope.ws_bridge.types import Message
+from flowscope.ws_bridge.types import LiveEvent, Message
 
 if TYPE_CHECKING:
     from flowscope.ws_bridge.control import ControlHub
@@ -46,6 +55,75 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 _UNAVAILABLE = (HistoryUnavailable, OperationalError, StoreError)
+
+# How long a rollback the stack never saw end keeps its run from being continued: compensations
+# are calls to other systems, each bounded by its own timeouts, and a run held longer is freed.
+MAX_ROLLBACK_S = 600.0
+MAX_IN_FLIGHT = 10_000
+# Node states after which a node no longer counts as completed: compensated, or forgotten by its
+# engine before a compensation that never said how it went.
+_UNDONE = {COMPENSATION_STATES[EventName.NODE_COMPENSATED], COMPENSATION_STATES[EventName.NODE_COMPENSATING]}
+
+
+@dataclass
+class _InFlight:
+    engine_id: str
+    since: float
+    rollback_id: str | None = None  # None until its engine answered
+
+
+class RollbacksInFlight:
+    """The runs being rolled back, each on one engine: the stack's side of "one rollback per run"."""
+
+    def __init__(self, max_age_s: float = MAX_ROLLBACK_S) -> None:
+        self.max_age_s = max_age_s
+        self._runs: OrderedDict[str, _InFlight] = OrderedDict()
+
+    def __contains__(self, execution_id: object) -> bool:
+        return execution_id in self._runs
+
+    def begin(self, execution_id: str, engine_id: str) -> None:
+        self._runs[execution_id] = _InFlight(engine_id, time.monotonic())
+        while len(self._runs) > MAX_IN_FLIGHT:
+            self._runs.popitem(last=False)
+
+    def answered(self, command: Message, result: Message) -> None:
+        """An engine's answer to a command: a rollback it took is in flight, one it refused is not."""
+        entry = self._runs.get(command.get("executionId") or "")
+        if command.get("op") != "rollback" or entry is None or entry.rollback_id is not None:
+            return
+        rollback_id = result.get("rollbackId")
+        if result.get("ok") is True and isinstance(rollback_id, str):
+            entry.rollback_id = rollback_id
+        else:
+            del self._runs[command["executionId"]]
+
+    def observe(self, events: Iterable[LiveEvent]) -> None:
+        """The live feed: a run's `workflow.rolled_back` ends its rollback."""
+        for event in events:
+            if event["type"] != EventName.WORKFLOW_ROLLED_BACK:
+                continue
+            entry = self._runs.get(event["executionId"])
+            data = event.get("data")
+            said = data.get("rollbackId") if isinstance(data, dict) else None
+            if entry is not None and entry.rollback_id in (None, said):
+                del self._runs[event["executionId"]]
+
+    def refusal(self, hub: ControlHub, execution_id: str, op: str) -> ControlOutcome | None:
+        """409 while the run is being rolled back; None once it is not (or cannot be any more)."""
+        entry = self._runs.get(execution_id)
+        if entry is None:
+            return None
+        session = hub.engines.get(entry.engine_id)
+        gone = hub._gone.get(entry.engine_id)  # its compensations may still run while it may return
+        alive = session is not None or (gone is not None and hub._may_return(gone))
+        if not alive or time.monotonic() - entry.since > self.max_age_s:
+            del self._runs[execution_id]
+            return None
+        return failure(
+            409,
+            f"execution {execution_id!r} is being rolled back: {op} it once its workflow.rolled_back is in",
+        )
 
 
 def rollback_routes(control: ControlHub, history: History | None, auth: Authenticator) -> list[Route]:
@@ -163,13 +241,11 @@ def points_of(control: ControlHub, execution: dict[str, Any]) -> ControlOutcome:
         which = f"{workflow_id!r}" + (f" version {version!r}" if version else "")
         return failure(409, f"no connected engine serves workflow {which}: its nodes' side effects are unknown")
     folded = {n["nodeId"]: n for n in execution.get("nodes", [])}
-    completed = {
-        node_id for node_id, n in folded.items() if n.get("state") == NodeState.SUCCESS and not n.get("undone")
-    }
+    completed = {node_id for node_id, n in folded.items() if n.get("state") == NodeState.SUCCESS and not _undone(n)}
     specs = [NodeSpec(n["id"], tuple(n["dependsOn"]), n["sideEffect"], n["compensable"]) for n in graph]
     nodes = [
         {"nodeId": s.id, "sideEffect": s.side_effect, "compensable": s.compensable, "completed": s.id in completed,
-         "undone": bool(folded.get(s.id, {}).get("undone"))}
+         "undone": _undone(folded.get(s.id, {}))}
         for s in specs
     ]  # fmt: skip
     body = {
@@ -182,6 +258,14 @@ def points_of(control: ControlHub, execution: dict[str, Any]) -> ControlOutcome:
     return ControlOutcome(200, body)
 
 
+def _undone(node: dict[str, Any]) -> bool:
+    """A rollback passed it, or its own compensation did (or began: an engine killed then forgot
+    its checkpoint first, so it is no completed node any more)."""
+    compensation = node.get("compensation")
+    state = compensation.get("state") if isinstance(compensation, dict) else None
+    return bool(node.get("undone")) or state in _UNDONE
+
+
 def route_rollback(
     hub: ControlHub, request: CommandRequest, workflow_id: str, running: EngineSession | None
 ) -> ControlOutcome | tuple[str, Message]:
@@ -190,6 +274,9 @@ def route_rollback(
     assert execution_id is not None and request.to_node is not None
     if running is not None:
         return failure(409, f"execution {execution_id!r} is still running: stop it before rolling it back")
+    busy = hub.rollbacks.refusal(hub, execution_id, "roll back")
+    if busy is not None:
+        return busy
     ran = hub._ran.get(execution_id)  # the hub's routing, kept apart from ControlHub._route
     version = ran.version if ran is not None else ""
     engine = hub.engines.get(ran.engine_id) if ran is not None else None
@@ -202,11 +289,19 @@ def route_rollback(
     if not engine.has_node(workflow_id, version, request.to_node):
         return failure(400, f"workflow {workflow_id!r} has no node {request.to_node!r}")
     frame: Message = {"op": "rollback", "executionId": execution_id, "toNode": request.to_node}
-    frame |= {
-        "force": request.force,
-        "resume": request.resume,
-        "afterSeq": max(hub.last_seq(execution_id), request.after_seq),
-    }
+    frame |= {"force": request.force, "resume": request.resume, "afterSeq": _after_seq(hub, request)}
     if request.resume:
         frame |= {"newExecutionId": uuid.uuid4().hex, "workflowId": workflow_id}
+    hub.rollbacks.begin(execution_id, engine.engine_id)
     return engine.engine_id, frame
+
+
+def _after_seq(hub: ControlHub, request: CommandRequest) -> int:
+    """The run's last seq as the stack knows it, live or stored; one past the protocol's range is
+    a forged event's (an ingest token can write any seq), not where the run ended: ignored."""
+    assert request.execution_id is not None
+    known = [hub.last_seq(request.execution_id), request.after_seq]
+    kept = [seq for seq in known if 0 <= seq <= MAX_AFTER_SEQ]
+    if len(kept) < len(known):
+        logger.warning("execution %s: a seq past %d ignored (forged?)", request.execution_id, MAX_AFTER_SEQ)
+    return max(kept, default=0)
