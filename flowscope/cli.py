@@ -108,11 +108,12 @@ def with_demo_token(settings: Settings) -> tuple[Settings, str | None]:
     engine, and steer and watch the sample workflows' runs (nothing else)."""
     if not settings.auth.configured or settings.no_auth:
         return settings, None
-    from flowscope.samples import catalog
+    from flowscope.samples import _user, catalog
 
     samples = [wf.id for wf in catalog().workflows]
     grants = frozenset(
         {"ingest", "engine", *(f"workflow:{w}" for w in samples), *(f"control:workflow:{w}" for w in samples)}
+        | {f"control:user:{_user(n)}" for n in range(3)}  # its runs' users (docs/control.md)
     )
     token = secrets.token_urlsafe(32)
     tokens = {**settings.auth_tokens, token: ("flowscope-demo", grants)}

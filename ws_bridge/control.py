@@ -458,8 +458,12 @@ class ControlHub:
         assert workflow_id is not None
         if not principal.may_control(workflow_id):
             return failure(403, f"{principal.subject!r} may not start workflow {workflow_id!r}")
-        if request.user_id not in (None, principal.subject) and principal.controls != ["*"]:
-            # The user decides who may read the run (user:<id>): only a control:* token may name another.
+        if (
+            request.user_id not in (None, principal.subject)
+            and principal.controls != ["*"]
+            and f"control:user:{request.user_id}" not in principal.grants
+        ):
+            # The user decides who may read the run (user:<id>): naming another needs control:* or control:user:<id>.
             return failure(403, f"{principal.subject!r} may start runs for itself only, not for {request.user_id!r}")
         serving = [s for s in self.engines.values() if s.serves(workflow_id, request.version)]
         if not serving:

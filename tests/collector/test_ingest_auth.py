@@ -179,6 +179,7 @@ async def test_the_demo_mints_a_token_for_its_samples_alone_that_its_stack_accep
     assert token is not None
     samples = [wf.id for wf in catalog().workflows]
     grants = {"ingest", "engine", *(f"workflow:{w}" for w in samples), *(f"control:workflow:{w}" for w in samples)}
+    grants |= {"control:user:ana", "control:user:bo", "control:user:chen"}
     assert settings.auth_tokens[token] == ("flowscope-demo", frozenset(grants))
     async with stack_factory(auth_tokens=settings.auth_tokens) as stack:
         assert await asyncio.to_thread(_grpc_export, stack.collector.grpc_port, token) == grpc.StatusCode.OK

@@ -288,7 +288,7 @@ async def test_an_idempotency_key_reused_for_another_body_is_a_409() -> None:
 
 
 async def test_only_a_control_star_token_may_start_a_run_for_another_user() -> None:
-    async with control_bridge() as (_, port, _lost), scripted_engine(port) as engine:
+    async with control_bridge() as (bridge, port, _lost), scripted_engine(port) as engine:
         await engine.hello("eng", [WF_A])
         async with http(port, "steer-a") as client:
             response = await client.post("/api/v1/executions", json={"workflowId": "wf-a", "userId": "mallory"})
@@ -304,6 +304,15 @@ async def test_only_a_control_star_token_may_start_a_run_for_another_user() -> N
             )
             [command] = await answering(engine, 1)
             assert command["userId"] == "bo" and (await starting).status_code == 201
+        # control:user:<id> lets a token start runs for that user (the demo's token has it).
+        for_bo = Principal("ana", frozenset({"control:workflow:wf-a", "control:user:bo"}))
+        direct = asyncio.create_task(
+            bridge.control.command(for_bo, parse_command("start", {"workflowId": "wf-a", "userId": "bo"}))
+        )
+        await answering(engine, 1)
+        assert (await direct).status == 201
+        outcome = await bridge.control.command(for_bo, parse_command("start", {"workflowId": "wf-a", "userId": "cy"}))
+        assert outcome.status == 403
 
 
 async def test_a_run_the_caller_may_neither_read_nor_steer_is_a_404() -> None:
