@@ -117,8 +117,13 @@ def durable_catalog() -> list[Workflow]:
 
 
 async def undo(ctx: Any) -> None:
-    """A compensation (a rollback.CompensationContext): writes what it undid, in order."""
+    """A compensation (a rollback.CompensationContext): writes what it undid, in order; holds
+    (announcing `<execution>.<node>.undoing`) while `undo.hold` exists."""
     import json
+
+    while (_gates() / "undo.hold").exists():  # another process lets it go: a file both see
+        (_gates() / f"{ctx.execution_id}.{ctx.node.id}.undoing").touch()
+        await asyncio.sleep(0.01)
 
     with (_gates() / "undone.log").open("a") as log:
         log.write(f"{ctx.execution_id} {ctx.node.id} {json.dumps(ctx.output, sort_keys=True)}\n")

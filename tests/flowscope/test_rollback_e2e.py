@@ -207,3 +207,42 @@ async def test_a_resume_after_rollback_reruns_what_was_undone(stack_factory: Sta
                 assert control.ran(third) == ["charge", "email", "ship"]
         finally:
             await control.http.aclose()
+
+
+async def test_nothing_continues_a_run_while_it_is_rolled_back(stack_factory: StackFactory, tmp_path: Path) -> None:
+    checkpoints = f"sqlite:///{tmp_path}/checkpoints.db"
+    (tmp_path / "ship.broken").touch()
+    async with stack_factory(auth_tokens=TOKENS, checkpoints=checkpoints) as stack:
+        assert stack.endpoints is not None
+        control = Control(stack.endpoints.web, tmp_path)
+        try:
+            async with worker(stack, tmp_path, checkpoints):
+                await serving(control)
+                failed = await run_saga(control, "failure")
+                (tmp_path / "undo.hold").touch()
+                answer = await control.post(
+                    f"/api/v1/executions/{failed}/rollback", {"toNode": "reserve", "force": True}
+                )
+                assert answer.status_code == 202, answer.text
+
+                async def undoing() -> bool:
+                    return (tmp_path / f"{failed}.charge.undoing").exists()
+
+                await eventually(undoing, "the compensation of charge to hold")
+                # The refund is under way: a resume or retry would reuse the charge it undoes.
+                for op, body in (("resume", None), ("retry", None), ("rollback", {"toNode": "order", "force": True})):
+                    refused = await control.post(f"/api/v1/executions/{failed}/{op}", body)
+                    assert refused.status_code == 409, (op, refused.text)
+                    # The stack answers, whichever engine would get it: one rollback per run, across engines.
+                    assert "workflow.rolled_back is in" in refused.json()["error"], refused.text
+                assert control.ran(failed) == ["order", "reserve", "charge", "email", "ship"]
+
+                (tmp_path / "undo.hold").unlink()
+                await control.event(failed, "workflow.rolled_back")
+                assert undone(tmp_path, failed) == ["charge"]
+                resumed = await control.post(f"/api/v1/executions/{failed}/resume")
+                assert resumed.status_code == 201, resumed.text
+                await control.status(resumed.json()["executionId"], "failure")
+                assert control.ran(resumed.json()["executionId"]) == ["charge", "email", "ship"]
+        finally:
+            await control.http.aclose()
