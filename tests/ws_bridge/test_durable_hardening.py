@@ -1,0 +1,129 @@
+"""The stack's guards around rollback and resume (docs/durability.md, "Rollback"): one rollback
+per run across engines, held from its routing until its `workflow.rolled_back` arrives on the
+live feed (or its engine is gone); a seq past the protocol's range — only a forged event reaches
+it — is not where a rollback numbers on. Scripted engines over the real control channel, events
+through the bridge's real OTLP feed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
+from websockets.asyncio.client import ClientConnection
+
+from flowscope.collector.types import Signal
+from flowscope.contract import attributes as t
+from flowscope.contract.rollback import MAX_AFTER_SEQ
+from flowscope.ws_bridge.app import Bridge
+from tests.ws_bridge.conftest import recv_until, ws_client
+from tests.ws_bridge.control_peer import WF_A, ScriptedEngine, control_bridge, run, scripted_engine, until
+
+
+async def _op(ws: ClientConnection, **request: Any) -> dict[str, Any]:
+    await ws.send(json.dumps(request))
+    [*_, result] = await recv_until(ws, lambda m: m.get("type") in ("control.result", "error"))
+    return result
+
+
+def feed_event(bridge: Bridge, execution_id: str, kind: str, seq: int, data: dict[str, Any]) -> None:
+    """One workflow event into the bridge's live feed, as the collector hands it over."""
+    attrs = [
+        KeyValue(key=t.EXECUTION_ID, value=AnyValue(string_value=execution_id)),
+        KeyValue(key=t.WORKFLOW_ID, value=AnyValue(string_value="wf-a")),
+        KeyValue(key=t.EVENT_SEQ, value=AnyValue(string_value=str(seq))),
+    ]
+    record = LogRecord(event_name=kind, attributes=attrs, body=AnyValue(string_value=json.dumps(data)))
+    request = ExportLogsServiceRequest(resource_logs=[ResourceLogs(scope_logs=[ScopeLogs(log_records=[record])])])
+    bridge.feed(Signal.LOGS, request)
+
+
+async def ended_on_a_gone_engine(port: int, execution_id: str) -> None:
+    async with scripted_engine(port) as ran:
+        await ran.hello("eng-a", [WF_A], [run(execution_id)])
+        await ran.send({"type": "finished", "executionId": execution_id, "workflowId": "wf-a", "result": "failure"})
+        await ran.sync()
+
+
+async def commands(*engines: ScriptedEngine) -> list[dict[str, Any]]:
+    for engine in engines:
+        await engine.sync()
+    return [c for engine in engines for c in engine.taken("command")]
+
+
+async def test_one_rollback_per_run_across_engines_until_its_rolled_back_arrives() -> None:
+    async with (
+        control_bridge() as (bridge, port, _lost),
+        ws_client(f"ws://127.0.0.1:{port}/ws?token=operator") as ws,
+        ws_client(f"ws://127.0.0.1:{port}/ws?token=operator") as other,
+    ):
+        await ended_on_a_gone_engine(port, "r1")
+        async with scripted_engine(port) as b, scripted_engine(port) as c:
+            await b.hello("eng-b", [WF_A])
+            await c.hello("eng-c", [WF_A])
+            first = asyncio.create_task(_op(ws, op="rollback", id="1", executionId="r1", toNode="fetch"))
+            await until(lambda: "r1" in bridge.control.rollbacks)
+            # Both engines serve the run's workflow: the second rollback is the stack's 409, sent to none.
+            second = await _op(other, op="rollback", id="2", executionId="r1", toNode="fetch")
+            assert (second["ok"], second["code"]) == (False, "conflict") and "being rolled back" in second["error"]
+            [command] = await commands(b, c)
+            engine = b if command in b.taken("command") else c
+            await engine.answer(command, executionId="r1", rollbackId="rb-1", toNode="fetch", compensate=["store"])
+            assert (await first)["ok"] is True
+
+            # Compensating now: neither a resume nor another rollback may start from what it undoes.
+            for op in ("resume", "rollback"):
+                refused = await _op(ws, op=op, id=op, executionId="r1", toNode="fetch")
+                assert (refused["ok"], refused["code"]) == (False, "conflict"), refused
+            assert len(await commands(b, c)) == 1
+
+            feed_event(bridge, "r1", "workflow.rolled_back", 7, {"rollbackId": "another", "result": "success"})
+            feed_event(bridge, "r1", "workflow.rolled_back", 8, {"rollbackId": "rb-1", "result": "success"})
+            await until(lambda: "r1" not in bridge.control.rollbacks)
+            resuming = asyncio.create_task(_op(ws, op="resume", id="3", executionId="r1"))
+            async with asyncio.timeout(20):
+                while not [f for f in await commands(b, c) if f["op"] == "resume"]:
+                    assert not resuming.done(), resuming.result()
+            resuming.cancel()
+
+
+async def test_a_rollback_whose_engine_is_gone_holds_the_run_no_more() -> None:
+    async with (
+        control_bridge(control_timeout_s=0.2) as (bridge, port, _lost),
+        ws_client(f"ws://127.0.0.1:{port}/ws?token=operator") as ws,
+    ):
+        await ended_on_a_gone_engine(port, "r2")
+        async with scripted_engine(port) as b:
+            await b.hello("eng-b", [WF_A])
+            first = asyncio.create_task(_op(ws, op="rollback", id="1", executionId="r2", toNode="fetch"))
+            command = await b.expect("command")
+            await b.answer(command, executionId="r2", rollbackId="rb-2", toNode="fetch")
+            assert (await first)["ok"] is True
+            refused = await _op(ws, op="resume", id="2", executionId="r2")
+            assert (refused["ok"], refused["code"]) == (False, "conflict"), refused
+        await until(lambda: "eng-b" not in bridge.control.engines)
+
+        # Its compensations died with it (once it may no longer come back): the run is free.
+        def refused_no_more() -> bool:
+            return bridge.control.rollbacks.refusal(bridge.control, "r2", "resume") is None
+
+        await until(refused_no_more)
+        assert "r2" not in bridge.control.rollbacks
+
+
+async def test_a_forged_seq_past_the_protocols_range_is_not_where_a_rollback_numbers_on() -> None:
+    async with control_bridge() as (bridge, port, _lost), ws_client(f"ws://127.0.0.1:{port}/ws?token=operator") as ws:
+        await ended_on_a_gone_engine(port, "r3")
+        feed_event(bridge, "r3", "node.completed", 5, {})
+        feed_event(bridge, "r3", "node.completed", 2**63 - 5, {})  # an ingest token can write any seq
+        await until(lambda: bridge.hub.last_seq("r3") == 2**63 - 5)
+        async with scripted_engine(port) as b:
+            await b.hello("eng-b", [WF_A])
+            sending = asyncio.create_task(_op(ws, op="rollback", id="1", executionId="r3", toNode="fetch"))
+            command = await b.expect("command")
+            assert command["afterSeq"] <= MAX_AFTER_SEQ
+            await b.answer(command, executionId="r3", rollbackId="rb-3", toNode="fetch")
+            assert (await sending)["ok"] is True
