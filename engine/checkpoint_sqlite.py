@@ -7,10 +7,17 @@ log, not an fsync: it survives the process being killed (the bytes are in the OS
 not the machine losing power; `synchronous=FULL` fsyncs each commit and survives both.
 docs/durability.md, "Checkpoints", says why NORMAL is the default. At NORMAL, commits run on
 the event loop (engine/checkpoint_commit.py says why) on a connection of their own.
+
+The file holds the runs' inputs and outputs in clear: a directory the store creates is 0700 and
+the database file is created 0600 before SQLite opens it (its -wal and -shm take its mode).
+A reader (the stack's `GET …/checkpoint`, `read_only=True`) opens it read-only — a missing file
+is an error, never created — and waits briefly for a locked one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,6 +97,30 @@ _WAL_SIZE_LIMIT = 16 * 1024 * 1024
 _LEVEL_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 
+# How long the stack's reader waits for a store another process holds locked: a request's worth.
+READER_BUSY_TIMEOUT_MS = 250
+
+
+def _create_private(file: Path) -> None:
+    """The directory (0700 when created) and the file, 0600, before SQLite opens it."""
+    file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # an existing store keeps the mode its owner gave it
+        os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _connect_read_only(file: Path) -> sqlite3.Connection:
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint store file {file}")
+    conn = sqlite3.connect(f"{file.as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {READER_BUSY_TIMEOUT_MS}")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # a file that is no database fails here
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def _connect(file: Path, level: str, *, busy_timeout_ms: int, autocheckpoint: bool = True) -> sqlite3.Connection:
     # check_same_thread=False: opened here, so a bad path fails the caller; used by one thread
     # at a time from then on (the writer thread, or a loop holding the inline lock).
@@ -161,7 +192,9 @@ class SqliteBackend:
         self.path = path
 
     @classmethod
-    def open(cls, path: str, *, url: str, synchronous: str = "normal", commit: str | None = None) -> SqliteBackend:
+    def open(
+        cls, path: str, *, url: str, synchronous: str = "normal", commit: str | None = None, read_only: bool = False
+    ) -> SqliteBackend:
         if not path:
             raise ValueError(
                 f"sqlite checkpoint URL needs a file path: {url!r} (e.g. sqlite:///var/flowscope/checkpoints.db)"
@@ -174,7 +207,9 @@ class SqliteBackend:
         file = Path(path).expanduser().resolve()
         if file.is_dir():
             raise ValueError(f"sqlite checkpoint URL {url!r} names a directory, not a database file")
-        file.parent.mkdir(parents=True, exist_ok=True)
+        if read_only:
+            return cls(_connect_read_only(file), file, False)
+        _create_private(file)
         conn = _connect(file, level, busy_timeout_ms=10_000)  # another engine on the file may be writing
         try:
             conn.executescript(_SCHEMA)

@@ -262,17 +262,19 @@ SQLITE_OPTIONS = {"synchronous", "commit"}
 
 
 def open_checkpoint_store(
-    url: str, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES, database: str | None = None
+    url: str, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES, database: str | None = None, read_only: bool = False
 ) -> GroupCommitStore:
     """The store at `url`: `sqlite:///abs/path.db` (options `?synchronous=normal|full`,
     `&commit=loop|thread`), or a ClickHouse DSN as the collector takes it (`chdb:///dir`,
     `clickhouse://user:pw@host:8123/db`, `http(s)://…`), in `database` (default: the DSN's,
-    else `otel`). Raises ValueError, saying what it expected, for a URL it cannot use."""
+    else `otel`). Raises ValueError, saying what it expected, for a URL it cannot use.
+    `read_only`: a reader's — a SQLite file is opened read-only, never created."""
     from flowscope.engine.checkpoint_commit import GroupCommitStore
 
     if not isinstance(url, str) or not url.strip():
         raise ValueError("checkpoint store URL is empty: use sqlite:///path/checkpoints.db or chdb:///data/dir")
     parsed = urlparse(url)
+    shown = _without_password(url, parsed.password)  # what an error may show of the URL
     if parsed.scheme == "sqlite":
         from flowscope.engine.checkpoint_sqlite import SqliteBackend
 
@@ -280,13 +282,14 @@ def open_checkpoint_store(
         unknown = sorted(set(options) - SQLITE_OPTIONS)
         if unknown:
             raise ValueError(
-                f"unknown sqlite checkpoint option(s) {unknown} in {url!r}: known are {sorted(SQLITE_OPTIONS)}"
+                f"unknown sqlite checkpoint option(s) {unknown} in {shown!r}: known are {sorted(SQLITE_OPTIONS)}"
             )
         backend = SqliteBackend.open(
             parsed.netloc + parsed.path,
-            url=url,
+            url=shown,
             synchronous=options.get("synchronous", "normal"),
             commit=options.get("commit"),
+            read_only=read_only,
         )
         return GroupCommitStore(backend, max_output_bytes=max_output_bytes, name=f"sqlite:{backend.path}")
     if parsed.scheme in {"chdb", "clickhouse", "clickhouses", "http", "https"}:
@@ -295,6 +298,11 @@ def open_checkpoint_store(
         ch = ClickHouseBackend.open(url, database=database)
         return GroupCommitStore(ch, max_output_bytes=max_output_bytes, name=ch.where)
     raise ValueError(
-        f"unsupported checkpoint store URL scheme {parsed.scheme!r} in {url!r}: "
+        f"unsupported checkpoint store URL scheme {parsed.scheme!r} in {shown!r}: "
         "use sqlite:///path/checkpoints.db, chdb:///data/dir or clickhouse://user:pw@host:8123/db"
     )
+
+
+def _without_password(url: str, password: str | None) -> str:
+    # As the collector masks a DSN (collector/store.py): errors reach logs and HTTP answers.
+    return url.replace(f":{password}@", ":***@") if password else url

@@ -397,3 +397,37 @@ def test_every_acknowledged_checkpoint_survives_kill_9(kind: str, tmp_path: Path
     missing = [node for node in acknowledged if node not in stored]
     assert not missing, f"{len(missing)} acknowledged checkpoints lost, e.g. {missing[:5]}"
     assert all(stored[node]["i"] == int(node[1:]) for node in acknowledged)
+
+
+async def test_a_sqlite_store_is_private_to_its_owner(tmp_path: Path) -> None:
+    # Outputs are stored in clear: only the engine's user may read the directory and the files.
+    store = open_checkpoint_store(f"sqlite:///{tmp_path}/private/deeper/checkpoints.db")
+    try:
+        await store.put("e1", "n", {"rows": 3}, workflow_id="wf", workflow_version="1", attempt=1)
+        folder = tmp_path / "private" / "deeper"
+        assert oct(folder.stat().st_mode & 0o777) == oct(0o700)
+        files = {f.name: oct(f.stat().st_mode & 0o777) for f in folder.iterdir()}
+        assert files == {name: oct(0o600) for name in ("checkpoints.db", "checkpoints.db-wal", "checkpoints.db-shm")}
+    finally:
+        store.close()
+
+
+async def test_a_reader_opens_the_store_read_only_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "checkpoints.db"
+    with pytest.raises(FileNotFoundError, match="no checkpoint store file"):
+        open_checkpoint_store(f"sqlite:///{missing}", read_only=True)
+    assert not missing.parent.exists()
+    writer = open_checkpoint_store(f"sqlite:///{tmp_path}/c.db")
+    reader = open_checkpoint_store(f"sqlite:///{tmp_path}/c.db", read_only=True)
+    try:
+        await writer.put("e1", "n", "out", workflow_id="wf", workflow_version="1", attempt=1)
+        assert dict((await reader.load("e1")).outputs) == {"n": "out"}
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_an_unusable_store_url_is_named_without_its_password() -> None:
+    with pytest.raises(ValueError, match="unsupported checkpoint store URL scheme") as refused:
+        open_checkpoint_store("postgres://admin:hunter2pw@127.0.0.1/x")
+    assert "hunter2pw" not in str(refused.value) and "admin:***@" in str(refused.value)
