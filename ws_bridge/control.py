@@ -200,9 +200,13 @@ class ControlHub:
             self._first_subject.popitem(last=False)
         return engine_id
 
-    def detach(self, session: EngineSession) -> None:
+    def detach(self, session: EngineSession, *, stack_stopping: bool = False) -> None:
+        """Forgets a connection; its runs are lost at the next check, unless the stack itself
+        closed it as it stops (its engine still runs them and tells the next stack)."""
         if self.engines.get(session.engine_id) is not session:
             return
+        if stack_stopping:
+            session.declared.update(session.executions)
         del self.engines[session.engine_id]
         session.closed_at = time.monotonic()
         for execution_id in session.executions:

@@ -41,6 +41,8 @@ CLOSE_REPLACED = 4000
 CLOSE_NO_HELLO = 4408
 CLOSE_CONFLICT = 4409
 CLOSE_TOO_MANY = 4429
+# What the server (uvicorn) closes every WebSocket with as it shuts down.
+SERVER_STOPPING = 1012
 
 
 # Why the hub refused an engine's hello: the error frame's code, its message and the close code.
@@ -158,6 +160,8 @@ class EngineChannel:
         self.session: EngineSession | None = None
         # How the sender closes the socket when it meets the end of the outbox.
         self._close: tuple[int, str] = (CLOSE_CONFLICT, "engine id in use by another token subject")
+        # The server closed the channel as it stops (1012): the engine did not go away.
+        self.stack_stopping = False
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._sender())
@@ -183,7 +187,7 @@ class EngineChannel:
             if expiry is not None:
                 expiry.cancel()
             if self.session is not None:
-                self.hub.detach(self.session)
+                self.hub.detach(self.session, stack_stopping=self.stack_stopping)
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
 
@@ -195,6 +199,7 @@ class EngineChannel:
             except (WebSocketDisconnect, RuntimeError):
                 return None
             if message["type"] == "websocket.disconnect":
+                self.stack_stopping = message.get("code") == SERVER_STOPPING
                 return None
             text = message.get("text")
             if text is None:

@@ -14,6 +14,7 @@ from typing import Any
 import jwt
 import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from flowscope.contract import EventName
@@ -30,6 +31,7 @@ from tests.ws_bridge.control_peer import (
     ScriptedEngine,
     answering,
     control_bridge,
+    engine_url,
     http,
     run,
     scripted_engine,
@@ -360,3 +362,18 @@ async def test_another_subject_saying_hello_with_an_absent_engines_id_does_not_l
                 await answering(back, 1, executionId="x1", status="paused")
                 assert (await pausing).status_code == 200
             assert [f for f in await squatter.sync() if f["type"] == "command"] == []
+
+
+async def test_the_stack_stopping_declares_no_run_lost() -> None:
+    lost: list[LostRun] = []
+    bridge = Bridge(BridgeConfig(port=0, auth=AuthConfig(tokens=TOKENS)), None, emit_lost=lost.append)
+    headers = {"Authorization": "Bearer engine-token"}
+    async with bridge.running():
+        async with bridge.serve() as port:
+            ws = await connect(engine_url(port), additional_headers=headers, open_timeout=10)
+            await ScriptedEngine(ws).hello("eng", [WF_A], [run("x1")])
+        # The server closed the channel as it stopped: the engine still runs x1 and tells the next stack.
+        await until(lambda: "eng" in bridge.control._gone)
+        bridge.control.check_liveness()
+        assert lost == []
+        await ws.close()
