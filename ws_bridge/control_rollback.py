@@ -161,8 +161,7 @@ def rollback_routes(control: ControlHub, history: History | None, auth: Authenti
               {executionId, workflowId, workflowVersion, nodes: [{nodeId, sideEffect, compensable,
               completed, undone}], points: [{toNode, compensate, skipped, cannotUndo, steps}]}
           401: {description: missing or invalid credentials}
-          403: {description: the token may neither read nor steer the execution's workflow}
-          404: {description: no such execution}
+          404: {description: "no such execution, or one the token may neither read nor steer"}
           409: {description: "no connected engine announced the run's workflow: its side effects are the engine's word"}
           503: {description: the history store is unavailable}
         """
@@ -174,7 +173,8 @@ def rollback_routes(control: ControlHub, history: History | None, auth: Authenti
         workflow_id = execution["workflowId"]
         event = {"workflowId": workflow_id, "executionId": execution_id}
         if not (principal.may_see(event, execution.get("userId")) or principal.may_control(workflow_id)):
-            return _respond(failure(403, f"{principal.subject!r} may neither read nor steer runs of {workflow_id!r}"))
+            # Neither readable nor steerable: the caller learns nothing of it, not even its workflow.
+            return _respond(failure(404, f"no execution {execution_id!r}"))
         return _respond(points_of(control, execution))
 
     async def roll_back(request: Request, principal: Principal) -> Response:

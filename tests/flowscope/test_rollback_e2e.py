@@ -112,6 +112,10 @@ async def test_a_refused_rollback_names_its_external_nodes_and_force_runs_it(
                     answer = await control.post(f"/api/v1/executions/{run}/rollback", {"toNode": "order"}, token=token)
                     # A token that may neither read nor steer the run learns nothing of it (404).
                     assert answer.status_code == (403 if token == VIEWER else 404), answer.text
+                hidden = await control.http.get(
+                    f"/api/v1/executions/{run}/rollback-points", headers={"authorization": f"Bearer {STEER_OTHER}"}
+                )
+                assert hidden.status_code == 404 and "ctl-saga" not in hidden.text, hidden.text
 
                 forced = await control.post(f"/api/v1/executions/{run}/rollback", {"toNode": "order", "force": True})
                 assert forced.status_code == 202, forced.text

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+from pathlib import Path
 from typing import Any
 
+import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
@@ -18,9 +21,11 @@ from websockets.asyncio.client import ClientConnection
 from flowscope.collector.types import Signal
 from flowscope.contract import attributes as t
 from flowscope.contract.rollback import MAX_AFTER_SEQ
+from flowscope.engine.checkpoints import open_checkpoint_store
+from flowscope.ws_bridge import control_resume
 from flowscope.ws_bridge.app import Bridge
 from tests.ws_bridge.conftest import recv_until, ws_client
-from tests.ws_bridge.control_peer import WF_A, ScriptedEngine, control_bridge, run, scripted_engine, until
+from tests.ws_bridge.control_peer import WF_A, ScriptedEngine, control_bridge, http, run, scripted_engine, until
 
 
 async def _op(ws: ClientConnection, **request: Any) -> dict[str, Any]:
@@ -127,3 +132,66 @@ async def test_a_forged_seq_past_the_protocols_range_is_not_where_a_rollback_num
             assert command["afterSeq"] <= MAX_AFTER_SEQ
             await b.answer(command, executionId="r3", rollbackId="rb-3", toNode="fetch")
             assert (await sending)["ok"] is True
+
+
+async def stored(url: str, execution_id: str, run_input: Any, output: Any) -> None:
+    store = open_checkpoint_store(url)
+    try:
+        await store.put_run(execution_id, "wf-a", "1", run_input)
+        await store.put(execution_id, "fetch", output, workflow_id="wf-a", workflow_version="1", attempt=1)
+    finally:
+        store.close()
+
+
+async def test_the_checkpoint_snapshot_masks_secret_named_keys(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'checkpoints.db'}"
+    await stored(url, "s1", {"user": "ann", "password": "pw-IN"}, {"rows": 3, "auth": {"api_token": "t0k-OUT"}})
+    async with control_bridge(checkpoints_url=url) as (_, port, _lost), http(port, "reader") as reader:
+        answer = await reader.get("/api/v1/executions/s1/checkpoint")
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        # As the history and the telemetry show them: the values of secret-named keys never leave.
+        assert body["input"]["value"] == {"user": "ann", "password": "[REDACTED]"}
+        assert body["nodes"][0]["output"] == {"rows": 3, "auth": {"api_token": "[REDACTED]"}}
+        assert "pw-IN" not in answer.text and "t0k-OUT" not in answer.text
+
+
+async def test_a_store_error_shows_no_password_and_a_missing_store_is_not_created(tmp_path: Path) -> None:
+    for url, told in (
+        ("postgres://admin:hunter2pw@127.0.0.1/x", "unsupported checkpoint store URL scheme"),
+        (f"sqlite:///{tmp_path / 'missing' / 'checkpoints.db'}", "no checkpoint store file"),
+    ):
+        async with control_bridge(checkpoints_url=url) as (_, port, _lost):
+            for token in ("reader", "engine-token", "operator"):
+                async with http(port, token) as client:
+                    answer = await client.get("/api/v1/executions/s1/checkpoint")
+                assert answer.status_code == 503, answer.text
+                assert "hunter2pw" not in answer.text and told not in answer.text, answer.text
+                # No history here to say who may look at the run: everyone gets the same short answer.
+                assert answer.json()["error"] == "the checkpoint store is unavailable"
+    assert not (tmp_path / "missing").exists()
+
+
+async def test_a_locked_store_answers_503_and_is_not_tried_again_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control_resume, "RETRY_AFTER_S", 3600.0)
+    file = tmp_path / "checkpoints.db"
+    await stored(f"sqlite:///{file}", "s1", {"n": 1}, {"rows": 3})
+    holder = sqlite3.connect(file, isolation_level=None)
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")  # another process holds the store
+    try:
+        async with control_bridge(checkpoints_url=f"sqlite:///{file}") as (bridge, port, _), http(port, "reader") as c:
+            answer = await c.get("/api/v1/executions/s1/checkpoint")
+            assert answer.status_code == 503 and answer.json()["error"] == "the checkpoint store is unavailable"
+            holder.execute("ROLLBACK")
+            holder.close()
+            # The failure is remembered: the next request does not wait on the store again.
+            again = await c.get("/api/v1/executions/s1/checkpoint")
+            assert again.status_code == 503, again.text
+            control_resume.RETRY_AFTER_S = 0.0
+            bridge.control.checkpoints._failed = None
+            assert (await c.get("/api/v1/executions/s1/checkpoint")).status_code == 200
+    finally:
+        holder.close()
