@@ -245,7 +245,9 @@ class ControlHub:
         held near what the stack saw of the run."""
         kept = {}
         for execution_id, run in executions.items():
-            holder = self._running_on(execution_id)
+            # The stack's record decides; only a run it has none of is looked for among the engines.
+            ran = self._ran.get(execution_id)
+            holder = self._running_on(execution_id) if ran is None else None
             if (holder is not None and holder is not session) or not self._owns(session, execution_id):
                 logger.warning(
                     "engine %s claims execution %s, another engine's: ignored", session.engine_id, execution_id
