@@ -250,3 +250,42 @@ async def test_nothing_continues_a_run_while_it_is_rolled_back(stack_factory: St
                 assert control.ran(resumed.json()["executionId"]) == ["charge", "email", "ship"]
         finally:
             await control.http.aclose()
+
+
+async def test_a_worker_killed_mid_rollback_leaves_nothing_it_was_undoing_reusable(
+    stack_factory: StackFactory, tmp_path: Path
+) -> None:
+    checkpoints = f"sqlite:///{tmp_path}/checkpoints.db"
+    (tmp_path / "ship.broken").touch()
+    async with stack_factory(auth_tokens=TOKENS, checkpoints=checkpoints) as stack:
+        assert stack.endpoints is not None
+        control = Control(stack.endpoints.web, tmp_path)
+        try:
+            async with worker(stack, tmp_path, checkpoints) as process:
+                await serving(control)
+                failed = await run_saga(control, "failure")
+                (tmp_path / "undo.hold").touch()
+                answer = await control.post(f"/api/v1/executions/{failed}/rollback", {"toNode": "order", "force": True})
+                assert answer.status_code == 202, answer.text
+
+                async def undoing() -> bool:
+                    return (tmp_path / f"{failed}.charge.undoing").exists()
+
+                await eventually(undoing, "the compensation of charge to hold")
+                process.kill()  # mid-refund: whether the card was refunded is unknown
+                await process.wait()
+            (tmp_path / "undo.hold").unlink()
+            (tmp_path / "ship.broken").unlink()
+            async with worker(stack, tmp_path, checkpoints):
+                await serving(control)
+
+                async def resumed() -> str | None:
+                    answer = await control.post(f"/api/v1/executions/{failed}/resume")
+                    return str(answer.json()["executionId"]) if answer.status_code == 201 else None
+
+                again = await eventually(resumed, "a resume once the killed worker's rollback is over")
+                await control.status(again, "success")
+                # charge was being compensated and email passed: neither is reused, both run again.
+                assert control.ran(again) == ["charge", "email", "ship"]
+        finally:
+            await control.http.aclose()
