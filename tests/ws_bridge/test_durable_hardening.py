@@ -24,6 +24,7 @@ from flowscope.contract.rollback import MAX_AFTER_SEQ
 from flowscope.engine.checkpoints import open_checkpoint_store
 from flowscope.ws_bridge import control_resume
 from flowscope.ws_bridge.app import Bridge
+from flowscope.ws_bridge.control_rollback import points_of
 from tests.ws_bridge.conftest import recv_until, ws_client
 from tests.ws_bridge.control_peer import WF_A, ScriptedEngine, control_bridge, http, run, scripted_engine, until
 
@@ -195,3 +196,38 @@ async def test_a_locked_store_answers_503_and_is_not_tried_again_at_once(
             assert (await c.get("/api/v1/executions/s1/checkpoint")).status_code == 200
     finally:
         holder.close()
+
+
+async def test_a_node_compensated_by_a_rollback_that_never_ended_is_no_rollback_point() -> None:
+    saga = {
+        "workflowId": "wf-a",
+        "version": "1",
+        "name": "A",
+        "nodes": [
+            {"id": "fetch", "type": "code", "dependsOn": []},
+            {"id": "pay", "type": "code", "dependsOn": ["fetch"], "sideEffect": "external", "compensable": True},
+            {"id": "mail", "type": "code", "dependsOn": ["pay"], "sideEffect": "external", "compensable": True},
+        ],
+    }
+    # The history of a run whose engine died mid-rollback: mail compensated, pay being compensated,
+    # and no workflow.rolled_back to say so.
+    execution = {
+        "executionId": "k1",
+        "workflowId": "wf-a",
+        "workflowVersion": "1",
+        "nodes": [
+            {"nodeId": "fetch", "state": "success"},
+            {"nodeId": "pay", "state": "success", "compensation": {"state": "compensating"}},
+            {"nodeId": "mail", "state": "success", "compensation": {"state": "compensated"}},
+        ],
+    }
+    async with control_bridge() as (bridge, port, _lost), scripted_engine(port) as engine:
+        await engine.hello("eng", [saga])
+        outcome = points_of(bridge.control, execution)
+    assert outcome.status == 200
+    assert {n["nodeId"]: (n["completed"], n["undone"]) for n in outcome.body["nodes"]} == {
+        "fetch": (True, False),
+        "pay": (False, True),
+        "mail": (False, True),
+    }
+    assert [p["toNode"] for p in outcome.body["points"]] == ["fetch"]
