@@ -122,7 +122,7 @@ class RollbacksInFlight:
             return None
         return failure(
             409,
-            f"execution {execution_id!r} is being rolled back: {op} it once its workflow.rolled_back is in",
+            f"execution {execution_id!r} is being rolled back: no {op} until its workflow.rolled_back is in",
         )
 
 
@@ -274,7 +274,7 @@ def route_rollback(
     assert execution_id is not None and request.to_node is not None
     if running is not None:
         return failure(409, f"execution {execution_id!r} is still running: stop it before rolling it back")
-    busy = hub.rollbacks.refusal(hub, execution_id, "roll back")
+    busy = hub.rollbacks.refusal(hub, execution_id, "other rollback")
     if busy is not None:
         return busy
     ran = hub._ran.get(execution_id)  # the hub's routing, kept apart from ControlHub._route
