@@ -155,7 +155,9 @@ class Commands:
             raise CommandError("conflict", f"execution {execution_id} is still running; stop it first")
         if rolling_back(self._engine, execution_id):
             # Its compensations still run: what a retry or resume would reuse may be undone under it.
-            raise CommandError("conflict", f"execution {execution_id} is being rolled back; {op} it once that ended")
+            raise CommandError(
+                "conflict", f"execution {execution_id} is being rolled back: no {op} before its workflow.rolled_back"
+            )
         try:
             found = self._engine.retry_source.previous(execution_id)
             previous = await found if inspect.isawaitable(found) else found
