@@ -45,6 +45,7 @@ from flowscope.ws_bridge.api import BadRequest, UnsupportedMediaType, _require_j
 from flowscope.ws_bridge.auth import Authenticator, AuthError, Principal
 from flowscope.ws_bridge.control_commands import BadCommand, CommandRequest, ControlOutcome, failure, parse_command
 from flowscope.ws_bridge.control_engine import EngineSession
+from flowscope.ws_bridge.control_resume import CheckpointsUnavailable
 from flowscope.ws_bridge.history import History, HistoryUnavailable
 from flowscope.ws_bridge.types import LiveEvent, Message
 
@@ -175,7 +176,7 @@ def rollback_routes(control: ControlHub, history: History | None, auth: Authenti
         if not (principal.may_see(event, execution.get("userId")) or principal.may_control(workflow_id)):
             # Neither readable nor steerable: the caller learns nothing of it, not even its workflow.
             return _respond(failure(404, f"no execution {execution_id!r}"))
-        return _respond(points_of(control, execution))
+        return _respond(points_of(control, execution, await forgotten_nodes(control, execution)))
 
     async def roll_back(request: Request, principal: Principal) -> Response:
         """
@@ -234,18 +235,39 @@ def _graph(control: ControlHub, workflow_id: str, version: str | None) -> list[d
     return None
 
 
-def points_of(control: ControlHub, execution: dict[str, Any]) -> ControlOutcome:
+async def forgotten_nodes(control: ControlHub, execution: dict[str, Any]) -> frozenset[str]:
+    """The nodes the history says completed whose checkpoints a rollback deleted: an engine killed
+    mid-rollback may never have exported the events saying so. Every completed node of a
+    checkpointed run has a row (a reused one too, a marker for an output not kept), so a missing
+    row is one forgotten; a run without checkpoints, or a store that cannot be read, tells nothing."""
+    if not control.checkpoints.configured:
+        return frozenset()
+    try:
+        summary = await control.checkpoints.describe(execution["executionId"])
+    except CheckpointsUnavailable:
+        return frozenset()
+    if summary.run is None:
+        return frozenset()
+    kept = {node.node_id for node in summary.nodes}
+    done = {n["nodeId"] for n in execution.get("nodes", []) if n.get("state") == NodeState.SUCCESS}
+    return frozenset(done - kept)
+
+
+def points_of(
+    control: ControlHub, execution: dict[str, Any], forgotten: frozenset[str] = frozenset()
+) -> ControlOutcome:
     workflow_id, version = execution["workflowId"], execution.get("workflowVersion")
     graph = _graph(control, workflow_id, version)
     if graph is None:
         which = f"{workflow_id!r}" + (f" version {version!r}" if version else "")
         return failure(409, f"no connected engine serves workflow {which}: its nodes' side effects are unknown")
     folded = {n["nodeId"]: n for n in execution.get("nodes", [])}
-    completed = {node_id for node_id, n in folded.items() if n.get("state") == NodeState.SUCCESS and not _undone(n)}
+    undone = {node_id for node_id, n in folded.items() if _undone(n)} | forgotten
+    completed = {node_id for node_id, n in folded.items() if n.get("state") == NodeState.SUCCESS} - undone
     specs = [NodeSpec(n["id"], tuple(n["dependsOn"]), n["sideEffect"], n["compensable"]) for n in graph]
     nodes = [
         {"nodeId": s.id, "sideEffect": s.side_effect, "compensable": s.compensable, "completed": s.id in completed,
-         "undone": _undone(folded.get(s.id, {}))}
+         "undone": s.id in undone}
         for s in specs
     ]  # fmt: skip
     body = {

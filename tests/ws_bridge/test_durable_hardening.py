@@ -24,6 +24,7 @@ from flowscope.contract.rollback import MAX_AFTER_SEQ
 from flowscope.engine.checkpoints import open_checkpoint_store
 from flowscope.ws_bridge import control_resume
 from flowscope.ws_bridge.app import Bridge
+from flowscope.ws_bridge.control_rollback import forgotten_nodes as forgotten
 from flowscope.ws_bridge.control_rollback import points_of
 from tests.ws_bridge.conftest import recv_until, ws_client
 from tests.ws_bridge.control_peer import WF_A, ScriptedEngine, control_bridge, http, run, scripted_engine, until
@@ -231,3 +232,25 @@ async def test_a_node_compensated_by_a_rollback_that_never_ended_is_no_rollback_
         "mail": (False, True),
     }
     assert [p["toNode"] for p in outcome.body["points"]] == ["fetch"]
+
+
+async def test_a_node_whose_checkpoint_a_rollback_deleted_is_no_rollback_point(tmp_path: Path) -> None:
+    # The engine died before exporting its rollback's events: the history still says all three
+    # completed, the store (which lost pay's and mail's checkpoints first) knows better.
+    url = f"sqlite:///{tmp_path / 'checkpoints.db'}"
+    await stored(url, "k2", {"n": 1}, {"rows": 3})
+    saga = {"workflowId": "wf-a", "version": "1", "name": "A", "nodes": [
+        {"id": "fetch", "type": "code", "dependsOn": []},
+        {"id": "pay", "type": "code", "dependsOn": ["fetch"], "sideEffect": "external", "compensable": True},
+        {"id": "mail", "type": "code", "dependsOn": ["pay"], "sideEffect": "external", "compensable": True},
+    ]}  # fmt: skip
+    nodes = [{"nodeId": n, "state": "success"} for n in ("fetch", "pay", "mail")]
+    execution = {"executionId": "k2", "workflowId": "wf-a", "workflowVersion": "1", "nodes": nodes}
+    async with control_bridge(checkpoints_url=url) as (bridge, port, _lost), scripted_engine(port) as engine:
+        await engine.hello("eng", [saga])
+        outcome = points_of(bridge.control, execution, await forgotten(bridge.control, execution))
+        assert [p["toNode"] for p in outcome.body["points"]] == ["fetch"]
+        assert [n["nodeId"] for n in outcome.body["nodes"] if n["undone"]] == ["pay", "mail"]
+        # A run the store holds nothing of tells nothing: the history decides.
+        other = {**execution, "executionId": "not-checkpointed"}
+        assert await forgotten(bridge.control, other) == frozenset()
