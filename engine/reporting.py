@@ -208,6 +208,8 @@ class RunReporter:
             data["resumedFrom"] = options.resumed_from.execution_id
         if options.parent_execution_id:
             data["parentExecutionId"] = options.parent_execution_id
+        if options.engine_id:
+            data["engineId"] = options.engine_id
         return data
 
     def run_finished(self, outcome: Result, error: str | None, duration_s: float) -> None:

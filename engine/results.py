@@ -83,3 +83,5 @@ class RunOptions:
     parent_execution_id: str | None = None
     # Nodes that may have run in the run this one resumes: their spans say so (workflow.node.rerun).
     rerun: frozenset[str] = frozenset()
+    # The engine's control-channel id when it has a link: a restarted stack finds its runs by it.
+    engine_id: str | None = None

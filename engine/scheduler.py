@@ -595,6 +595,7 @@ class Engine:
             resumed_from=_resumed_from,
             parent_execution_id=_parent_execution_id,
             rerun=_rerun,
+            engine_id=self.control_link.engine_id if self.control_link is not None else None,
         )
         execution = Execution(self, workflow, workflow_input, execution_id or _new_execution_id(), options)
         task = asyncio.ensure_future(execution.run())

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +34,7 @@ from flowscope.ws_bridge.control_engine import EngineChannel
 from flowscope.ws_bridge.control_events import EmitLost
 from flowscope.ws_bridge.control_resume import CheckpointReader
 from flowscope.ws_bridge.control_rollback import rollback_routes
+from flowscope.ws_bridge.control_sweep import stored_orphans
 from flowscope.ws_bridge.derive import MedianCache, Thresholds
 from flowscope.ws_bridge.events import events_from_logs, facts_from_spans
 from flowscope.ws_bridge.history import History
@@ -108,6 +110,8 @@ class Bridge:
             stored_run=history.started_run if history else None,
             checkpoints=CheckpointReader(config.checkpoints_url),
         )
+        if history is not None:  # after a restart, runs of engines that did not come back are lost
+            self.control.stored_orphans = partial(stored_orphans, history)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[Connection] = set()
         self._otlp: GrpcReceiver | None = None

@@ -43,6 +43,7 @@ from flowscope.ws_bridge.control_engine import (
 from flowscope.ws_bridge.control_events import EmitLost, LostRun
 from flowscope.ws_bridge.control_resume import NOT_RESUMABLE, CheckpointReader, CheckpointsUnavailable, StoredRun
 from flowscope.ws_bridge.control_rollback import RollbacksInFlight, route_rollback
+from flowscope.ws_bridge.control_sweep import Orphan
 from flowscope.ws_bridge.types import Message
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,9 @@ class ControlHub:
         self._progress: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._stored_owners: OrderedDict[str, str] = OrderedDict()
         self._liveness: asyncio.Task[None] | None = None
+        # After a restart: the stored running runs and their engines (ws_bridge/control_sweep.py).
+        self.stored_orphans: Callable[[], list[Orphan]] | None = None
+        self._sweep: asyncio.Task[None] | None = None
         self.lost_declared = 0
         self.rollbacks = RollbacksInFlight()  # one rollback per run, across engines
 
@@ -131,8 +135,14 @@ class ControlHub:
     def start(self) -> None:
         if self._liveness is None:
             self._liveness = asyncio.create_task(self._watch())
+        if self._sweep is None and self.stored_orphans is not None:
+            self._sweep = asyncio.create_task(self._sweep_orphans(self.stored_orphans))
 
     async def aclose(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweep
         if self._liveness is not None:
             self._liveness.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -232,7 +242,7 @@ class ControlHub:
                 execution_id, _Ran(session.engine_id, run.workflow_id, run.version, None, started, session.subject)
             )
             lost = self._lost.get(execution_id)
-            if lost is not None and lost[0] == key:
+            if lost is not None and lost[0] in (key, ("", session.announced_id)):
                 # It was declared lost but lives: the engine emits workflow.recovered after this seq.
                 del self._lost[execution_id]
                 session.send({"type": LOST_FRAME, "executionId": execution_id, "seq": lost[1]})
@@ -376,6 +386,33 @@ class ControlHub:
                 self.emit_lost(lost)
             except Exception:
                 logger.exception("could not emit workflow.lost for %s", execution_id)
+
+    async def _sweep_orphans(self, stored_orphans: Callable[[], list[Orphan]]) -> None:
+        """Once every engine still alive had time to say hello, the stored running runs of
+        engines that did not are lost (their engines died while the stack was down)."""
+        await asyncio.sleep(self.lost_after_s + self.heartbeat_interval_s)
+        try:
+            orphans = await asyncio.to_thread(stored_orphans)
+        except Exception:
+            logger.exception("could not read the stored running runs after the start")
+            return
+        present = {s.announced_id for s in self.engines.values()}
+        for orphan in orphans:
+            execution_id = orphan.execution_id
+            if orphan.engine_id in present or self._running_on(execution_id) or execution_id in self._lost:
+                continue
+            seq = min(max(orphan.last_seq, self.last_seq(execution_id)) + 1, MAX_SEQ + 1)
+            # Told to that engine if it ever lists the run again, whatever its token subject.
+            self._lost[execution_id] = (("", orphan.engine_id), seq)
+            self.lost_declared += 1
+            logger.warning("execution %s is lost: its engine %s did not come back", execution_id, orphan.engine_id)
+            if self.emit_lost is not None:
+                reason = "its engine did not come back after the stack restarted"
+                lost = LostRun(execution_id, orphan.workflow_id, seq, orphan.engine_id, "", reason)
+                try:
+                    self.emit_lost(lost)
+                except Exception:
+                    logger.exception("could not emit workflow.lost for %s", execution_id)
 
     # -- commands ----------------------------------------------------------------------------
 
