@@ -377,3 +377,14 @@ async def test_the_stack_stopping_declares_no_run_lost() -> None:
         bridge.control.check_liveness()
         assert lost == []
         await ws.close()
+
+
+async def test_a_heartbeat_seq_is_held_near_what_the_stack_saw() -> None:
+    async with control_bridge() as (bridge, port, lost):
+        bridge.hub.publish([live_event(EventName.WORKFLOW_STARTED, 1, execution="x1", workflow="wf-a")])
+        bridge.hub.publish([live_event(EventName.NODE_STARTED, 2, execution="x1", workflow="wf-a")])
+        async with scripted_engine(port) as engine:
+            await engine.hello("eng", [WF_A], [run("x1", seq=2**62), run("x2", seq=2**62)])
+        await until(lambda: len(lost) == 2)
+        seqs = {r.execution_id: r.seq for r in lost}
+        assert seqs == {"x1": 2 + 100_000 + 1, "x2": 2**62 - 1}
