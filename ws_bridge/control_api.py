@@ -69,7 +69,9 @@ def control_routes(control: ControlHub, auth: Authenticator) -> list[Route]:
           400: {description: "bad body: not an object, wrong types, larger than 1 MiB"}
           401: {description: missing or invalid credentials}
           403: {description: no control grant for the workflow}
-          409: {description: no connected engine serves the workflow (or that version)}
+          409: {description: "no connected engine serves the workflow (or version), or the key was used elsewhere"}
+          413: {description: "the command would be a frame over 1 MiB (engines take at most that)"}
+          502: {description: the engine answered with another execution id than the stack chose}
           415: {description: the body is not application/json}
           503: {description: "the engine went away or did not answer in time: the message says if it was delivered"}
         """
@@ -91,6 +93,7 @@ def control_routes(control: ControlHub, auth: Authenticator) -> list[Route]:
           403: {{description: no control grant for the execution's workflow}}
           404: {{description: no such execution}}
           409: {{description: "the run ended, is in no state the command applies to, or no connected engine has it"}}
+          502: {{description: "the engine's answer named another execution than the stack chose"}}
           415: {{description: the body is not application/json}}
           503: {{description: "its engine is gone or did not answer in time: the message says if it was delivered"}}
         """

@@ -186,7 +186,7 @@ async def test_start_shares_the_executions_path_with_the_list_and_openapi_lists_
         paths = schema["paths"]
         assert set(paths["/api/v1/executions"]) == {"get", "post"}
         start = paths["/api/v1/executions"]["post"]
-        assert set(start["responses"]) == {"201", "400", "401", "403", "409", "415", "503"}
+        assert set(start["responses"]) == {"201", "400", "401", "403", "409", "413", "415", "502", "503"}
         assert start["requestBody"]["content"]["application/json"]["schema"]["required"] == ["workflowId"]
         for op in ("pause", "resume", "cancel", "retry"):
             responses = paths[f"/api/v1/executions/{{execution_id}}/{op}"]["post"]["responses"]
