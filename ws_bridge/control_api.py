@@ -131,8 +131,7 @@ def control_routes(control: ControlHub, auth: Authenticator) -> list[Route]:
               stored: output|too_large|secret|unserialisable, reusable, sizeBytes, attempt, storedAt, output?}]};
               outputs and the input only with a read grant
           401: {description: missing or invalid credentials}
-          403: {description: neither a read nor a control grant for the execution's workflow}
-          404: {description: no checkpoint of that execution}
+          404: {description: "no checkpoint of that execution, or a token that may neither read nor steer it"}
           503: {description: no checkpoint store is configured (FLOWSCOPE_CHECKPOINTS) or it cannot be read}
         """
         return _respond(await checkpoint_answer(control, principal, request.path_params["execution_id"]))
