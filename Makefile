@@ -25,7 +25,8 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest
+	# One worker per core (pytest-xdist): each test holds its own stack, so they run side by side.
+	$(BIN)/pytest -n auto
 
 # The edit loop: no browser, nothing marked slow, stop at the first failure.
 test-fast: $(STAMP)
