@@ -101,6 +101,9 @@ class RollbacksInFlight:
 
     def observe(self, events: Iterable[LiveEvent]) -> None:
         """The live feed: a run's `workflow.rolled_back` ends its rollback."""
+        if not self._runs:
+            # Called for every batch of live events: with no rollback in flight there is nothing to end.
+            return
         for event in events:
             if event["type"] != EventName.WORKFLOW_ROLLED_BACK:
                 continue
