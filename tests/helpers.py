@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from flowscope.collector.serving import serve_asgi as _serve
@@ -28,3 +29,17 @@ class Gate:
         self.entered.set()
         await self.release.wait()
         return "released"
+
+
+_DEADLINE_S = 60.0
+
+
+async def eventually(probe: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """Polls `probe` until it returns something truthy; fails naming `what` past the deadline."""
+    deadline = time.monotonic() + _DEADLINE_S
+    while time.monotonic() < deadline:
+        found = await probe()
+        if found:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -9,8 +9,7 @@ import json
 import os
 import signal
 import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from websockets.asyncio.client import connect
 from flowscope.stack import Stack
 from tests.conftest import StackFactory
 from tests.flowscope.test_cli import FLOWSCOPE, ROOT, cli_env
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -33,17 +33,6 @@ TOKENS = {
     VIEWER: ("viewer", frozenset({"*"})),
 }
 _DEADLINE_S = 60.0
-
-
-async def eventually(probe: Callable[[], Awaitable[Any]], what: str) -> Any:
-    """Polls `probe` until it returns something truthy; fails naming `what` past the deadline."""
-    deadline = time.monotonic() + _DEADLINE_S
-    while time.monotonic() < deadline:
-        found = await probe()
-        if found:
-            return found
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Control:

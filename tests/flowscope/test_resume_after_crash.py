@@ -24,9 +24,10 @@ from flowscope.engine.checkpoints import open_checkpoint_store
 from flowscope.stack import Stack
 from tests.conftest import StackFactory
 from tests.flowscope.test_cli import FLOWSCOPE, ROOT, cli, cli_env
-from tests.flowscope.test_control_e2e import ENGINE, OPERATOR, Control, eventually
+from tests.flowscope.test_control_e2e import ENGINE, OPERATOR, Control
 from tests.flowscope.test_control_e2e import worker as e2e_worker
 from tests.flowscope.test_demo_control import VIEWER, _lines_until
+from tests.helpers import eventually
 from tests.ws_bridge.control_peer import WF_A, control_bridge, http, run, scripted_engine, until
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,9 @@ from websockets.asyncio.client import connect
 
 from flowscope.stack import Stack
 from tests.conftest import StackFactory
-from tests.flowscope.test_control_e2e import ENGINE, OPERATOR, VIEWER, Control, _control_result, eventually
+from tests.flowscope.test_control_e2e import ENGINE, OPERATOR, VIEWER, Control, _control_result
 from tests.flowscope.test_control_e2e import worker as e2e_worker
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from tests.collector.otlp import OtlpProviders, otlp_providers
 from tests.collector.test_outage import OutageWriter, outage_factory
 from tests.conftest import CollectorFactory
 from tests.flowscope.test_bridge_assembly import ROOT, _bridge_port
-from tests.helpers import Gate
+from tests.helpers import Gate, eventually
 from tests.ws_bridge.conftest import StackFactory, recv_json, recv_until, stack, stack_factory, ws_client, ws_url
 from tests.ws_bridge.control_peer import answering, http, scripted_engine
 from tests.ws_bridge.control_peer import run as peer_run
@@ -47,16 +46,6 @@ from tests.ws_bridge.live_events import live_event
 __all__ = ["stack", "stack_factory"]
 
 _DEADLINE_S = 60.0
-
-
-async def eventually(probe: Callable[[], Awaitable[Any]], what: str) -> Any:
-    deadline = time.monotonic() + _DEADLINE_S
-    while time.monotonic() < deadline:
-        found = await probe()
-        if found:
-            return found
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def quick(ctx: NodeContext) -> int:
