@@ -254,3 +254,18 @@ async def test_a_node_whose_checkpoint_a_rollback_deleted_is_no_rollback_point(t
         # A run the store holds nothing of tells nothing: the history decides.
         other = {**execution, "executionId": "not-checkpointed"}
         assert await forgotten(bridge.control, other) == frozenset()
+
+
+async def test_without_a_history_store_rollback_answers_503_and_a_bad_resume_body_is_a_400() -> None:
+    """The rollback routes need the history (completed nodes); a bridge without one says so
+    rather than failing. A resume body that is not a JSON object is the caller's error."""
+    async with control_bridge() as (_, port, _lost), http(port, "operator") as client:
+        points = await client.get("/api/v1/executions/x1/rollback-points")
+        assert points.status_code == 503 and "history is not available" in points.json()["error"]
+        rolled = await client.post("/api/v1/executions/x1/rollback", json={"toNode": "a"})
+        assert rolled.status_code == 503 and "history is not available" in rolled.json()["error"]
+        for body in (b"[1, 2]", b"{", b'"x"'):
+            resumed = await client.post(
+                "/api/v1/executions/x1/resume", content=body, headers={"content-type": "application/json"}
+            )
+            assert resumed.status_code == 400, (body, resumed.text)
